@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the build needs on a fresh Debian machine with the Rust toolchain, when missing.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run repeatedly.
+set -euo pipefail
+
+need=()
+# RocksDB's bindings need libclang; librdkafka builds from source with make, perl and zlib.
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* 2>/dev/null | head -1)" ] || need+=(libclang-dev)
+command -v make >/dev/null || need+=(make)
+command -v g++ >/dev/null || need+=(g++)
+command -v perl >/dev/null || need+=(perl)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# One target dir outside the clone, shared by the demo, the tests and the benches (one
+# profile: release), so RocksDB and librdkafka compile once per machine.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tidemark/target}"
+mkdir -p "$CARGO_TARGET_DIR"

@@ -1,0 +1,197 @@
+//! The committer: its own thread with a tokio runtime (delta-rs needs one; shards never touch
+//! it). For each epoch, once every shard has reported:
+//!
+//! 1. one synced RocksDB `WriteBatch` holds every shard's state changes, source positions,
+//!    the pipeline watermark, and the epoch's output rows as *pending* — the epoch is now
+//!    durable, and everything after this point can be redone from the store;
+//! 2. each sink with rows gets one Delta commit tagged `txn(appId = <pipeline>/<sink>,
+//!    version = epoch)`; a sink whose table already holds that version skips it;
+//! 3. the pending rows are dropped.
+//!
+//! Recovery runs step 2–3 for every pending epoch before new epochs start, so a crash at any
+//! instant neither loses nor duplicates a row.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flume::Receiver;
+
+use crate::shard::EpochReport;
+use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink};
+use crate::sink::{to_record_batch, SinkPlan, SinkRows};
+use crate::state::{EpochWrite, StateError, StateStore};
+use crate::telemetry::PipelineStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("sink \"{sink}\": {source}")]
+    Sink { sink: String, source: DeltaSinkError },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("sink \"{sink}\": {message}")]
+    Rows { sink: String, message: String },
+    #[error("pending output for epoch {epoch} names sink \"{sink}\", which this config does not have; restore the sink in the config so its rows are delivered, or start from a new state_dir")]
+    UnknownPendingSink { epoch: u64, sink: String },
+    #[error("sink \"{sink}\" already holds epoch {table_epoch} of {app_id}, but the state store only reached epoch {state_epoch}: the state_dir was reset while the table was kept, and new epochs would be skipped as duplicates. Restore the state_dir, or point the sink at a new path")]
+    TableAhead {
+        sink: String,
+        app_id: String,
+        table_epoch: u64,
+        state_epoch: u64,
+    },
+    #[error("cannot start the committer's tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the shards stopped before finishing epoch {0} (see the error logged before this one)")]
+    ShardsGone(u64),
+}
+
+pub struct Committer {
+    store: Arc<StateStore>,
+    plans: Vec<SinkPlan>,
+    sinks: Vec<DeltaTableSink>,
+    stats: Arc<PipelineStats>,
+}
+
+impl Committer {
+    /// Opens (or creates) every sink table; an existing table with another schema is an error.
+    pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>) -> Result<Self, CommitError> {
+        let mut sinks = Vec::new();
+        for p in &plans {
+            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone())
+                .await
+                .map_err(|source| CommitError::Sink { sink: p.name.clone(), source })?;
+            sinks.push(sink);
+        }
+        Ok(Committer { store, plans, sinks, stats })
+    }
+
+    /// Delivers output of flushed epochs that did not reach (or were not confirmed by) a sink,
+    /// and checks that no table is ahead of the state (`flushed_epoch`).
+    pub async fn recover(&mut self, flushed_epoch: u64) -> Result<usize, CommitError> {
+        for (plan, sink) in self.plans.iter().zip(&mut self.sinks) {
+            let table_epoch = sink.committed_epoch(&plan.app_id).await.map_err(|source| CommitError::Sink {
+                sink: plan.name.clone(),
+                source,
+            })?;
+            if let Some(table_epoch) = table_epoch.filter(|e| *e > flushed_epoch) {
+                return Err(CommitError::TableAhead {
+                    sink: plan.name.clone(),
+                    app_id: plan.app_id.clone(),
+                    table_epoch,
+                    state_epoch: flushed_epoch,
+                });
+            }
+        }
+        let pending = self.store.pending()?;
+        let n = pending.len();
+        for (epoch, sink_name, bytes) in pending {
+            let idx = self.plans.iter().position(|p| p.name == sink_name).ok_or(CommitError::UnknownPendingSink {
+                epoch,
+                sink: sink_name.clone(),
+            })?;
+            let rows: SinkRows = serde_json::from_slice(&bytes).map_err(|e| CommitError::Rows {
+                sink: sink_name.clone(),
+                message: format!("pending rows of epoch {epoch} are unreadable: {e}"),
+            })?;
+            let outcome = self.deliver(idx, epoch, &rows).await?;
+            tracing::info!(sink = %sink_name, epoch, ?outcome, "recovered pending output");
+        }
+        Ok(n)
+    }
+
+    async fn deliver(&mut self, idx: usize, epoch: u64, rows: &SinkRows) -> Result<AppendOutcome, CommitError> {
+        let plan = &self.plans[idx];
+        let batch = to_record_batch(plan, rows).map_err(|message| CommitError::Rows {
+            sink: plan.name.clone(),
+            message,
+        })?;
+        let outcome = self.sinks[idx]
+            .append_epoch(&plan.app_id, epoch, vec![batch])
+            .await
+            .map_err(|source| CommitError::Sink {
+                sink: plan.name.clone(),
+                source,
+            })?;
+        if let AppendOutcome::Committed { .. } = outcome {
+            self.stats.rows_written.fetch_add(rows.len() as u64, Relaxed);
+            self.stats.delta_commits.fetch_add(1, Relaxed);
+        }
+        self.store.clear_pending(epoch, &plan.name)?;
+        Ok(outcome)
+    }
+
+    /// Flushes and commits one complete epoch (a report from every shard).
+    pub async fn commit_epoch(&mut self, epoch: u64, reports: Vec<EpochReport>) -> Result<(), CommitError> {
+        let started = Instant::now();
+        let mut outputs: Vec<Option<SinkRows>> = (0..self.plans.len()).map(|_| None).collect();
+        let mut reports = reports;
+        for r in &mut reports {
+            for (i, rows) in std::mem::take(&mut r.outputs).into_iter().enumerate() {
+                match (rows, &mut outputs[i]) {
+                    (Some(rows), Some(acc)) => acc.append(rows),
+                    (Some(rows), slot) => *slot = Some(rows),
+                    (None, _) => {}
+                }
+            }
+        }
+        let mut pending = Vec::new();
+        for (plan, rows) in self.plans.iter().zip(&outputs) {
+            if let Some(rows) = rows.as_ref().filter(|r| !r.is_empty()) {
+                let bytes = serde_json::to_vec(rows).map_err(|e| CommitError::Rows {
+                    sink: plan.name.clone(),
+                    message: e.to_string(),
+                })?;
+                pending.push((plan.name.as_str(), bytes));
+            }
+        }
+        let watermark = reports.iter().map(|r| r.watermark).max().unwrap_or(crate::watermark::UNKNOWN);
+        let write = EpochWrite {
+            epoch,
+            watermark,
+            changes: reports
+                .iter()
+                .flat_map(|r| r.changes.iter().enumerate().map(move |(q, c)| (r.shard, q, c)))
+                .collect(),
+            positions: reports.iter().flat_map(|r| r.positions.iter()).collect(),
+            pending,
+        };
+        self.store.write_epoch(&write)?;
+        drop(write);
+        for (idx, rows) in outputs.iter().enumerate() {
+            if let Some(rows) = rows.as_ref().filter(|r| !r.is_empty()) {
+                self.deliver(idx, epoch, rows).await?;
+            }
+        }
+        self.stats.watermark.store(watermark, Relaxed);
+        self.stats.committed_epoch.store(epoch, Relaxed);
+        tracing::debug!(epoch, elapsed_ms = started.elapsed().as_millis() as u64, "epoch committed");
+        Ok(())
+    }
+
+    /// Collects reports until an epoch is complete, commits it; returns after the last epoch.
+    pub async fn run(mut self, reports: Receiver<EpochReport>, shards: usize) -> Result<(), CommitError> {
+        let mut open: BTreeMap<u64, Vec<EpochReport>> = BTreeMap::new();
+        loop {
+            let report = match reports.recv_async().await {
+                Ok(r) => r,
+                Err(_) => return Err(CommitError::ShardsGone(open.keys().next().copied().unwrap_or(0))),
+            };
+            let epoch = report.epoch;
+            open.entry(epoch).or_default().push(report);
+            // Epochs complete in order: every shard reports epoch n before n+1.
+            while let Some(entry) = open.first_entry() {
+                if entry.get().len() < shards {
+                    break;
+                }
+                let (epoch, batch) = entry.remove_entry();
+                let last = batch.iter().any(|r| r.last);
+                self.commit_epoch(epoch, batch).await?;
+                if last {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

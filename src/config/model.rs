@@ -1,0 +1,290 @@
+//! The checked configuration: every reference resolved, every default applied.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A complete, validated pipeline configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub pipeline: PipelineConfig,
+    pub kafka: KafkaConfig,
+    pub sources: Vec<SourceConfig>,
+    pub queries: Vec<QueryConfig>,
+    pub sinks: Vec<SinkConfig>,
+    pub generator: Option<GeneratorConfig>,
+}
+
+impl Config {
+    /// The source with this name, if any.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The sink with this name, if any.
+    pub fn sink(&self, name: &str) -> Option<&SinkConfig> {
+        self.sinks.iter().find(|s| s.name == name)
+    }
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// Made of `[A-Za-z0-9_.-]`; names state directories and the consumer group.
+    pub name: String,
+    /// Default `./data/state/<name>`.
+    pub state_dir: PathBuf,
+    /// How often an epoch is committed. Default 1s, at least 10ms.
+    pub commit_interval: Duration,
+    /// Number of shards; 0 (the default) means one per core.
+    pub shards: usize,
+    /// How often progress is logged. Default 5s.
+    pub progress_interval: Duration,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// Default [`Bootstrap::Embedded`].
+    pub bootstrap_servers: Bootstrap,
+    /// Default: the pipeline name.
+    pub group_id: String,
+    /// `[kafka.options]`: librdkafka settings passed through as strings.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Where the Kafka brokers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// `"embedded"`: start an in-process broker.
+    Embedded,
+    /// A librdkafka `bootstrap.servers` list, e.g. `"localhost:9092"`.
+    Servers(String),
+}
+
+/// One `[[sources]]` entry: a Kafka topic of JSON events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub name: String,
+    pub topic: String,
+    /// Default 4; used when the embedded broker creates the topic.
+    pub partitions: u32,
+    pub format: Format,
+    /// Fields in file order.
+    pub schema: Vec<FieldDef>,
+    pub event_time: EventTimeConfig,
+    pub watermark: WatermarkConfig,
+    pub starting_offsets: StartingOffsets,
+    /// Name of the sink receiving dead letters; `None` = count, log and drop.
+    pub on_error: Option<String>,
+    pub on_gap: GapPolicy,
+}
+
+impl SourceConfig {
+    /// Index in [`SourceConfig::schema`] of the field with this name.
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.schema.iter().position(|f| f.name == name)
+    }
+
+    /// Index in [`SourceConfig::schema`] of the event-time field.
+    pub fn event_time_index(&self) -> Option<usize> {
+        self.field_index(&self.event_time.field)
+    }
+}
+
+/// Encoding of a source's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+}
+
+/// One schema field: `user_id = "string"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDef {
+    pub name: String,
+    pub ty: FieldType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    String,
+    Int,
+    Float,
+    Bool,
+    Timestamp,
+}
+
+impl FieldType {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Int => "int",
+            FieldType::Float => "float",
+            FieldType::Bool => "bool",
+            FieldType::Timestamp => "timestamp",
+        }
+    }
+}
+
+/// `event_time = { field = "ts", format = "auto" }`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTimeConfig {
+    pub field: String,
+    pub format: TimeFormat,
+}
+
+/// How the event-time field is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// Detected from each value.
+    Auto,
+    Rfc3339,
+    EpochSeconds,
+    EpochMillis,
+    EpochMicros,
+}
+
+/// `watermark = { delay = "10s", idle_timeout = "30s" }`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatermarkConfig {
+    /// How far the watermark trails the largest event time seen. Default 0s.
+    pub delay: Duration,
+    /// A partition silent this long stops holding the watermark back. Default 30s.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartingOffsets {
+    Earliest,
+    Latest,
+}
+
+/// What to do when a partition's offsets jump (records lost to retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapPolicy {
+    /// Stop the pipeline with an error.
+    Fail,
+    /// Log, count and carry on.
+    Skip,
+}
+
+/// One `[[queries]]` entry: a windowed aggregation from a source into a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryConfig {
+    pub name: String,
+    pub from: String,
+    /// Index into [`Config::sources`] of `from`.
+    pub source_index: usize,
+    pub window: WindowConfig,
+    /// Schema fields of the source, none of them float.
+    pub group_by: Vec<String>,
+    pub aggregates: Vec<AggregateConfig>,
+    pub output: OutputMode,
+    /// How long after a window closes late events still update it. Default 0s.
+    pub allowed_lateness: Duration,
+    pub sink: String,
+    /// Index into [`Config::sinks`] of `sink`.
+    pub sink_index: usize,
+}
+
+impl QueryConfig {
+    /// The grouping key fields, in order.
+    pub fn key_fields(&self) -> &[String] {
+        &self.group_by
+    }
+
+    /// Length of each window.
+    pub fn window_size(&self) -> Duration {
+        match self.window {
+            WindowConfig::Tumbling { size, .. } => size,
+        }
+    }
+}
+
+/// `window = { tumbling = "5m", offset = "0s" }`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowConfig {
+    /// Back-to-back windows of `size`, starting at epoch + `offset` + k·`size`.
+    Tumbling { size: Duration, offset: Duration },
+}
+
+/// `{ name = "total", fn = "sum", field = "amount" }`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateConfig {
+    /// Output column name.
+    pub name: String,
+    pub func: AggFn,
+    /// Input field; required except for `count`, where it counts rows with
+    /// the field present and non-null.
+    pub field: Option<String>,
+    /// Index of `field` in the source schema.
+    pub field_index: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFn {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+impl AggFn {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggFn::Count => "count",
+            AggFn::Sum => "sum",
+            AggFn::Min => "min",
+            AggFn::Max => "max",
+            AggFn::Avg => "avg",
+        }
+    }
+}
+
+/// When window results are emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Once per window, when the watermark passes its end plus allowed lateness.
+    Append,
+}
+
+/// One `[[sinks]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub name: String,
+    pub kind: SinkKind,
+    /// Table location, e.g. a directory for a local Delta table.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Delta,
+}
+
+/// `[generator]`: built-in click-event generator producing into a source's topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratorConfig {
+    pub source: String,
+    /// Index into [`Config::sources`] of `source`.
+    pub source_index: usize,
+    /// Events per second, > 0. Default 1000.
+    pub rate: u64,
+    /// Default 42.
+    pub seed: u64,
+    /// Default 1000.
+    pub users: u32,
+    /// Default 50.
+    pub pages: u32,
+    /// Maximum event-time jitter backwards. Default 0s.
+    pub disorder: Duration,
+    /// Share of very late events, in 0..=1. Default 0.
+    pub late_share: f64,
+    /// How far in the past very late events are. Default 1h.
+    pub late_by: Duration,
+    /// Share of malformed records, in 0..=1. Default 0.
+    pub malformed_share: f64,
+}

@@ -1,0 +1,702 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const FULL: &str = r#"
+[pipeline]
+name = "clickstream"
+state_dir = "/var/lib/tidemark"
+commit_interval = "500ms"
+shards = 2
+progress_interval = "1m30s"
+
+[kafka]
+bootstrap_servers = "localhost:9092"
+group_id = "tidemark-clicks"
+
+[kafka.options]
+"security.protocol" = "plaintext"
+"fetch.min.bytes" = 1024
+"enable.auto.commit" = false
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+partitions = 8
+format = "json"
+schema = { user_id = "string", page = "string", ts = "timestamp", amount = "float", bot = "bool", n = "int" }
+event_time = { field = "ts", format = "rfc3339" }
+watermark = { delay = "10s", idle_timeout = "1m" }
+starting_offsets = "latest"
+on_error = "dead_letters"
+on_gap = "skip"
+
+[[queries]]
+name = "views_per_page"
+from = "clicks"
+window = { tumbling = "5m", offset = "30s" }
+group_by = ["page", "user_id"]
+aggregates = [
+  { name = "views", fn = "count" },
+  { name = "total", fn = "sum", field = "amount" },
+  { name = "smallest", fn = "min", field = "n" },
+  { name = "largest", fn = "max", field = "amount" },
+  { name = "mean", fn = "avg", field = "n" },
+  { name = "with_bot", fn = "count", field = "bot" },
+]
+output = "append"
+allowed_lateness = "1h"
+sink = "page_views"
+
+[[sinks]]
+name = "page_views"
+kind = "delta"
+path = "./data/delta/page_views"
+
+[[sinks]]
+name = "dead_letters"
+kind = "delta"
+path = "./data/delta/dead_letters"
+
+[generator]
+source = "clicks"
+rate = 5000
+seed = 7
+users = 10
+pages = 3
+disorder = "2s"
+late_share = 0.01
+late_by = "2h"
+malformed_share = 0
+"#;
+
+const MINIMAL: &str = r#"
+[pipeline]
+name = "mini"
+
+[[sources]]
+name = "events"
+topic = "events"
+schema = { ts = "int", kind = "string" }
+event_time = { field = "ts" }
+
+[[queries]]
+name = "per_kind"
+from = "events"
+window = { tumbling = "1m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out"
+
+[[sinks]]
+name = "out"
+kind = "delta"
+path = "out"
+"#;
+
+fn errors_of(text: &str) -> Vec<ConfigError> {
+    match parse_config(text) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(errors) => errors.0,
+    }
+}
+
+/// 1-based line of the first line of `text` containing `needle`.
+fn line_containing(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in text"))
+        + 1
+}
+
+/// The single error at `path`, failing with the full list otherwise.
+fn error_at<'e>(errors: &'e [ConfigError], path: &str) -> &'e ConfigError {
+    let found: Vec<_> = errors.iter().filter(|e| e.path == path).collect();
+    assert_eq!(found.len(), 1, "errors at {path:?} in {errors:#?}");
+    found[0]
+}
+
+#[test]
+fn full_config_parses_into_expected_values() {
+    let config = parse_config(FULL).unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(
+        config.pipeline,
+        PipelineConfig {
+            name: "clickstream".into(),
+            state_dir: PathBuf::from("/var/lib/tidemark"),
+            commit_interval: Duration::from_millis(500),
+            shards: 2,
+            progress_interval: Duration::from_secs(90),
+        }
+    );
+    assert_eq!(
+        config.kafka,
+        KafkaConfig {
+            bootstrap_servers: Bootstrap::Servers("localhost:9092".into()),
+            group_id: "tidemark-clicks".into(),
+            options: BTreeMap::from([
+                ("security.protocol".to_string(), "plaintext".to_string()),
+                ("fetch.min.bytes".to_string(), "1024".to_string()),
+                ("enable.auto.commit".to_string(), "false".to_string()),
+            ]),
+        }
+    );
+
+    assert_eq!(config.sources.len(), 1);
+    let source = &config.sources[0];
+    let field = |name: &str, ty| FieldDef { name: name.into(), ty };
+    assert_eq!(
+        *source,
+        SourceConfig {
+            name: "clicks".into(),
+            topic: "clicks".into(),
+            partitions: 8,
+            format: Format::Json,
+            // File order, not alphabetical.
+            schema: vec![
+                field("user_id", FieldType::String),
+                field("page", FieldType::String),
+                field("ts", FieldType::Timestamp),
+                field("amount", FieldType::Float),
+                field("bot", FieldType::Bool),
+                field("n", FieldType::Int),
+            ],
+            event_time: EventTimeConfig {
+                field: "ts".into(),
+                format: TimeFormat::Rfc3339,
+            },
+            watermark: WatermarkConfig {
+                delay: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+            },
+            starting_offsets: StartingOffsets::Latest,
+            on_error: Some("dead_letters".into()),
+            on_gap: GapPolicy::Skip,
+        }
+    );
+    assert_eq!(source.event_time_index(), Some(2));
+
+    assert_eq!(config.queries.len(), 1);
+    let query = &config.queries[0];
+    let agg = |name: &str, func, field: Option<(&str, usize)>| AggregateConfig {
+        name: name.into(),
+        func,
+        field: field.map(|(f, _)| f.to_string()),
+        field_index: field.map(|(_, i)| i),
+    };
+    assert_eq!(
+        *query,
+        QueryConfig {
+            name: "views_per_page".into(),
+            from: "clicks".into(),
+            source_index: 0,
+            window: WindowConfig::Tumbling {
+                size: Duration::from_secs(300),
+                offset: Duration::from_secs(30),
+            },
+            group_by: vec!["page".into(), "user_id".into()],
+            aggregates: vec![
+                agg("views", AggFn::Count, None),
+                agg("total", AggFn::Sum, Some(("amount", 3))),
+                agg("smallest", AggFn::Min, Some(("n", 5))),
+                agg("largest", AggFn::Max, Some(("amount", 3))),
+                agg("mean", AggFn::Avg, Some(("n", 5))),
+                agg("with_bot", AggFn::Count, Some(("bot", 4))),
+            ],
+            output: OutputMode::Append,
+            allowed_lateness: Duration::from_secs(3600),
+            sink: "page_views".into(),
+            sink_index: 0,
+        }
+    );
+    assert_eq!(query.key_fields(), ["page", "user_id"]);
+    assert_eq!(query.window_size(), Duration::from_secs(300));
+
+    assert_eq!(
+        config.sinks,
+        vec![
+            SinkConfig {
+                name: "page_views".into(),
+                kind: SinkKind::Delta,
+                path: PathBuf::from("./data/delta/page_views"),
+            },
+            SinkConfig {
+                name: "dead_letters".into(),
+                kind: SinkKind::Delta,
+                path: PathBuf::from("./data/delta/dead_letters"),
+            },
+        ]
+    );
+    assert_eq!(config.sink("dead_letters").map(|s| s.name.as_str()), Some("dead_letters"));
+
+    assert_eq!(
+        config.generator,
+        Some(GeneratorConfig {
+            source: "clicks".into(),
+            source_index: 0,
+            rate: 5000,
+            seed: 7,
+            users: 10,
+            pages: 3,
+            disorder: Duration::from_secs(2),
+            late_share: 0.01,
+            late_by: Duration::from_secs(7200),
+            malformed_share: 0.0,
+        })
+    );
+}
+
+#[test]
+fn defaults_are_applied() {
+    let config = parse_config(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.pipeline,
+        PipelineConfig {
+            name: "mini".into(),
+            state_dir: PathBuf::from("./data/state/mini"),
+            commit_interval: Duration::from_secs(1),
+            shards: 0,
+            progress_interval: Duration::from_secs(5),
+        }
+    );
+    assert_eq!(
+        config.kafka,
+        KafkaConfig {
+            bootstrap_servers: Bootstrap::Embedded,
+            group_id: "mini".into(),
+            options: BTreeMap::new(),
+        }
+    );
+    let source = &config.sources[0];
+    assert_eq!(source.partitions, 4);
+    assert_eq!(source.format, Format::Json);
+    assert_eq!(source.event_time.format, TimeFormat::Auto);
+    assert_eq!(
+        source.watermark,
+        WatermarkConfig {
+            delay: Duration::ZERO,
+            idle_timeout: Duration::from_secs(30),
+        }
+    );
+    assert_eq!(source.starting_offsets, StartingOffsets::Earliest);
+    assert_eq!(source.on_error, None);
+    assert_eq!(source.on_gap, GapPolicy::Fail);
+    let query = &config.queries[0];
+    assert_eq!(
+        query.window,
+        WindowConfig::Tumbling {
+            size: Duration::from_secs(60),
+            offset: Duration::ZERO,
+        }
+    );
+    assert!(query.group_by.is_empty());
+    assert_eq!(query.output, OutputMode::Append);
+    assert_eq!(query.allowed_lateness, Duration::ZERO);
+    assert_eq!(config.generator, None);
+
+    let with_generator = format!("{MINIMAL}\n[generator]\nsource = \"events\"\n");
+    let generator = parse_config(&with_generator).unwrap().generator.unwrap();
+    assert_eq!(
+        generator,
+        GeneratorConfig {
+            source: "events".into(),
+            source_index: 0,
+            rate: 1000,
+            seed: 42,
+            users: 1000,
+            pages: 50,
+            disorder: Duration::ZERO,
+            late_share: 0.0,
+            late_by: Duration::from_secs(3600),
+            malformed_share: 0.0,
+        }
+    );
+}
+
+#[test]
+fn embedded_bootstrap_is_recognised() {
+    let text = MINIMAL.replace("[pipeline]", "[kafka]\nbootstrap_servers = \"embedded\"\n\n[pipeline]");
+    let config = parse_config(&text).unwrap();
+    assert_eq!(config.kafka.bootstrap_servers, Bootstrap::Embedded);
+}
+
+#[test]
+fn inline_and_header_forms_are_equivalent() {
+    let text = r#"
+pipeline.name = "p"
+
+[[sources]]
+name = "s"
+topic = "t"
+event_time.field = "ts"
+[sources.schema]
+ts = "timestamp"
+[sources.watermark]
+delay = "5s"
+
+[[sinks]]
+name = "k"
+kind = "delta"
+path = "k"
+
+[[queries]]
+name = "q"
+from = "s"
+sink = "k"
+[queries.window]
+tumbling = "10s"
+[[queries.aggregates]]
+name = "n"
+fn = "count"
+"#;
+    let config = parse_config(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.pipeline.name, "p");
+    assert_eq!(config.sources[0].watermark.delay, Duration::from_secs(5));
+    assert_eq!(config.queries[0].window_size(), Duration::from_secs(10));
+    assert_eq!(config.queries[0].aggregates[0].func, AggFn::Count);
+}
+
+/// Many independent mistakes, each of which must be reported with its path
+/// and line.
+const MISTAKES: &str = r#"[pipeline]
+name = "bad name!"
+commit_interval = "5ms"
+colour = "blue"
+
+[kafka.options]
+"linger.ms" = 1.5
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+partitions = 0
+schema = { user_id = "string", ts = "timestamp", amount = "float" }
+event_time = { field = "ts", format = "iso" }
+watermark = { delay = "10x", delay_ms = 5 }
+on_error = "dlq"
+
+[[sources]]
+name = "clicks"
+topic = 7
+schema = { at = "int", flag = "bool" }
+event_time = { field = "flag" }
+
+[[sources]]
+name = "other"
+topic = "other"
+schema = { ts = "timestamp", page = "strng" }
+event_time = { field = "ts" }
+
+[[queries]]
+name = "q1"
+from = "clikcs"
+window = { tumbling = "5m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out"
+
+[[queries]]
+name = "q2"
+from = "clicks"
+window = { tumbling = "1m", offset = "2m" }
+group_by = ["user_id", "amount", "nope", "user_id"]
+aggregates = [
+  { name = "total", fn = "sum" },
+  { name = "total", fn = "median", field = "amount" },
+  { name = "user_id", fn = "max", field = "user_id" },
+  { name = "window_end", fn = "count" },
+]
+output = "update"
+sink = "missing_sink"
+
+[[queries]]
+window = { sliding = "5m" }
+aggregates = []
+
+[[sinks]]
+name = "out"
+kind = "parquet"
+
+[generator]
+source = "nowhere"
+late_share = 1.5
+rate = 0
+"#;
+
+#[test]
+fn reports_every_mistake_with_path_and_line() {
+    let errors = errors_of(MISTAKES);
+    let line = |needle| Some(line_containing(MISTAKES, needle));
+    let expect = |path: &str, at: Option<usize>, fragment: &str| {
+        let error = error_at(&errors, path);
+        assert_eq!(error.line, at, "line of {error}");
+        assert!(error.message.contains(fragment), "{path}: {:?} should contain {fragment:?}", error.message);
+    };
+
+    expect("pipeline.name", Some(2), "use only letters, digits");
+    expect("pipeline.commit_interval", Some(3), "at least 10ms");
+    expect(
+        "pipeline.colour",
+        Some(4),
+        "unknown key \"colour\" in pipeline; allowed keys: name, state_dir, commit_interval, shards, progress_interval",
+    );
+    expect("kafka.options.\"linger.ms\"", Some(7), "found float");
+
+    expect("sources[0].partitions", Some(12), "at least 1");
+    expect(
+        "sources[0].event_time.format",
+        Some(14),
+        "unknown value \"iso\"; use one of \"auto\", \"rfc3339\"",
+    );
+    expect(
+        "sources[0].watermark.delay",
+        Some(15),
+        "invalid duration \"10x\": write a number followed by ms, s, m, h or d (e.g. \"10s\")",
+    );
+    expect(
+        "sources[0].watermark.delay_ms",
+        Some(15),
+        "unknown key \"delay_ms\" in sources[0].watermark; allowed keys: delay, idle_timeout",
+    );
+    expect(
+        "sources[0].on_error",
+        Some(16),
+        "source \"clicks\" sends dead letters to sink \"dlq\", which is not defined; defined sinks: out",
+    );
+
+    expect("sources[1].name", Some(19), "duplicate source name \"clicks\": sources[0] already uses it");
+    expect("sources[1].topic", Some(20), "expected a string, found integer");
+    expect("sources[1].event_time.field", Some(22), "is a bool");
+    expect(
+        "sources[2].schema.page",
+        line("\"strng\""),
+        "unknown field type \"strng\"; use one of string, int, float, bool, timestamp",
+    );
+
+    expect(
+        "queries[0].from",
+        line("\"clikcs\""),
+        "query \"q1\" reads from source \"clikcs\", which is not defined; defined sources: clicks, other",
+    );
+
+    expect("queries[1].window.offset", line("offset = \"2m\""), "must be smaller than the window size (1m)");
+    let group_by_line = line("group_by = [\"user_id\"");
+    expect("queries[1].group_by[1]", group_by_line, "cannot group by float field \"amount\"");
+    expect("queries[1].group_by[2]", group_by_line, "\"nope\" is not in the schema of source \"clicks\"");
+    expect("queries[1].group_by[3]", group_by_line, "appears more than once");
+    expect("queries[1].aggregates[0].field", line("fn = \"sum\" }"), "fn \"sum\" needs a field");
+    expect(
+        "queries[1].aggregates[1].fn",
+        line("\"median\""),
+        "unknown value \"median\"; use one of \"count\", \"sum\", \"min\", \"max\", \"avg\"",
+    );
+    // The clash with the first "total" is reported even though this aggregate is otherwise broken.
+    expect(
+        "queries[1].aggregates[1].name",
+        line("\"median\""),
+        "clashes with another aggregate (queries[1].aggregates[0])",
+    );
+    let user_id_agg = line("name = \"user_id\"");
+    expect(
+        "queries[1].aggregates[2].field",
+        user_id_agg,
+        "needs an int, float or timestamp field, but \"user_id\" is string",
+    );
+    expect("queries[1].aggregates[2].name", user_id_agg, "clashes with the group_by field \"user_id\"");
+    expect("queries[1].aggregates[3].name", line("\"window_end\""), "clashes with the window bound column");
+    expect(
+        "queries[1].output",
+        line("\"update\""),
+        "output mode 'update' is not implemented yet; use \"append\"",
+    );
+    expect(
+        "queries[1].sink",
+        line("\"missing_sink\""),
+        "query \"q2\" writes to sink \"missing_sink\", which is not defined; defined sinks: out",
+    );
+
+    // A table missing keys: each missing key is reported at the table's header.
+    let third_query = Some(line_containing(MISTAKES, "sliding") - 1);
+    for key in ["name", "from", "sink"] {
+        expect(&format!("queries[2].{key}"), third_query, &format!("missing required key \"{key}\""));
+    }
+    expect("queries[2].window.sliding", line("sliding"), "sliding windows are not implemented yet");
+    expect("queries[2].aggregates", line("aggregates = []"), "at least one aggregate is required");
+
+    let sink_header = Some(line_containing(MISTAKES, "name = \"out\"") - 1);
+    expect("sinks[0].kind", line("\"parquet\""), "unknown value \"parquet\"; use one of \"delta\"");
+    expect("sinks[0].path", sink_header, "missing required key \"path\"");
+
+    expect(
+        "generator.source",
+        line("\"nowhere\""),
+        "the generator produces into source \"nowhere\", which is not defined; defined sources: clicks, other",
+    );
+    expect("generator.late_share", line("late_share"), "between 0 and 1");
+    expect("generator.rate", line("rate = 0"), "at least 1");
+
+    // Nothing else: every error above is expected, and none is repeated.
+    assert_eq!(errors.len(), 36, "{errors:#?}");
+    // Errors come in file order.
+    let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted);
+}
+
+#[test]
+fn errors_display_one_per_line() {
+    let errors = parse_config(&MINIMAL.replace("tumbling = \"1m\"", "tumbling = \"1m\", size = 3")).unwrap_err();
+    let line = line_containing(MINIMAL, "tumbling");
+    assert_eq!(
+        errors.to_string(),
+        format!("line {line}: queries[0].window.size: unknown key \"size\" in queries[0].window; allowed keys: tumbling, offset")
+    );
+
+    let two = parse_config(
+        &MINIMAL
+            .replace("name = \"mini\"", "name = \"mini\"\nextra = 1")
+            .replace("kind = \"delta\"", "kind = \"delta\"\nextra = 2"),
+    )
+    .unwrap_err();
+    assert_eq!(two.len(), 2);
+    assert_eq!(two.to_string().lines().count(), 2);
+    assert!(two.to_string().starts_with("line 4: pipeline.extra: unknown key"));
+}
+
+#[test]
+fn missing_sections_are_reported_together() {
+    let errors = errors_of("[pipeline]\nname = \"\"\n");
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["sources", "queries", "sinks", "pipeline.name"]);
+    assert!(errors[0].message.contains("at least one source is required; add a [[sources]] table"));
+    assert_eq!(errors[3].line, Some(2));
+    assert_eq!(errors[3].message, "must not be empty");
+
+    let errors = errors_of("");
+    let error = error_at(&errors, "pipeline.name");
+    assert_eq!(error.line, None);
+    assert_eq!(error.message, "missing required key \"name\"; add name = ... to pipeline");
+}
+
+#[test]
+fn wrong_types_name_what_was_found() {
+    let text = MINIMAL
+        .replace("topic = \"events\"", "topic = \"events\"\npartitions = \"4\"")
+        .replace("window = { tumbling = \"1m\" }", "window = { tumbling = 60 }")
+        .replace("aggregates = [{ name = \"n\", fn = \"count\" }]", "aggregates = { name = \"n\" }");
+    let errors = errors_of(&text);
+    assert_eq!(error_at(&errors, "sources[0].partitions").message, "expected an integer, found string");
+    assert!(error_at(&errors, "queries[0].window.tumbling")
+        .message
+        .starts_with("expected a duration string with a unit"));
+    assert_eq!(error_at(&errors, "queries[0].aggregates").message, "expected an array of tables, found table");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn sinks_are_not_shared() {
+    let text = format!(
+        "{}\n{}",
+        MINIMAL.replace("event_time = { field = \"ts\" }", "event_time = { field = \"ts\" }\non_error = \"out\""),
+        r#"
+[[queries]]
+name = "again"
+from = "events"
+window = { tumbling = "1m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out"
+"#
+    );
+    let errors = errors_of(&text);
+    assert!(error_at(&errors, "queries[1].sink")
+        .message
+        .contains("already receives the results of query \"per_kind\""));
+    assert!(error_at(&errors, "sources[0].on_error").message.contains("cannot also take dead letters"));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+}
+
+#[test]
+fn syntax_error_is_one_error_with_a_line() {
+    let text = "[pipeline]\nname = \"p\"\n\n[[sources]]\nname = \"s\nschema = {}\n";
+    let errors = errors_of(text);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].path, "");
+    assert_eq!(errors[0].line, Some(5));
+    assert!(errors[0].message.starts_with("invalid TOML: "), "{}", errors[0]);
+
+    let errors = errors_of("[pipeline]\nname = \"p\"\nname = \"q\"\n");
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].line, Some(3));
+    assert!(errors[0].message.contains("duplicate key"), "{}", errors[0]);
+}
+
+#[test]
+fn load_config_reports_unreadable_file() {
+    let missing = Path::new("/nonexistent/tidemark/config.toml");
+    let errors = load_config(missing).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors.0[0].line, None);
+    assert!(errors.to_string().starts_with("cannot read config file /nonexistent/tidemark/config.toml: "));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, MINIMAL).unwrap();
+    assert_eq!(load_config(&path).unwrap().pipeline.name, "mini");
+}
+
+#[test]
+fn event_time_must_be_a_usable_schema_field() {
+    let text = MINIMAL.replace("{ field = \"ts\" }", "{ field = \"when\" }");
+    let errors = errors_of(&text);
+    assert_eq!(
+        error_at(&errors, "sources[0].event_time.field").message,
+        "event-time field \"when\" is not in the schema; schema fields: ts, kind"
+    );
+
+    let text = MINIMAL.replace("{ field = \"ts\" }", "{ field = \"ts\", format = \"rfc3339\" }");
+    let errors = errors_of(&text);
+    assert!(error_at(&errors, "sources[0].event_time.format")
+        .message
+        .contains("needs a string or timestamp field, but \"ts\" is int"));
+
+    for format in ["epoch_seconds", "epoch_millis", "epoch_micros", "auto"] {
+        let text = MINIMAL.replace("{ field = \"ts\" }", &format!("{{ field = \"ts\", format = \"{format}\" }}"));
+        assert!(parse_config(&text).is_ok(), "{format}");
+    }
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("no {} directory; nothing to check", dir.display());
+        return;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            if let Err(errors) = load_config(&path) {
+                panic!("{} is invalid:\n{errors}", path.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn min_and_max_accept_timestamps_but_sum_does_not() {
+    let base = include_str!("../../tests/data/minimal.toml");
+    let ok = base.replace(
+        r#"{ name = "n", fn = "count" }"#,
+        r#"{ name = "n", fn = "count" }, { name = "first", fn = "min", field = "ts" }"#,
+    );
+    assert_ne!(ok, base);
+    assert!(parse_config(&ok).is_ok());
+    let bad = base.replace(r#"{ name = "n", fn = "count" }"#, r#"{ name = "total", fn = "sum", field = "ts" }"#);
+    let errs = parse_config(&bad).unwrap_err();
+    assert!(
+        errs.to_string().contains("fn \"sum\" needs an int or float field, but \"ts\" is timestamp"),
+        "{errs}"
+    );
+}

@@ -1,0 +1,415 @@
+//! `start(config, shutdown) → RunningPipeline`: the one entry point used by `main` and by the
+//! tests, so a test runs the whole pipeline exactly as the binary does.
+//!
+//! Start-up order is the recovery order of DESIGN.md §1: open the state store, open the sink
+//! tables and deliver pending output of flushed epochs, then start the shards at the stored
+//! positions. A coordinator thread issues epoch barriers every `commit_interval`, logs
+//! progress, and turns a shutdown request into a final barrier.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::commit::{CommitError, Committer};
+use crate::config::{Bootstrap, Config};
+use crate::shard::{run_shard, Control, ShardContext, ShardError};
+use crate::sink::{plan_sinks, PlanError, SinkRole};
+use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use crate::source::producer::{run_generator, EventProducer};
+use crate::source::{assign_partitions, fetch_partition_counts, SourceError};
+use crate::state::{StateError, StateStore};
+use crate::telemetry::{PipelineStats, StatsSnapshot};
+use crate::time::format_micros;
+
+/// Epochs issued but not yet committed before the coordinator waits for the committer.
+const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("embedded broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Final numbers of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub stats: StatsSnapshot,
+}
+
+pub struct RunningPipeline {
+    shutdown: Arc<AtomicBool>,
+    coordinator: Option<JoinHandle<Result<Summary, DaemonError>>>,
+    stats: Arc<PipelineStats>,
+    bootstrap: String,
+    shards: usize,
+    _broker: Option<EmbeddedBroker>,
+}
+
+impl RunningPipeline {
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Asks for a graceful stop (commit the current epoch, then exit) and waits for it.
+    pub fn stop(self) -> Result<Summary, DaemonError> {
+        self.shutdown.store(true, Relaxed);
+        self.wait()
+    }
+
+    /// Waits until the pipeline ends: after the shutdown flag is set, or on failure.
+    pub fn wait(mut self) -> Result<Summary, DaemonError> {
+        let handle = self.coordinator.take().expect("waited once");
+        handle
+            .join()
+            .map_err(|_| DaemonError::Runtime("the coordinator thread panicked (internal error)".into()))?
+    }
+}
+
+/// Records the first failure and tells everyone to stop.
+#[derive(Default)]
+struct Failure {
+    abort: Arc<AtomicBool>,
+    first: Mutex<Option<DaemonError>>,
+}
+
+impl Failure {
+    fn set(&self, e: DaemonError) {
+        tracing::error!(error = %e, "pipeline failed");
+        let mut first = self.first.lock().unwrap();
+        if first.is_none() {
+            *first = Some(e);
+        }
+        self.abort.store(true, Relaxed);
+    }
+}
+
+/// Starts the pipeline. Returns once recovery is done and the shards are starting.
+pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipeline, DaemonError> {
+    let config = Arc::new(config);
+    let shards = match config.pipeline.shards {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let (broker, bootstrap) = match &config.kafka.bootstrap_servers {
+        Bootstrap::Embedded => {
+            let topics: Vec<(String, i32)> = config.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32)).collect();
+            let b = EmbeddedBroker::start(&topics)?;
+            let addr = b.bootstrap_servers().to_string();
+            tracing::info!(address = %addr, "embedded Kafka-protocol broker listening (any Kafka client can produce to it, e.g. kcat -P -b {addr} -t <topic>)");
+            (Some(b), addr)
+        }
+        Bootstrap::Servers(s) => (None, s.clone()),
+    };
+    let counts = fetch_partition_counts(&config, &bootstrap, Duration::from_secs(15))?;
+    let assignment = assign_partitions(&counts, shards);
+    let plans = plan_sinks(&config)?;
+    let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
+    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &query_names)?);
+    let recovered = Arc::new(store.recover()?);
+    let stats = Arc::new(PipelineStats::new(shards));
+    stats.committed_epoch.store(recovered.epoch, Relaxed);
+    if let Some(wm) = recovered.watermark {
+        stats.watermark.store(wm, Relaxed);
+    }
+    tracing::info!(pipeline = %config.pipeline.name, shards, epoch = recovered.epoch, state_dir = %config.pipeline.state_dir.display(), "recovering from the last flushed epoch");
+
+    let query_sink: Vec<usize> = (0..config.queries.len())
+        .map(|q| {
+            plans
+                .iter()
+                .position(|p| matches!(p.role, SinkRole::Windows { query, .. } if query == q))
+                .expect("every query has a sink plan")
+        })
+        .collect();
+    let source_dlq: Vec<Option<usize>> = config
+        .sources
+        .iter()
+        .map(|s| s.on_error.as_ref().and_then(|n| plans.iter().position(|p| &p.name == n)))
+        .collect();
+    let sink_count = plans.len();
+
+    // Committer: open tables and deliver pending output before any shard starts.
+    let failure = Arc::new(Failure::default());
+    let (report_tx, report_rx) = flume::bounded(shards * 4);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), CommitError>>();
+    let committer = {
+        let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
+        let flushed_epoch = recovered.epoch;
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(CommitError::Runtime(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let opened = async {
+                        let mut c = Committer::open(store, plans, stats).await?;
+                        c.recover(flushed_epoch).await?;
+                        Ok::<_, CommitError>(c)
+                    }
+                    .await;
+                    let c = match opened {
+                        Ok(c) => {
+                            let _ = ready_tx.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    if let Err(e) = c.run(report_rx, shards).await {
+                        failure.set(e.into());
+                    }
+                });
+            })
+            .map_err(|e| DaemonError::Runtime(format!("cannot spawn the committer thread: {e}")))?
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = committer.join();
+            return Err(e.into());
+        }
+        Err(_) => return Err(DaemonError::Runtime("the committer thread died during start-up (internal error)".into())),
+    }
+
+    // The mesh: one bounded FIFO per ordered pair of shards.
+    let mut outbound: Vec<Vec<Option<flume::Sender<_>>>> = (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    let mut inbound: Vec<Vec<(usize, flume::Receiver<_>)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (from, row) in outbound.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (tx, rx) = flume::bounded(16);
+                *slot = Some(tx);
+                inbound[to].push((from, rx));
+            }
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut controls = Vec::new();
+    let mut shard_threads = Vec::new();
+    for (id, (outbound, inbound)) in outbound.into_iter().zip(inbound).enumerate() {
+        let (ctl_tx, ctl_rx) = flume::unbounded();
+        controls.push(ctl_tx);
+        let ctx = ShardContext {
+            id,
+            shards,
+            config: config.clone(),
+            bootstrap: bootstrap.clone(),
+            store: store.clone(),
+            recovered: recovered.clone(),
+            partitions: assignment[id].clone(),
+            query_sink: query_sink.clone(),
+            source_dlq: source_dlq.clone(),
+            sink_count,
+            inbound,
+            outbound,
+            control: ctl_rx,
+            reports: report_tx.clone(),
+            stats: stats.clone(),
+            abort: failure.abort.clone(),
+        };
+        let failure = failure.clone();
+        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(id % cpus))
+            .name(&format!("shard-{id}"))
+            .io_memory(64 << 10);
+        let handle = builder
+            .spawn(move || async move {
+                if let Err(e) = run_shard(ctx).await {
+                    if !matches!(e, ShardError::Aborted(_)) {
+                        failure.set(e.into());
+                    }
+                }
+            })
+            .map_err(|e| DaemonError::Runtime(format!("cannot start shard {id} on CPU {}: {e}", id % cpus)))?;
+        shard_threads.push(handle);
+    }
+    drop(report_tx);
+    stats.ready.store(true, Relaxed);
+
+    let generator = match &config.generator {
+        Some(g) => {
+            let settings = ClickGeneratorSettings {
+                seed: g.seed,
+                users: g.users,
+                pages: g.pages,
+                disorder_ms: g.disorder.as_millis() as i64,
+                late_share: g.late_share,
+                late_by_ms: g.late_by.as_millis() as i64,
+                malformed_share: g.malformed_share,
+            };
+            let topic = config.sources[g.source_index].topic.clone();
+            let (rate, bootstrap, shutdown, failure) = (g.rate, bootstrap.clone(), shutdown.clone(), failure.clone());
+            let handle = std::thread::Builder::new()
+                .name("generator".into())
+                .spawn(move || {
+                    let producer = match EventProducer::connect(&bootstrap) {
+                        Ok(p) => p,
+                        Err(e) => return tracing::error!(error = %e, "generator cannot connect; no events will be generated"),
+                    };
+                    let mut generator = ClickGenerator::new(settings);
+                    let stop = AtomicBool::new(false);
+                    std::thread::scope(|s| {
+                        s.spawn(|| {
+                            while !shutdown.load(Relaxed) && !failure.abort.load(Relaxed) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            stop.store(true, Relaxed);
+                        });
+                        match run_generator(&producer, &topic, &mut generator, rate, None, &stop) {
+                            Ok(report) => tracing::info!(produced = report.produced, "generator stopped"),
+                            Err(e) => tracing::error!(error = %e, "generator failed"),
+                        }
+                    });
+                })
+                .map_err(|e| DaemonError::Runtime(format!("cannot spawn the generator thread: {e}")))?;
+            Some(handle)
+        }
+        None => None,
+    };
+
+    let coordinator = {
+        let (stats, shutdown, config) = (stats.clone(), shutdown.clone(), config.clone());
+        let first_epoch = recovered.epoch + 1;
+        std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                coordinate(&config, first_epoch, &controls, &stats, &shutdown, &failure);
+                drop(controls);
+                for h in shard_threads {
+                    if h.join().is_err() {
+                        failure.set(DaemonError::Runtime("a shard thread panicked (internal error)".into()));
+                    }
+                }
+                if committer.join().is_err() {
+                    failure.set(DaemonError::Runtime("the committer thread panicked (internal error)".into()));
+                }
+                shutdown.store(true, Relaxed);
+                if let Some(g) = generator {
+                    let _ = g.join();
+                }
+                let snapshot = stats.snapshot();
+                match failure.first.lock().unwrap().take() {
+                    Some(e) => Err(e),
+                    None => {
+                        tracing::info!(epoch = snapshot.committed_epoch, events = snapshot.events_in, "pipeline stopped cleanly");
+                        Ok(Summary { stats: snapshot })
+                    }
+                }
+            })
+            .map_err(|e| DaemonError::Runtime(format!("cannot spawn the coordinator thread: {e}")))?
+    };
+
+    Ok(RunningPipeline {
+        shutdown,
+        coordinator: Some(coordinator),
+        stats,
+        bootstrap,
+        shards,
+        _broker: broker,
+    })
+}
+
+/// Issues barriers until shutdown (then one last barrier) or failure.
+fn coordinate(config: &Config, first_epoch: u64, controls: &[flume::Sender<Control>], stats: &PipelineStats, shutdown: &AtomicBool, failure: &Failure) {
+    let interval = config.pipeline.commit_interval;
+    let mut epoch = first_epoch;
+    let mut next_tick = Instant::now() + interval;
+    let mut progress = ProgressLog::new(config.pipeline.progress_interval);
+    loop {
+        while Instant::now() < next_tick && !shutdown.load(Relaxed) {
+            if failure.abort.load(Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5).min(interval));
+            progress.maybe_log(stats);
+        }
+        while epoch - stats.committed_epoch.load(Relaxed) > MAX_EPOCHS_IN_FLIGHT {
+            if failure.abort.load(Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let last = shutdown.load(Relaxed);
+        for c in controls {
+            if c.send(Control::Barrier { epoch, last }).is_err() {
+                return; // the shard is gone; its error is recorded
+            }
+        }
+        if last {
+            tracing::info!(epoch, "shutdown requested: committing the current epoch");
+            return;
+        }
+        epoch += 1;
+        next_tick += interval;
+        let now = Instant::now();
+        if next_tick < now {
+            next_tick = now + interval; // commits are slower than the interval: don't burst
+        }
+    }
+}
+
+struct ProgressLog {
+    every: Duration,
+    last_at: Instant,
+    last_events: u64,
+}
+
+impl ProgressLog {
+    fn new(every: Duration) -> Self {
+        ProgressLog {
+            every,
+            last_at: Instant::now(),
+            last_events: 0,
+        }
+    }
+
+    fn maybe_log(&mut self, stats: &PipelineStats) {
+        let elapsed = self.last_at.elapsed();
+        if elapsed < self.every {
+            return;
+        }
+        let s = stats.snapshot();
+        let rate = (s.events_in - self.last_events) as f64 / elapsed.as_secs_f64();
+        let watermark = s.watermark.map_or("none yet".to_string(), format_micros);
+        tracing::info!(
+            "progress: events_in={} events_per_s={:.0} watermark={} committed_epoch={} rows_written={} dead_letters={} open_keys={}",
+            s.events_in,
+            rate,
+            watermark,
+            s.committed_epoch,
+            s.rows_written,
+            s.dead_letters,
+            s.open_keys
+        );
+        self.last_at = Instant::now();
+        self.last_events = s.events_in;
+    }
+}

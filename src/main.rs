@@ -1,0 +1,267 @@
+//! The `tidemark` command line. Everything here is argument handling; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use tidemark::config::{load_config, parse_duration, Bootstrap};
+use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::source::producer::{run_generator, EventProducer};
+
+#[derive(Parser)]
+#[command(name = "tidemark", version, about = "Real-time analytics daemon: Kafka in, event-time windows, exactly-once Delta Lake out", long_about = None)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text (level from RUST_LOG, default info).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline until SIGINT/SIGTERM (the current epoch is committed before exit).
+    Run {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+        /// Use these Kafka bootstrap servers instead of [kafka] bootstrap_servers.
+        #[arg(long)]
+        brokers: Option<String>,
+    },
+    /// Check a pipeline file; exit 0 if valid, else exit 1 listing every error with its TOML path and line.
+    Validate {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+    },
+    /// Run the embedded Kafka-protocol broker as a process of its own, until SIGINT/SIGTERM.
+    Broker {
+        /// Topic to create, as NAME:PARTITIONS (repeatable), e.g. --topic click-events:4.
+        #[arg(long = "topic", value_name = "NAME:PARTITIONS")]
+        topics: Vec<String>,
+        /// Also create the topics of this pipeline's [[sources]] (with their partitions).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Write the bootstrap address to this file once listening (for scripts).
+        #[arg(long)]
+        address_file: Option<PathBuf>,
+    },
+    /// Produce seeded click events into any Kafka broker.
+    Generate {
+        /// Bootstrap servers, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "click-events")]
+        topic: String,
+        /// Events per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Stop after this many events (default: run until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        users: u32,
+        #[arg(long, default_value_t = 50)]
+        pages: u32,
+        /// Maximum event-time disorder, e.g. 2s.
+        #[arg(long, default_value = "0s", value_parser = duration_arg)]
+        disorder: Duration,
+        /// Share of very-late events (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        late_share: f64,
+        /// How far behind very-late events are, e.g. 1h.
+        #[arg(long, default_value = "1h", value_parser = duration_arg)]
+        late_by: Duration,
+        /// Share of malformed events (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        malformed_share: f64,
+    },
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn shutdown_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while shutting down exits at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tidemark::telemetry::init_logging(cli.log_json);
+    match cli.command {
+        Command::Validate { pipeline } => match load_config(&pipeline) {
+            Ok(cfg) => {
+                println!(
+                    "{}: valid ({} sources, {} queries, {} sinks)",
+                    pipeline.display(),
+                    cfg.sources.len(),
+                    cfg.queries.len(),
+                    cfg.sinks.len()
+                );
+                match tidemark::sink::plan_sinks(&cfg) {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("{}: {e}", pipeline.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(errors) => {
+                eprintln!("{}: {} error(s):", pipeline.display(), errors.0.len());
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { pipeline, brokers } => {
+            let mut cfg = match load_config(&pipeline) {
+                Ok(cfg) => cfg,
+                Err(errors) => {
+                    eprintln!("{}: {} error(s):", pipeline.display(), errors.0.len());
+                    for e in &errors.0 {
+                        eprintln!("  {e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Some(b) = brokers {
+                cfg.kafka.bootstrap_servers = Bootstrap::Servers(b);
+            }
+            let shutdown = shutdown_flag();
+            let running = match tidemark::daemon::start(cfg, shutdown) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!(
+                "tidemark running: brokers {} shards {} (Ctrl-C to stop)",
+                running.bootstrap_servers(),
+                running.shards()
+            );
+            match running.wait() {
+                Ok(summary) => {
+                    let s = summary.stats;
+                    println!(
+                        "stopped: committed epoch {}, {} events in, {} rows written, {} dead letters",
+                        s.committed_epoch, s.events_in, s.rows_written, s.dead_letters
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Broker { topics, config, address_file } => {
+            let mut list = Vec::new();
+            for t in &topics {
+                match t.rsplit_once(':').map(|(n, p)| (n, p.parse::<i32>())) {
+                    Some((name, Ok(p))) if p > 0 && !name.is_empty() => list.push((name.to_string(), p)),
+                    _ => {
+                        eprintln!("error: --topic {t:?} must look like NAME:PARTITIONS, e.g. click-events:4");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            if let Some(path) = config {
+                match load_config(&path) {
+                    Ok(cfg) => list.extend(cfg.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32))),
+                    Err(errors) => {
+                        eprintln!("{}: {errors}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            let broker = match tidemark::broker::EmbeddedBroker::start(&list) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let addr = broker.bootstrap_servers().to_string();
+            if let Some(f) = address_file {
+                if let Err(e) = std::fs::write(&f, &addr) {
+                    eprintln!("error: cannot write {}: {e}", f.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            println!("broker listening on {addr}");
+            let shutdown = shutdown_flag();
+            while !shutdown.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(broker);
+            ExitCode::SUCCESS
+        }
+        Command::Generate {
+            brokers,
+            topic,
+            rate,
+            count,
+            seed,
+            users,
+            pages,
+            disorder,
+            late_share,
+            late_by,
+            malformed_share,
+        } => {
+            if !(0.0..=1.0).contains(&late_share) || !(0.0..=1.0).contains(&malformed_share) {
+                eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+                return ExitCode::FAILURE;
+            }
+            let producer = match EventProducer::connect(&brokers) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut generator = ClickGenerator::new(ClickGeneratorSettings {
+                seed,
+                users,
+                pages,
+                disorder_ms: disorder.as_millis() as i64,
+                late_share,
+                late_by_ms: late_by.as_millis() as i64,
+                malformed_share,
+            });
+            let shutdown = shutdown_flag();
+            match run_generator(&producer, &topic, &mut generator, rate, count, &shutdown) {
+                Ok(r) => {
+                    println!(
+                        "produced {} events ({} valid, {} very late, {} malformed) in {:.1}s = {:.0} events/s",
+                        r.produced,
+                        r.valid,
+                        r.very_late,
+                        r.malformed,
+                        r.elapsed.as_secs_f64(),
+                        r.produced as f64 / r.elapsed.as_secs_f64().max(1e-9)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,665 @@
+//! One core's event loop. A shard owns its source partitions, one [`SourceDecoder`] per
+//! source, and the window operators for its share of every query's key space.
+//!
+//! The loop never blocks on a peer: it drains inbound channels, sends outbound batches with
+//! `try_send` (a full channel pauses reading the sources — backpressure — and never drops
+//! data), polls Kafka without waiting, and acts on epoch barriers from the coordinator.
+//!
+//! Epoch protocol (aligned barriers; DESIGN.md §1, refined): on `Barrier(n)` a shard stops
+//! reading sources, sends `Barrier(n, its watermark)` after all rows it sent in epoch n, and
+//! keeps applying inbound rows until every peer's barrier arrived. Then every shard knows the
+//! same set of shard watermarks, computes the same pipeline watermark W(n), closes windows up
+//! to it, and hands its epoch report to the committer. Lateness is decided at the source
+//! against W(n−1), the same value every shard used to close windows, so a record is either
+//! counted in its window or dead-lettered with its raw payload — never both, never neither.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flume::{Receiver, Sender, TryRecvError, TrySendError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+
+use crate::config::{Config, GapPolicy};
+use crate::decode::{DeadLetterReason, SourceDecoder};
+use crate::sink::{DeadLetter, SinkRows};
+use crate::source::{assignment_list, consumer_config, resolve_start, SourceError, SourcePartition};
+use crate::state::{PartitionPosition, Recovered, StateError, StateStore};
+use crate::telemetry::{reason_index, ShardStats};
+use crate::time::format_micros;
+use crate::value::{shard_for_key, EventTime, Num};
+use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
+use crate::window::{ClosedWindow, OperatorChanges, WindowOperator};
+
+/// Records per exchange batch.
+const BATCH_RECORDS: usize = 1024;
+/// Messages polled per round before other duties get a turn.
+const POLL_ROUND: usize = 4096;
+/// Exchange batches queued locally per peer (beyond the channel) before sources pause.
+const MAX_LOCAL_QUEUE: usize = 2;
+
+/// Data-plane message between shards. Rows and barriers share one FIFO per shard pair, so a
+/// barrier (and the watermark it carries) never overtakes rows sent before it.
+#[derive(Debug)]
+pub enum ShardMsg {
+    Rows(ExchangeBatch),
+    Barrier { epoch: u64, watermark: EventTime },
+}
+
+/// Control from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Close epoch `epoch`; `last` = stop after it (graceful shutdown).
+    Barrier { epoch: u64, last: bool },
+}
+
+/// Projected records bound for one shard: flat arrays, no allocation per record.
+#[derive(Debug, Default)]
+pub struct ExchangeBatch {
+    recs: Vec<Rec>,
+    keys: Vec<u8>,
+    inputs: Vec<Num>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    query: u16,
+    key_end: u32,
+    inputs_end: u32,
+    event_time: EventTime,
+}
+
+impl ExchangeBatch {
+    fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[Num]) {
+        self.keys.extend_from_slice(key);
+        self.inputs.extend_from_slice(inputs);
+        self.recs.push(Rec {
+            query: query as u16,
+            key_end: self.keys.len() as u32,
+            inputs_end: self.inputs.len() as u32,
+            event_time,
+        });
+    }
+
+    fn apply(&self, ops: &mut [WindowOperator]) {
+        let (mut k0, mut i0) = (0usize, 0usize);
+        for r in &self.recs {
+            let (k1, i1) = (r.key_end as usize, r.inputs_end as usize);
+            ops[r.query as usize].update(r.event_time, &self.keys[k0..k1], &self.inputs[i0..i1]);
+            (k0, i0) = (k1, i1);
+        }
+    }
+}
+
+/// What one shard hands the committer at the end of an epoch.
+#[derive(Debug)]
+pub struct EpochReport {
+    pub shard: usize,
+    pub epoch: u64,
+    /// The pipeline watermark W(epoch) this shard closed windows with (same on every shard).
+    pub watermark: EventTime,
+    /// Per query.
+    pub changes: Vec<OperatorChanges>,
+    pub positions: Vec<PartitionPosition>,
+    /// Per sink plan index: rows of this epoch.
+    pub outputs: Vec<Option<SinkRows>>,
+    pub last: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("shard {0}: a peer shard or the committer stopped unexpectedly (see the error logged before this one)")]
+    PeerGone(usize),
+    #[error("shard {0}: stopped because another part of the pipeline failed")]
+    Aborted(usize),
+}
+
+/// Everything a shard needs; built by the daemon and moved into the shard's thread.
+pub struct ShardContext {
+    pub id: usize,
+    pub shards: usize,
+    pub config: Arc<Config>,
+    pub bootstrap: String,
+    pub store: Arc<StateStore>,
+    pub recovered: Arc<Recovered>,
+    pub partitions: Vec<SourcePartition>,
+    /// Sink plan index fed by each query.
+    pub query_sink: Vec<usize>,
+    /// Dead-letter sink plan index of each source, if any.
+    pub source_dlq: Vec<Option<usize>>,
+    pub sink_count: usize,
+    /// (peer id, receiver) for every other shard.
+    pub inbound: Vec<(usize, Receiver<ShardMsg>)>,
+    /// Sender per destination shard; `None` at this shard's own index.
+    pub outbound: Vec<Option<Sender<ShardMsg>>>,
+    pub control: Receiver<Control>,
+    pub reports: Sender<EpochReport>,
+    pub stats: Arc<crate::telemetry::PipelineStats>,
+    pub abort: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct OwnedPartition {
+    source: usize,
+    partition: i32,
+    topic: Rc<str>,
+    next_offset: Option<i64>,
+    clock: PartitionClock,
+}
+
+/// Which queries read a source, and the fields each needs.
+struct Projection {
+    query: usize,
+    key_fields: Vec<usize>,
+    inputs: Vec<Option<usize>>,
+}
+
+struct Alignment {
+    epoch: u64,
+    last: bool,
+    seen: Vec<bool>,
+    watermarks: Vec<EventTime>,
+}
+
+struct Shard {
+    ctx: ShardContext,
+    consumer: Option<BaseConsumer>,
+    parts: Vec<OwnedPartition>,
+    /// (topic, source index, partition → index into `parts`)
+    topics: Vec<(Rc<str>, usize, Vec<Option<usize>>)>,
+    decoders: Vec<SourceDecoder>,
+    projections: Vec<Vec<Projection>>,
+    ops: Vec<WindowOperator>,
+    building: Vec<ExchangeBatch>,
+    queues: Vec<std::collections::VecDeque<ShardMsg>>,
+    outputs: Vec<Option<SinkRows>>,
+    watermark: EventTime,
+    aligning: Option<Alignment>,
+    blocked_since: Option<Instant>,
+    key_buf: Vec<u8>,
+    input_buf: Vec<Num>,
+    dropped_warned_at: Option<Instant>,
+}
+
+/// Runs one shard to completion (graceful stop) or error. Called on the shard's glommio executor.
+pub async fn run_shard(ctx: ShardContext) -> Result<(), ShardError> {
+    let mut shard = Shard::open(ctx)?;
+    shard.ctx.stats.shards[shard.ctx.id]
+        .open_keys
+        .store(shard.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
+    shard.run().await
+}
+
+impl Shard {
+    fn open(ctx: ShardContext) -> Result<Shard, ShardError> {
+        let cfg = ctx.config.clone();
+        let now = Instant::now();
+        let mut ops: Vec<WindowOperator> = cfg.queries.iter().map(|q| WindowOperator::new(q, &cfg.sources[q.source_index])).collect();
+        for (qi, op) in ops.iter_mut().enumerate() {
+            ctx.store.load_windows(ctx.id, qi, op)?;
+        }
+        let decoders: Vec<SourceDecoder> = cfg.sources.iter().map(SourceDecoder::new).collect();
+        let projections = cfg
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(si, _)| {
+                cfg.queries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, q)| q.source_index == si)
+                    .map(|(qi, q)| Projection {
+                        query: qi,
+                        key_fields: q.group_by.iter().map(|g| decoders[si].field_index(g).expect("compiled config")).collect(),
+                        inputs: q.aggregates.iter().map(|a| a.field_index).collect(),
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let mut topics: Vec<(Rc<str>, usize, Vec<Option<usize>>)> = Vec::new();
+        let mut parts = Vec::new();
+        let mut assignment = Vec::new();
+        let consumer: Option<BaseConsumer> = if ctx.partitions.is_empty() {
+            None
+        } else {
+            let consumer: BaseConsumer = consumer_config(&cfg, &ctx.bootstrap).create().map_err(|source| SourceError::Client {
+                bootstrap: ctx.bootstrap.clone(),
+                source,
+            })?;
+            for sp in &ctx.partitions {
+                let src = &cfg.sources[sp.source];
+                let topic: Rc<str> = match topics.iter().find(|t| t.1 == sp.source) {
+                    Some(t) => t.0.clone(),
+                    None => {
+                        topics.push((src.topic.as_str().into(), sp.source, Vec::new()));
+                        topics.last().unwrap().0.clone()
+                    }
+                };
+                let stored = ctx.recovered.positions.get(&(src.topic.clone(), sp.partition));
+                let (offset, skipped) = resolve_start(
+                    &consumer,
+                    &src.topic,
+                    sp.partition,
+                    stored.map(|p| p.next_offset),
+                    src.starting_offsets,
+                    src.on_gap,
+                )?;
+                if let Some((from, to)) = skipped {
+                    tracing::error!(topic = %src.topic, partition = sp.partition, from, to, "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\"");
+                    let s = &ctx.stats.shards[ctx.id];
+                    ShardStats::add(&s.gaps_skipped, 1);
+                    ShardStats::add(&s.offsets_skipped, (to - from) as u64);
+                }
+                let t = topics.iter_mut().find(|t| t.1 == sp.source).unwrap();
+                if t.2.len() <= sp.partition as usize {
+                    t.2.resize(sp.partition as usize + 1, None);
+                }
+                t.2[sp.partition as usize] = Some(parts.len());
+                parts.push(OwnedPartition {
+                    source: sp.source,
+                    partition: sp.partition,
+                    topic: topic.clone(),
+                    next_offset: stored.map(|p| p.next_offset),
+                    clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, stored.and_then(|p| p.max_event_time), now),
+                });
+                assignment.push((src.topic.clone(), sp.partition, offset));
+            }
+            let tpl = assignment_list(&assignment).map_err(|source| SourceError::Client {
+                bootstrap: ctx.bootstrap.clone(),
+                source,
+            })?;
+            consumer.assign(&tpl).map_err(|source| SourceError::Client {
+                bootstrap: ctx.bootstrap.clone(),
+                source,
+            })?;
+            Some(consumer)
+        };
+        tracing::info!(shard = ctx.id, partitions = parts.len(), "shard started");
+        let n = ctx.shards;
+        Ok(Shard {
+            consumer,
+            parts,
+            topics,
+            decoders,
+            projections,
+            ops,
+            building: (0..n).map(|_| ExchangeBatch::default()).collect(),
+            queues: (0..n).map(|_| Default::default()).collect(),
+            outputs: (0..ctx.sink_count).map(|_| None).collect(),
+            watermark: ctx.recovered.watermark.unwrap_or(crate::watermark::UNKNOWN),
+            aligning: None,
+            blocked_since: None,
+            key_buf: Vec::with_capacity(256),
+            input_buf: Vec::with_capacity(16),
+            dropped_warned_at: None,
+            ctx,
+        })
+    }
+
+    async fn run(&mut self) -> Result<(), ShardError> {
+        let mut idle_rounds = 0u32;
+        loop {
+            if self.ctx.abort.load(Relaxed) {
+                return Err(ShardError::Aborted(self.ctx.id));
+            }
+            let mut progressed = self.drain_inbound()?;
+            progressed |= self.flush_queues()?;
+            if let Some(a) = &self.aligning {
+                // Complete only once our own barrier has left too: peers wait for it.
+                if a.seen.iter().all(|s| *s) && self.queues.iter().all(|q| q.is_empty()) {
+                    if self.complete_epoch().await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            } else {
+                match self.ctx.control.try_recv() {
+                    Ok(Control::Barrier { epoch, last }) => {
+                        self.start_barrier(epoch, last);
+                        continue;
+                    }
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => return Err(ShardError::PeerGone(self.ctx.id)),
+                }
+                let backlogged = self.queues.iter().any(|q| q.len() > MAX_LOCAL_QUEUE);
+                if backlogged {
+                    self.blocked_since.get_or_insert_with(Instant::now);
+                } else {
+                    self.unblock();
+                    progressed |= self.poll_sources()?;
+                }
+            }
+            if progressed {
+                idle_rounds = 0;
+                glommio::yield_if_needed().await;
+            } else {
+                idle_rounds = idle_rounds.saturating_add(1);
+                let nap = if idle_rounds < 16 {
+                    Duration::from_micros(50)
+                } else {
+                    Duration::from_millis(1)
+                };
+                glommio::timer::sleep(nap).await;
+            }
+        }
+    }
+
+    fn unblock(&mut self) {
+        if let Some(since) = self.blocked_since.take() {
+            let blocked = since.elapsed();
+            self.parts.iter_mut().for_each(|p| p.clock.excuse(blocked));
+        }
+    }
+
+    fn shard_watermark(&self) -> EventTime {
+        let now = Instant::now();
+        combine_min(self.parts.iter().map(|p| p.clock.watermark(now)))
+    }
+
+    fn start_barrier(&mut self, epoch: u64, last: bool) {
+        let wm = self.shard_watermark();
+        for dest in 0..self.ctx.shards {
+            if dest != self.ctx.id {
+                self.seal_batch(dest);
+                self.queues[dest].push_back(ShardMsg::Barrier { epoch, watermark: wm });
+            }
+        }
+        let mut seen = vec![false; self.ctx.shards];
+        seen[self.ctx.id] = true;
+        let mut watermarks = vec![IDLE; self.ctx.shards];
+        watermarks[self.ctx.id] = wm;
+        self.aligning = Some(Alignment { epoch, last, seen, watermarks });
+        self.blocked_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Applies inbound rows; notes barriers. Returns whether anything arrived.
+    fn drain_inbound(&mut self) -> Result<bool, ShardError> {
+        let mut progressed = false;
+        for idx in 0..self.ctx.inbound.len() {
+            let peer = self.ctx.inbound[idx].0;
+            for _ in 0..64 {
+                if self.aligning.as_ref().is_some_and(|a| a.seen[peer]) {
+                    break; // rows after a peer's barrier belong to the next epoch
+                }
+                match self.ctx.inbound[idx].1.try_recv() {
+                    Ok(ShardMsg::Rows(batch)) => {
+                        batch.apply(&mut self.ops);
+                        progressed = true;
+                    }
+                    Ok(ShardMsg::Barrier { epoch, watermark }) => {
+                        progressed = true;
+                        if self.aligning.is_none() {
+                            // A peer got the coordinator's barrier before us. The coordinator
+                            // sends each barrier to all shards at once, so ours is (about to be)
+                            // in the control channel: take it now.
+                            let Ok(Control::Barrier { epoch: e, last }) = self.ctx.control.recv() else {
+                                return Err(ShardError::PeerGone(self.ctx.id));
+                            };
+                            debug_assert_eq!(e, epoch, "barriers arrive in epoch order");
+                            self.start_barrier(e, last);
+                        }
+                        let a = self.aligning.as_mut().expect("aligning");
+                        debug_assert_eq!(a.epoch, epoch, "a peer is never more than one barrier ahead");
+                        a.seen[peer] = true;
+                        a.watermarks[peer] = watermark;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Err(ShardError::PeerGone(self.ctx.id)),
+                }
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn seal_batch(&mut self, dest: usize) {
+        if !self.building[dest].recs.is_empty() {
+            let batch = std::mem::take(&mut self.building[dest]);
+            self.queues[dest].push_back(ShardMsg::Rows(batch));
+        }
+    }
+
+    fn flush_queues(&mut self) -> Result<bool, ShardError> {
+        let mut progressed = false;
+        for dest in 0..self.ctx.shards {
+            let Some(tx) = &self.ctx.outbound[dest] else { continue };
+            while let Some(msg) = self.queues[dest].pop_front() {
+                match tx.try_send(msg) {
+                    Ok(()) => progressed = true,
+                    Err(TrySendError::Full(msg)) => {
+                        self.queues[dest].push_front(msg);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return Err(ShardError::PeerGone(self.ctx.id)),
+                }
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn poll_sources(&mut self) -> Result<bool, ShardError> {
+        let Some(consumer) = self.consumer.take() else { return Ok(false) };
+        let result = self.poll_round(&consumer);
+        self.consumer = Some(consumer);
+        let n = result?;
+        for dest in 0..self.ctx.shards {
+            if dest != self.ctx.id {
+                self.seal_batch(dest);
+            }
+        }
+        Ok(n > 0)
+    }
+
+    fn poll_round(&mut self, consumer: &BaseConsumer) -> Result<usize, ShardError> {
+        let now = Instant::now();
+        let (mut events, mut bytes) = (0u64, 0u64);
+        let mut polled = 0;
+        while polled < POLL_ROUND {
+            let msg = match consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))) => {
+                    self.handle_out_of_range(consumer)?;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(shard = self.ctx.id, error = %e, "Kafka consumer error (librdkafka retries; check the broker if this repeats)");
+                    break;
+                }
+            };
+            polled += 1;
+            let Some(pi) = self.part_index(msg.topic(), msg.partition()) else { continue };
+            let payload = msg.payload().unwrap_or(&[]);
+            events += 1;
+            bytes += payload.len() as u64;
+            self.process(pi, msg.offset(), payload, now);
+        }
+        let s = &self.ctx.stats.shards[self.ctx.id];
+        ShardStats::add(&s.events_in, events);
+        ShardStats::add(&s.bytes_in, bytes);
+        Ok(polled)
+    }
+
+    fn part_index(&self, topic: &str, partition: i32) -> Option<usize> {
+        let t = self.topics.iter().find(|t| &*t.0 == topic)?;
+        *t.2.get(partition as usize)?
+    }
+
+    fn process(&mut self, pi: usize, offset: i64, payload: &[u8], now: Instant) {
+        let source = self.parts[pi].source;
+        self.parts[pi].next_offset = Some(offset + 1);
+        let decoder = &mut self.decoders[source];
+        let t = match decoder.decode(payload) {
+            Ok(t) => t,
+            Err(e) => {
+                self.dead_letter(pi, offset, payload, e.reason, e.message);
+                return;
+            }
+        };
+        self.parts[pi].clock.observe(t, now);
+        for p in 0..self.projections[source].len() {
+            let proj = &self.projections[source][p];
+            let q = proj.query;
+            if self.ops[q].is_late(t, self.watermark) {
+                let w = self.ops[q].windows;
+                let start = w.assign(t);
+                let msg = format!(
+                    "event time {} is behind the watermark {}: window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
+                    format_micros(t),
+                    format_micros(self.watermark),
+                    format_micros(start),
+                    format_micros(start + w.size_us),
+                    self.ctx.config.queries[q].name
+                );
+                self.dead_letter(pi, offset, payload, DeadLetterReason::Late, msg);
+                continue;
+            }
+            let decoder = &self.decoders[source];
+            self.key_buf.clear();
+            for &f in &proj.key_fields {
+                decoder.write_key_component(payload, f, &mut self.key_buf);
+            }
+            self.input_buf.clear();
+            self.input_buf.extend(proj.inputs.iter().map(|i| i.map_or(Num::Null, |i| decoder.num(i))));
+            let dest = shard_for_key(&self.key_buf, self.ctx.shards);
+            if dest == self.ctx.id {
+                self.ops[q].update(t, &self.key_buf, &self.input_buf);
+            } else {
+                let b = &mut self.building[dest];
+                b.push(q, &self.key_buf, t, &self.input_buf);
+                if b.recs.len() >= BATCH_RECORDS {
+                    self.seal_batch(dest);
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, pi: usize, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
+        let part = &self.parts[pi];
+        let stats = &self.ctx.stats.shards[self.ctx.id];
+        ShardStats::add(&stats.dead_letters[reason_index(reason)], 1);
+        match self.ctx.source_dlq[part.source] {
+            Some(sink) => {
+                let dl = DeadLetter {
+                    reason,
+                    topic: part.topic.to_string(),
+                    partition: part.partition,
+                    offset,
+                    payload: payload.to_vec(),
+                    error,
+                    routed_at: chrono::Utc::now().timestamp_micros(),
+                };
+                match &mut self.outputs[sink] {
+                    Some(rows) => rows.append(SinkRows::DeadLetters(vec![dl])),
+                    slot => *slot = Some(SinkRows::DeadLetters(vec![dl])),
+                }
+            }
+            None => {
+                ShardStats::add(&stats.dead_letters_dropped, 1);
+                let now = Instant::now();
+                if self.dropped_warned_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                    self.dropped_warned_at = Some(now);
+                    tracing::warn!(topic = %part.topic, partition = part.partition, offset, reason = reason.as_str(), %error, "bad record dropped (no on_error sink configured for this source; further drops are counted, logged at most every 5s)");
+                }
+            }
+        }
+    }
+
+    /// The broker no longer has the offset we asked for: find which partitions, report the gap.
+    fn handle_out_of_range(&mut self, consumer: &BaseConsumer) -> Result<(), ShardError> {
+        let mut reassign = false;
+        for pi in 0..self.parts.len() {
+            let part = &self.parts[pi];
+            let src = &self.ctx.config.sources[part.source];
+            let Some(next) = part.next_offset else { continue };
+            let (offset, skipped) = resolve_start(consumer, &src.topic, part.partition, Some(next), src.starting_offsets, src.on_gap)?;
+            if let Some((from, to)) = skipped {
+                debug_assert_eq!(src.on_gap, GapPolicy::Skip);
+                tracing::error!(topic = %src.topic, partition = part.partition, from, to, "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\"");
+                let s = &self.ctx.stats.shards[self.ctx.id];
+                ShardStats::add(&s.gaps_skipped, 1);
+                ShardStats::add(&s.offsets_skipped, (to - from) as u64);
+                if let rdkafka::Offset::Offset(o) = offset {
+                    self.parts[pi].next_offset = Some(o);
+                }
+                reassign = true;
+            }
+        }
+        if reassign {
+            let list: Vec<_> = self
+                .parts
+                .iter()
+                .map(|p| {
+                    (
+                        p.topic.to_string(),
+                        p.partition,
+                        p.next_offset.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset),
+                    )
+                })
+                .collect();
+            let tpl = assignment_list(&list).map_err(|source| SourceError::Client {
+                bootstrap: self.ctx.bootstrap.clone(),
+                source,
+            })?;
+            consumer.assign(&tpl).map_err(|source| SourceError::Client {
+                bootstrap: self.ctx.bootstrap.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// All barriers are in: close windows, report the epoch. Returns true after the last epoch.
+    async fn complete_epoch(&mut self) -> Result<bool, ShardError> {
+        let a = self.aligning.take().expect("called while aligning");
+        self.watermark = advance(self.watermark, combine_min(a.watermarks.iter().copied()));
+        let mut closed: Vec<Vec<ClosedWindow>> = Vec::with_capacity(self.ops.len());
+        for op in &mut self.ops {
+            let mut rows = Vec::new();
+            op.close_until(self.watermark, &mut rows);
+            closed.push(rows);
+        }
+        for (qi, rows) in closed.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let sink = self.ctx.query_sink[qi];
+            match &mut self.outputs[sink] {
+                Some(existing) => existing.append(SinkRows::Windows(rows)),
+                slot => *slot = Some(SinkRows::Windows(rows)),
+            }
+        }
+        let report = EpochReport {
+            shard: self.ctx.id,
+            epoch: a.epoch,
+            watermark: self.watermark,
+            changes: self.ops.iter_mut().map(WindowOperator::take_changes).collect(),
+            positions: self
+                .parts
+                .iter()
+                .filter_map(|p| {
+                    p.next_offset.map(|next_offset| PartitionPosition {
+                        topic: p.topic.to_string(),
+                        partition: p.partition,
+                        next_offset,
+                        max_event_time: p.clock.max_event_time,
+                    })
+                })
+                .collect(),
+            outputs: std::mem::replace(&mut self.outputs, (0..self.ctx.sink_count).map(|_| None).collect()),
+            last: a.last,
+        };
+        let s = &self.ctx.stats.shards[self.ctx.id];
+        s.open_keys.store(self.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
+        s.open_windows.store(self.ops.iter().map(|o| o.open_windows() as u64).sum(), Relaxed);
+        self.ctx.reports.send_async(report).await.map_err(|_| ShardError::PeerGone(self.ctx.id))?;
+        Ok(a.last)
+    }
+}

@@ -1,0 +1,209 @@
+//! The real binary: CLI behaviour, the demo, and crash recovery under SIGKILL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success();
+    assert!(ok, "kill -TERM failed");
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `tidemark broker` as its own process; returns it and its address.
+fn start_broker(dir: &Path) -> (Child, String) {
+    let addr_file = dir.join("broker.addr");
+    let child = Command::new(BIN)
+        .args(["broker", "--topic", &format!("{TOPIC}:{PARTITIONS}"), "--address-file"])
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut addr = String::new();
+    wait_for("the broker address file", Duration::from_secs(20), || {
+        addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
+        !addr.is_empty()
+    });
+    (child, addr)
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("tidemark {}", env!("CARGO_PKG_VERSION")));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "validate", "broker", "generate"] {
+        assert!(help.contains(cmd), "--help lists {cmd}: {help}");
+    }
+}
+
+#[test]
+fn validate_accepts_every_shipped_config() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(manifest_dir().join("config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(BIN).arg("validate").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn validate_lists_every_error_with_path_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"[pipeline]
+name = "broken"
+commit_interval = "soon"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+event_time = { field = "ts" }
+schema = { page = "string", ts = "timestamp" }
+colour = "blue"
+
+[[queries]]
+name = "q"
+from = "clikcs"
+window = { tumbling = "5m" }
+aggregates = [ { name = "n", fn = "count" } ]
+sink = "nowhere"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["line 3", "commit_interval", "line 10", "colour", "line 14", "clikcs", "nowhere"] {
+        assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+    }
+    // A TOML syntax error also names its line.
+    std::fs::write(&path, "[pipeline]\nname = \n").unwrap();
+    let out = Command::new(BIN).arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn demo_runs_and_writes_a_readable_delta_table() {
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped demo, with 1 s windows and a 1 s delay so a window closes within seconds.
+    let demo = std::fs::read_to_string(manifest_dir().join("config/demo.toml")).unwrap();
+    let fast = demo
+        .replace("tumbling = \"10s\"", "tumbling = \"1s\"")
+        .replace("delay = \"5s\"", "delay = \"1s\"");
+    assert_ne!(fast, demo, "the demo config still has the 10s query this test speeds up");
+    std::fs::write(dir.path().join("demo.toml"), fast).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "demo.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let table = dir.path().join("data/gold/page_views_10s");
+    let read_rows = || -> usize {
+        if !table.join("_delta_log").exists() {
+            return 0;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(tidemark::sink::delta::read_table(&table, None))
+            .map(|b| b.iter().map(|b| b.num_rows()).sum())
+            .unwrap_or(0)
+    };
+    wait_for("the demo to commit window rows", Duration::from_secs(60), || read_rows() > 0);
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "graceful stop exits 0, got {status}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let batches = rt.block_on(tidemark::sink::delta::read_table(&table, None)).unwrap();
+    let schema = batches[0].schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert_eq!(names, ["window_start", "window_end", "page_url", "action", "events"]);
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, addr) = start_broker(dir.path());
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(&config, pipeline_toml("crash", &addr, dir.path(), 2)).unwrap();
+    let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("crash test seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let run = || Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
+    let crash_after = |rng: &mut rand_chacha::ChaCha8Rng, max_ms: u64| {
+        let mut child = run();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..max_ms)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    };
+
+    let mut events = plan(21, 0, 12_000, 0.0, 0.02);
+    produce(&addr, &events);
+    for _ in 0..4 {
+        crash_after(&mut rng, 2_500);
+    }
+    // Very-late events are only deterministic once a watermark is committed: wait for the
+    // first closed windows, crash again, then produce them.
+    let mut child = run();
+    wait_for("first committed windows", Duration::from_secs(60), || {
+        !read_views(&dir.path().join("views")).is_empty()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let phase2 = plan(22, 12_000, 6_000, 0.03, 0.02);
+    produce(&addr, &phase2);
+    events.extend(phase2);
+    for _ in 0..3 {
+        crash_after(&mut rng, 2_500);
+    }
+
+    let mut child = run();
+    let expected = oracle(&events, final_watermark_us(&events));
+    let expected_dlq = expected_dead_letters(&events);
+    wait_for("the tables to match the oracle after crashes", Duration::from_secs(90), || {
+        as_rows(&read_views(&dir.path().join("views"))) == expected && read_dead_letters(&dir.path().join("dlq")) == expected_dlq
+    });
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    assert_eq!(as_rows(&read_views(&dir.path().join("views"))), expected);
+    assert_eq!(read_dead_letters(&dir.path().join("dlq")), expected_dlq);
+    sigterm(&broker);
+    wait_exit(&mut broker, Duration::from_secs(10));
+}

@@ -1,0 +1,223 @@
+//! Shared test helpers: seeded event plans, an independent oracle, Delta read-back.
+//!
+//! The oracle does not use tidemark's decoder, window code or time parser: it reads each
+//! generated payload with serde_json and chrono and groups with a BTreeMap over the whole input.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings, EventKind, GeneratedEvent};
+use tidemark::source::producer::EventProducer;
+
+pub const TOPIC: &str = "clicks";
+pub const PARTITIONS: i32 = 4;
+/// 2026-11-23T00:00:00Z
+pub const T0_MS: i64 = 1_795_392_000_000;
+pub const STEP_MS: i64 = 5;
+pub const WINDOW_MS: i64 = 5_000;
+pub const DELAY_MS: i64 = 3_000;
+
+/// One produced event and where it went.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub partition: i32,
+    pub event: GeneratedEvent,
+}
+
+/// Generates `count` events with synthetic event times continuing from `first_seq`.
+pub fn plan(seed: u64, first_seq: i64, count: i64, late_share: f64, malformed_share: f64) -> Vec<Sent> {
+    let mut g = ClickGenerator::new(ClickGeneratorSettings {
+        seed,
+        users: 200,
+        pages: 12,
+        disorder_ms: 2_000,
+        late_share,
+        late_by_ms: 3_600_000,
+        malformed_share,
+    });
+    (first_seq..first_seq + count)
+        .map(|seq| Sent {
+            partition: (seq % PARTITIONS as i64) as i32,
+            event: g.next_event(T0_MS + seq * STEP_MS),
+        })
+        .collect()
+}
+
+pub fn produce(bootstrap: &str, events: &[Sent]) {
+    let p = EventProducer::connect(bootstrap).expect("producer");
+    for s in events {
+        p.send(TOPIC, Some(s.partition), &s.event.key, &s.event.payload).expect("send");
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+pub fn pipeline_toml(name: &str, bootstrap: &str, dir: &Path, shards: usize) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "{name}"
+state_dir = "{state}"
+commit_interval = "200ms"
+shards = {shards}
+progress_interval = "2s"
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{name}"
+
+[[sources]]
+name = "clicks"
+topic = "{TOPIC}"
+partitions = {PARTITIONS}
+event_time = {{ field = "timestamp" }}
+watermark = {{ delay = "{DELAY_MS}ms", idle_timeout = "1h" }}
+on_error = "dlq"
+schema = {{ user_id = "string", page_url = "string", action = "string", timestamp = "timestamp" }}
+
+[[queries]]
+name = "views"
+from = "clicks"
+window = {{ tumbling = "{WINDOW_MS}ms" }}
+group_by = ["page_url"]
+aggregates = [ {{ name = "view_count", fn = "count" }} ]
+sink = "views"
+
+[[sinks]]
+name = "views"
+kind = "delta"
+path = "{views}"
+
+[[sinks]]
+name = "dlq"
+kind = "delta"
+path = "{dlq}"
+"#,
+        state = dir.join("state").display(),
+        views = dir.join("views").display(),
+        dlq = dir.join("dlq").display(),
+    )
+}
+
+/// (window_start µs, page_url) → count
+pub type Rows = BTreeMap<(i64, String), i64>;
+
+fn event_time_us(payload: &[u8]) -> Option<(i64, String)> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let ts = chrono::DateTime::parse_from_rfc3339(v.get("timestamp")?.as_str()?).ok()?;
+    Some((ts.timestamp_micros(), v.get("page_url")?.as_str()?.to_string()))
+}
+
+/// The pipeline watermark once every event is read: min over partitions of max event time − delay.
+pub fn final_watermark_us(events: &[Sent]) -> i64 {
+    let mut max: BTreeMap<i32, i64> = BTreeMap::new();
+    for s in events {
+        if let Some((t, _)) = event_time_us(&s.event.payload) {
+            let m = max.entry(s.partition).or_insert(i64::MIN);
+            *m = (*m).max(t);
+        }
+    }
+    assert_eq!(max.len(), PARTITIONS as usize, "every partition got events");
+    max.values().min().unwrap() - DELAY_MS * 1000
+}
+
+/// Expected table: on-time valid events, grouped per 5 s window and page, windows closed by `watermark`.
+pub fn oracle(events: &[Sent], watermark_us: i64) -> Rows {
+    let mut rows = Rows::new();
+    let w = WINDOW_MS * 1000;
+    for s in events.iter().filter(|s| matches!(s.event.kind, EventKind::Valid)) {
+        let (t, page) = event_time_us(&s.event.payload).expect("valid events parse");
+        let start = t.div_euclid(w) * w;
+        if start + w <= watermark_us {
+            *rows.entry((start, page)).or_default() += 1;
+        }
+    }
+    rows
+}
+
+pub fn read_views(dir: &Path) -> Vec<(i64, String, i64)> {
+    let batches = read(dir);
+    let mut out = Vec::new();
+    for b in &batches {
+        let start = b.column_by_name("window_start").unwrap().as_primitive::<TimestampMicrosecondType>();
+        let end = b.column_by_name("window_end").unwrap().as_primitive::<TimestampMicrosecondType>();
+        let page = b.column_by_name("page_url").unwrap().as_string::<i32>();
+        let n = b.column_by_name("view_count").unwrap().as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            assert_eq!(end.value(i) - start.value(i), WINDOW_MS * 1000);
+            out.push((start.value(i), page.value(i).to_string(), n.value(i)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Dead letters as (reason, payload), sorted.
+pub fn read_dead_letters(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for b in &read(dir) {
+        let reason = b.column_by_name("reason").unwrap().as_string::<i32>();
+        let payload = b.column_by_name("payload").unwrap().as_binary::<i32>();
+        let error = b.column_by_name("error").unwrap().as_string::<i32>();
+        for i in 0..b.num_rows() {
+            assert!(!error.is_null(i) && !error.value(i).is_empty());
+            out.push((reason.value(i).to_string(), payload.value(i).to_vec()));
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn expected_dead_letters(events: &[Sent]) -> Vec<(String, Vec<u8>)> {
+    use tidemark::source::generator::MalformedKind;
+    let mut out: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .filter_map(|s| {
+            let reason = match &s.event.kind {
+                EventKind::Valid => return None,
+                EventKind::VeryLate => "late",
+                EventKind::Malformed(MalformedKind::NotJson) => "decode",
+                EventKind::Malformed(MalformedKind::BadTimestamp) => "event_time",
+                EventKind::Malformed(MalformedKind::WrongType) => "schema",
+                // Missing "timestamp" is an event-time problem; missing "page_url" a schema one.
+                EventKind::Malformed(MalformedKind::MissingField) => {
+                    let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
+                    if v.get("timestamp").is_none() {
+                        "event_time"
+                    } else {
+                        "schema"
+                    }
+                }
+            };
+            Some((reason.to_string(), s.event.payload.clone()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn as_rows(read: &[(i64, String, i64)]) -> Rows {
+    let rows: Rows = read.iter().map(|(s, p, n)| ((*s, p.clone()), *n)).collect();
+    assert_eq!(rows.len(), read.len(), "duplicate (window, page) rows in the table");
+    rows
+}
+
+fn read(dir: &Path) -> Vec<RecordBatch> {
+    if !dir.join("_delta_log").exists() {
+        return Vec::new();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(tidemark::sink::delta::read_table(dir, None)).expect("read delta table")
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
