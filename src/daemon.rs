@@ -96,10 +96,12 @@ struct Failure {
 
 impl Failure {
     fn set(&self, e: DaemonError) {
-        tracing::error!(error = %e, "pipeline failed");
         let mut first = self.first.lock().unwrap();
         if first.is_none() {
+            tracing::error!(error = %e, "pipeline failed");
             *first = Some(e);
+        } else {
+            tracing::debug!(error = %e, "after the first failure");
         }
         self.abort.store(true, Relaxed);
     }

@@ -187,12 +187,24 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
-    let phase2 = plan(22, 12_000, 6_000, 0.03, 0.02);
-    produce(&addr, &phase2);
+    // Phase 2 arrives while the daemon keeps getting killed, so crashes land mid-stream:
+    // between reads, mid-epoch, mid-flush and mid-commit.
+    let phase2 = plan(22, 12_000, 8_000, 0.03, 0.02);
+    let trickle = {
+        let (addr, phase2) = (addr.clone(), phase2.clone());
+        std::thread::spawn(move || {
+            for chunk in phase2.chunks(400) {
+                produce(&addr, chunk);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
     events.extend(phase2);
-    for _ in 0..3 {
-        crash_after(&mut rng, 2_500);
+    while !trickle.is_finished() {
+        crash_after(&mut rng, 1_500);
     }
+    trickle.join().unwrap();
+    crash_after(&mut rng, 1_500);
 
     let mut child = run();
     let expected = oracle(&events, final_watermark_us(&events));

@@ -47,6 +47,13 @@ pub fn plan(seed: u64, first_seq: i64, count: i64, late_share: f64, malformed_sh
         .collect()
 }
 
+/// Logs to stderr when RUST_LOG is set (see them with `cargo test -- --nocapture`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tidemark::telemetry::init_logging(false);
+    }
+}
+
 pub fn produce(bootstrap: &str, events: &[Sent]) {
     let p = EventProducer::connect(bootstrap).expect("producer");
     for s in events {
