@@ -127,7 +127,7 @@ impl AggState {
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Vec<AggState>> {
-        if bytes.len() % AGG_STATE_BYTES != 0 {
+        if !bytes.len().is_multiple_of(AGG_STATE_BYTES) {
             return None;
         }
         let word = |c: &[u8], k: usize| <[u8; 8]>::try_from(&c[k * 8..k * 8 + 8]).unwrap();
