@@ -129,7 +129,18 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let plans = plan_sinks(&config)?;
     let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
     let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &query_names)?);
-    let recovered = Arc::new(store.recover()?);
+    let mut recovered = store.recover()?;
+    if broker.is_some() && !recovered.positions.is_empty() {
+        // The embedded broker lives and dies with this process: the positions stored by the
+        // previous run point into a log that no longer exists. Its data was consumed or is
+        // gone with it; window state, watermark and epochs carry on.
+        tracing::info!(
+            partitions = recovered.positions.len(),
+            "embedded broker starts empty: forgetting the previous run's source positions"
+        );
+        recovered.positions.clear();
+    }
+    let recovered = Arc::new(recovered);
     let stats = Arc::new(PipelineStats::new(shards));
     stats.committed_epoch.store(recovered.epoch, Relaxed);
     if let Some(wm) = recovered.watermark {

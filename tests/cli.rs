@@ -130,12 +130,6 @@ fn demo_runs_and_writes_a_readable_delta_table() {
         .replace("delay = \"5s\"", "delay = \"1s\"");
     assert_ne!(fast, demo, "the demo config still has the 10s query this test speeds up");
     std::fs::write(dir.path().join("demo.toml"), fast).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "demo.toml"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
     let table = dir.path().join("data/gold/page_views_10s");
     let read_rows = || -> usize {
         if !table.join("_delta_log").exists() {
@@ -146,10 +140,22 @@ fn demo_runs_and_writes_a_readable_delta_table() {
             .map(|b| b.iter().map(|b| b.num_rows()).sum())
             .unwrap_or(0)
     };
-    wait_for("the demo to commit window rows", Duration::from_secs(60), || read_rows() > 0);
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(30));
-    assert!(status.success(), "graceful stop exits 0, got {status}");
+    // Twice in the same directory: the second run continues from the first one's state
+    // (its embedded broker starts empty) and adds rows.
+    let mut rows_before = 0;
+    for run in 0..2 {
+        let mut child = Command::new(BIN)
+            .args(["run", "demo.toml"])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the demo to commit window rows", Duration::from_secs(60), || read_rows() > rows_before);
+        sigterm(&child);
+        let status = wait_exit(&mut child, Duration::from_secs(30));
+        assert!(status.success(), "run {run}: graceful stop exits 0, got {status}");
+        rows_before = read_rows();
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let batches = rt.block_on(tidemark::sink::delta::read_table(&table, None)).unwrap();
     let schema = batches[0].schema();
