@@ -266,7 +266,10 @@ impl Shard {
                     source: sp.source,
                     partition: sp.partition,
                     topic: topic.clone(),
-                    next_offset: stored.map(|p| p.next_offset),
+                    next_offset: match offset {
+                        rdkafka::Offset::Offset(o) => Some(o),
+                        _ => None,
+                    },
                     clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, stored.and_then(|p| p.max_event_time), now),
                 });
                 assignment.push((src.topic.clone(), sp.partition, offset));

@@ -225,3 +225,62 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     sigterm(&broker);
     wait_exit(&mut broker, Duration::from_secs(10));
 }
+
+#[test]
+fn generate_produces_into_a_standalone_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, addr) = start_broker(dir.path());
+    let out = Command::new(BIN)
+        .args([
+            "generate",
+            "--brokers",
+            &addr,
+            "--topic",
+            TOPIC,
+            "--rate",
+            "0",
+            "--count",
+            "500",
+            "--malformed-share",
+            "0.1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("produced 500 events"), "{text}");
+    // Read them back with an independent consumer: all 500 are on the broker.
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .set("group.id", "check")
+        .create()
+        .unwrap();
+    let (mut total, mut bad_json) = (0, 0);
+    for p in 0..PARTITIONS {
+        let (low, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10)).unwrap();
+        total += high - low;
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(TOPIC, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Message;
+            seen += 1;
+            bad_json += serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).is_err() as i64;
+        }
+    }
+    assert_eq!((total, seen), (500, 500));
+    assert!(
+        bad_json > 0 && bad_json < 50,
+        "about 1 in 40 is not JSON (a quarter of the 10% malformed): {bad_json}"
+    );
+    drop(consumer); // before the broker goes: closing against a dead broker waits for timeouts
+    sigterm(&broker);
+    assert!(wait_exit(&mut broker, Duration::from_secs(10)).success());
+}

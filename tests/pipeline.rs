@@ -130,3 +130,22 @@ fn a_retention_gap_is_reported_not_skipped() {
     wait_for("the gap to be counted", Duration::from_secs(30), || running.stats().gaps_skipped == 1);
     running.stop().unwrap();
 }
+
+/// `starting_offsets = "latest"` is resolved once and stored: events produced while the
+/// daemon was down are read after a restart, not skipped by a new "latest".
+#[test]
+fn latest_start_is_stored_so_a_restart_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    produce(broker.bootstrap_servers(), &plan(41, 0, 200, 0.0, 0.0)); // before the first start: skipped by "latest"
+    let toml =
+        pipeline_toml("latest", broker.bootstrap_servers(), dir.path(), 2).replace("on_error = \"dlq\"", "on_error = \"dlq\"\nstarting_offsets = \"latest\"");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("a committed epoch", Duration::from_secs(30), || running.stats().committed_epoch >= 2);
+    assert_eq!(running.stop().unwrap().stats.events_in, 0);
+
+    produce(broker.bootstrap_servers(), &plan(42, 200, 300, 0.0, 0.0)); // while down
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("the events produced while down", Duration::from_secs(30), || running.stats().events_in >= 300);
+    assert_eq!(running.stop().unwrap().stats.events_in, 300);
+}

@@ -61,6 +61,8 @@ pub enum SourceError {
 /// settings exactly-once depends on cannot be overridden.
 pub fn consumer_config(config: &Config, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
+    // Bound librdkafka's prefetch per consumer (its default is 64 MB); users may override.
+    c.set("queued.max.messages.kbytes", "16384");
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
@@ -138,22 +140,24 @@ pub fn resolve_start(
     starting: StartingOffsets,
     on_gap: GapPolicy,
 ) -> Result<(Offset, Option<(i64, i64)>), SourceError> {
-    let Some(next) = stored_next else {
-        return Ok((
-            match starting {
-                StartingOffsets::Earliest => Offset::Beginning,
-                StartingOffsets::Latest => Offset::End,
-            },
-            None,
-        ));
+    let watermarks = || {
+        consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(|source| SourceError::Kafka {
+                topic: topic.into(),
+                partition,
+                source,
+            })
     };
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|source| SourceError::Kafka {
-            topic: topic.into(),
-            partition,
-            source,
-        })?;
+    let Some(next) = stored_next else {
+        return Ok(match starting {
+            StartingOffsets::Earliest => (Offset::Beginning, None),
+            // Resolved now, so the position is stored with the next epoch even if nothing
+            // arrives: a restart must not jump to a later "latest" and skip what came between.
+            StartingOffsets::Latest => (Offset::Offset(watermarks()?.1), None),
+        });
+    };
+    let (low, high) = watermarks()?;
     match check_position(next, low, high) {
         StartCheck::Ok => Ok((Offset::Offset(next), None)),
         StartCheck::BeyondEnd { end } => Err(SourceError::BeyondEnd {
