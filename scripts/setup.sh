@@ -5,7 +5,7 @@ set -euo pipefail
 
 need=()
 # RocksDB's bindings need libclang; librdkafka builds from source with make, perl and zlib.
-[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* 2>/dev/null | head -1)" ] || need+=(libclang-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v make >/dev/null || need+=(make)
 command -v g++ >/dev/null || need+=(g++)
 command -v perl >/dev/null || need+=(perl)

@@ -97,46 +97,41 @@ fn shutdown_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// Loads a pipeline file, or prints every error in it and returns None.
+fn load_or_report(path: &std::path::Path) -> Option<tidemark::config::Config> {
+    match load_config(path) {
+        Ok(cfg) => Some(cfg),
+        Err(errors) => {
+            eprintln!("{}: {} error(s):", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tidemark::telemetry::init_logging(cli.log_json);
     match cli.command {
-        Command::Validate { pipeline } => match load_config(&pipeline) {
-            Ok(cfg) => {
-                println!(
-                    "{}: valid ({} sources, {} queries, {} sinks)",
-                    pipeline.display(),
-                    cfg.sources.len(),
-                    cfg.queries.len(),
-                    cfg.sinks.len()
-                );
-                match tidemark::sink::plan_sinks(&cfg) {
-                    Ok(_) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("{}: {e}", pipeline.display());
-                        ExitCode::FAILURE
-                    }
-                }
+        Command::Validate { pipeline } => {
+            let Some(cfg) = load_or_report(&pipeline) else { return ExitCode::FAILURE };
+            if let Err(e) = tidemark::sink::plan_sinks(&cfg) {
+                eprintln!("{}: {e}", pipeline.display());
+                return ExitCode::FAILURE;
             }
-            Err(errors) => {
-                eprintln!("{}: {} error(s):", pipeline.display(), errors.0.len());
-                for e in &errors.0 {
-                    eprintln!("  {e}");
-                }
-                ExitCode::FAILURE
-            }
-        },
+            println!(
+                "{}: valid ({} sources, {} queries, {} sinks)",
+                pipeline.display(),
+                cfg.sources.len(),
+                cfg.queries.len(),
+                cfg.sinks.len()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Run { pipeline, brokers } => {
-            let mut cfg = match load_config(&pipeline) {
-                Ok(cfg) => cfg,
-                Err(errors) => {
-                    eprintln!("{}: {} error(s):", pipeline.display(), errors.0.len());
-                    for e in &errors.0 {
-                        eprintln!("  {e}");
-                    }
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Some(mut cfg) = load_or_report(&pipeline) else { return ExitCode::FAILURE };
             if let Some(b) = brokers {
                 cfg.kafka.bootstrap_servers = Bootstrap::Servers(b);
             }
@@ -180,13 +175,8 @@ fn main() -> ExitCode {
                 }
             }
             if let Some(path) = config {
-                match load_config(&path) {
-                    Ok(cfg) => list.extend(cfg.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32))),
-                    Err(errors) => {
-                        eprintln!("{}: {errors}", path.display());
-                        return ExitCode::FAILURE;
-                    }
-                }
+                let Some(cfg) = load_or_report(&path) else { return ExitCode::FAILURE };
+                list.extend(cfg.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32)));
             }
             let broker = match tidemark::broker::EmbeddedBroker::start(&list) {
                 Ok(b) => b,

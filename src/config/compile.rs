@@ -37,6 +37,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
     check_unique(diag, "source", raw.sources.iter().map(|s| s.name.as_ref()));
     check_unique(diag, "query", raw.queries.iter().map(|q| q.name.as_ref()));
     check_unique(diag, "sink", raw.sinks.iter().map(|s| s.name.as_ref()));
+    check_one_source_per_topic(diag, &raw.sources);
     let source_names = Names::new(raw.sources.iter().map(|s| s.name.as_ref()));
     let sink_names = Names::new(raw.sinks.iter().map(|s| s.name.as_ref()));
 
@@ -143,6 +144,29 @@ fn check_unique<'a>(diag: &Diagnostics, kind: &str, names: impl Iterator<Item = 
     }
 }
 
+/// Partitions are assigned per topic: a topic read by two sources would be read by neither
+/// correctly. Several queries can share one source instead.
+fn check_one_source_per_topic(diag: &Diagnostics, sources: &[RawSource]) {
+    let mut first_use: HashMap<&str, &RawSource> = HashMap::new();
+    for s in sources {
+        let Some(topic) = s.topic.as_ref() else { continue };
+        match first_use.get(topic.value.as_str()) {
+            Some(first) => diag.report(
+                topic.path.clone(),
+                topic.line,
+                format!(
+                    "topic \"{}\" is already read by source \"{}\"; read each topic with one source and point several queries at it",
+                    topic.value,
+                    display_name(first.name.as_ref())
+                ),
+            ),
+            None => {
+                first_use.insert(&topic.value, s);
+            }
+        }
+    }
+}
+
 fn display_name(name: Option<&At<String>>) -> String {
     name.map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone())
 }
@@ -166,7 +190,7 @@ fn compile_source(s: RawSource, sinks: &Names, query_sinks: &HashMap<usize, Stri
     }
     SourceConfig {
         name: s.name.map(|n| n.value).unwrap_or_default(),
-        topic: s.topic.unwrap_or_default(),
+        topic: s.topic.map(|t| t.value).unwrap_or_default(),
         partitions: s.partitions,
         format: s.format,
         schema: s.schema.unwrap_or_default(),

@@ -83,7 +83,7 @@ pub(crate) struct RawKafka {
 #[derive(Debug)]
 pub(crate) struct RawSource {
     pub name: Option<At<String>>,
-    pub topic: Option<String>,
+    pub topic: Option<At<String>>,
     pub partitions: u32,
     pub format: Format,
     /// `None` when missing or unreadable; fields that failed to read are left out.
@@ -277,7 +277,7 @@ fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
 
 fn read_source(mut f: Fields<'_, '_>) -> RawSource {
     let name = f.require("name", Fields::take_str);
-    let topic = f.require("topic", Fields::take_str).map(|s| s.value);
+    let topic = f.require("topic", Fields::take_str);
     let partitions = f.take_int("partitions", 1, u64::from(u32::MAX)).map_or(DEFAULT_PARTITIONS, |n| n.value as u32);
     let format = value_or(f.take_choice("format", &[("json", Format::Json)]), Format::Json);
     let schema = f.require("schema", read_schema);

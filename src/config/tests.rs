@@ -700,3 +700,13 @@ fn min_and_max_accept_timestamps_but_sum_does_not() {
         "{errs}"
     );
 }
+
+#[test]
+fn a_topic_is_read_by_one_source() {
+    let base = include_str!("../../tests/data/minimal.toml");
+    let second = "\n[[sources]]\nname = \"again\"\ntopic = \"events\"\nevent_time = { field = \"ts\" }\nschema = { ts = \"timestamp\" }\n";
+    let errs = parse_config(&format!("{base}{second}")).unwrap_err();
+    let e = errs.0.iter().find(|e| e.path == "sources[1].topic").unwrap_or_else(|| panic!("{errs}"));
+    assert!(e.message.contains("topic \"events\" is already read by source \"events\""), "{}", e.message);
+    assert_eq!(e.line, Some(base.lines().count() + 4));
+}
