@@ -149,3 +149,22 @@ fn latest_start_is_stored_so_a_restart_skips_nothing() {
     wait_for("the events produced while down", Duration::from_secs(30), || running.stats().events_in >= 300);
     assert_eq!(running.stop().unwrap().stats.events_in, 300);
 }
+
+/// The same result with no mesh at all (1 shard) and with more shards than cores and an
+/// uneven partition split (3 shards over 4 partitions, on this 2-core machine).
+#[test]
+fn one_and_three_shards_give_the_oracle_too() {
+    for shards in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+        let events = plan(50 + shards as u64, 0, 3000, 0.0, 0.03);
+        produce(broker.bootstrap_servers(), &events);
+        init_logs();
+        let cfg = parse_config(&pipeline_toml(&format!("shards{shards}"), broker.bootstrap_servers(), dir.path(), shards)).unwrap();
+        let running = tidemark::daemon::start(cfg, Arc::new(AtomicBool::new(false))).unwrap();
+        assert_eq!(running.shards(), shards);
+        wait_for_oracle(dir.path(), &events);
+        running.stop().unwrap();
+        assert_matches_oracle(dir.path(), &events);
+    }
+}
