@@ -219,7 +219,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     for (from, row) in outbound.iter_mut().enumerate() {
         for (to, slot) in row.iter_mut().enumerate() {
             if from != to {
-                let (tx, rx) = flume::bounded(16);
+                let (tx, rx) = flume::bounded(config.pipeline.exchange_capacity);
                 *slot = Some(tx);
                 inbound[to].push((from, rx));
             }

@@ -34,8 +34,6 @@ use crate::value::{shard_for_key, EventTime, Num};
 use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
 use crate::window::{ClosedWindow, OperatorChanges, WindowOperator};
 
-/// Records per exchange batch.
-const BATCH_RECORDS: usize = 1024;
 /// Messages polled per round before other duties get a turn.
 const POLL_ROUND: usize = 4096;
 /// Exchange batches queued locally per peer (beyond the channel) before sources pause.
@@ -333,6 +331,9 @@ impl Shard {
                 }
                 let backlogged = self.queues.iter().any(|q| q.len() > MAX_LOCAL_QUEUE);
                 if backlogged {
+                    if self.blocked_since.is_none() {
+                        ShardStats::add(&self.ctx.stats.shards[self.ctx.id].backpressure_pauses, 1);
+                    }
                     self.blocked_since.get_or_insert_with(Instant::now);
                 } else {
                     self.unblock();
@@ -537,7 +538,7 @@ impl Shard {
             } else {
                 let b = &mut self.building[dest];
                 b.push(q, &self.key_buf, t, &self.input_buf);
-                if b.recs.len() >= BATCH_RECORDS {
+                if b.recs.len() >= self.ctx.config.pipeline.exchange_batch {
                     self.seal_batch(dest);
                 }
             }

@@ -15,6 +15,8 @@ pub struct ShardStats {
     pub dead_letters_dropped: AtomicU64,
     pub gaps_skipped: AtomicU64,
     pub offsets_skipped: AtomicU64,
+    /// Times this shard stopped reading its sources because a peer's channel was full.
+    pub backpressure_pauses: AtomicU64,
     pub open_windows: AtomicU64,
     pub open_keys: AtomicU64,
 }
@@ -50,6 +52,7 @@ pub struct StatsSnapshot {
     pub dead_letters: u64,
     pub dead_letters_by_reason: Vec<(DeadLetterReason, u64)>,
     pub gaps_skipped: u64,
+    pub backpressure_pauses: u64,
     pub open_keys: u64,
     pub committed_epoch: u64,
     pub watermark: Option<i64>,
@@ -83,6 +86,7 @@ impl PipelineStats {
             dead_letters: by_reason.iter().map(|(_, n)| n).sum(),
             dead_letters_by_reason: by_reason,
             gaps_skipped: sum(&|s| &s.gaps_skipped),
+            backpressure_pauses: sum(&|s| &s.backpressure_pauses),
             open_keys: sum(&|s| &s.open_keys),
             committed_epoch: self.committed_epoch.load(Relaxed),
             watermark: (wm != UNKNOWN).then_some(wm),

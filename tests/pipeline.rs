@@ -168,3 +168,22 @@ fn one_and_three_shards_give_the_oracle_too() {
         assert_matches_oracle(dir.path(), &events);
     }
 }
+
+/// Tiny batches and one-batch channels: shards constantly find their peer's channel full and
+/// must pause their sources. Nothing may be dropped or duplicated.
+#[test]
+fn backpressure_pauses_sources_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    let events = plan(61, 0, 8000, 0.0, 0.02);
+    produce(broker.bootstrap_servers(), &events);
+    init_logs();
+    let toml =
+        pipeline_toml("pressure", broker.bootstrap_servers(), dir.path(), 2).replace("shards = 2", "shards = 2\nexchange_batch = 4\nexchange_capacity = 1");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for_oracle(dir.path(), &events);
+    let stats = running.stop().unwrap().stats;
+    assert!(stats.backpressure_pauses > 0, "the test must actually fill the channels");
+    assert_eq!(stats.events_in, events.len() as u64);
+    assert_matches_oracle(dir.path(), &events);
+}

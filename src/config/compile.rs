@@ -26,6 +26,8 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         commit_interval: raw.pipeline.commit_interval,
         shards: raw.pipeline.shards,
         progress_interval: raw.pipeline.progress_interval,
+        exchange_batch: raw.pipeline.exchange_batch,
+        exchange_capacity: raw.pipeline.exchange_capacity,
         name: name.clone(),
     };
     let kafka = KafkaConfig {

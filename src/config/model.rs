@@ -40,6 +40,11 @@ pub struct PipelineConfig {
     pub shards: usize,
     /// How often progress is logged. Default 5s.
     pub progress_interval: Duration,
+    /// Records per batch sent between shards. Default 1024.
+    pub exchange_batch: usize,
+    /// Batches a channel between two shards holds; when full, the sender stops reading its
+    /// sources until it drains (backpressure). Default 16.
+    pub exchange_capacity: usize,
 }
 
 /// `[kafka]`

@@ -46,6 +46,10 @@ const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 // Defaults for keys that may be left out.
 const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Records per batch sent between shards.
+const DEFAULT_EXCHANGE_BATCH: usize = 1024;
+/// Batches a channel between two shards holds before the sender pauses its sources.
+const DEFAULT_EXCHANGE_CAPACITY: usize = 16;
 const DEFAULT_PARTITIONS: u32 = 4;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_RATE: u64 = 1000;
@@ -71,6 +75,8 @@ pub(crate) struct RawPipeline {
     pub commit_interval: Duration,
     pub shards: usize,
     pub progress_interval: Duration,
+    pub exchange_batch: usize,
+    pub exchange_capacity: usize,
 }
 
 #[derive(Debug)]
@@ -149,6 +155,8 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         commit_interval: DEFAULT_COMMIT_INTERVAL,
         shards: 0,
         progress_interval: DEFAULT_PROGRESS_INTERVAL,
+        exchange_batch: DEFAULT_EXCHANGE_BATCH,
+        exchange_capacity: DEFAULT_EXCHANGE_CAPACITY,
     });
     let kafka = root.take_table_or_empty("kafka").map(read_kafka).unwrap_or(RawKafka {
         bootstrap_servers: Bootstrap::Embedded,
@@ -227,6 +235,8 @@ fn read_pipeline(mut f: Fields<'_, '_>) -> RawPipeline {
             Some(d.value)
         }
     });
+    let exchange_batch = f.take_int("exchange_batch", 1, 65_536).map(|n| n.value as usize);
+    let exchange_capacity = f.take_int("exchange_capacity", 1, 4_096).map(|n| n.value as usize);
     f.finish();
     RawPipeline {
         name,
@@ -234,6 +244,8 @@ fn read_pipeline(mut f: Fields<'_, '_>) -> RawPipeline {
         commit_interval: commit_interval.unwrap_or(DEFAULT_COMMIT_INTERVAL),
         shards: shards.unwrap_or(0),
         progress_interval: progress_interval.unwrap_or(DEFAULT_PROGRESS_INTERVAL),
+        exchange_batch: exchange_batch.unwrap_or(DEFAULT_EXCHANGE_BATCH),
+        exchange_capacity: exchange_capacity.unwrap_or(DEFAULT_EXCHANGE_CAPACITY),
     }
 }
 

@@ -129,6 +129,8 @@ fn full_config_parses_into_expected_values() {
             commit_interval: Duration::from_millis(500),
             shards: 2,
             progress_interval: Duration::from_secs(90),
+            exchange_batch: 1024,
+            exchange_capacity: 16,
         }
     );
     assert_eq!(
@@ -259,6 +261,8 @@ fn defaults_are_applied() {
             commit_interval: Duration::from_secs(1),
             shards: 0,
             progress_interval: Duration::from_secs(5),
+            exchange_batch: 1024,
+            exchange_capacity: 16,
         }
     );
     assert_eq!(
@@ -439,7 +443,7 @@ fn reports_every_mistake_with_path_and_line() {
     expect(
         "pipeline.colour",
         Some(4),
-        "unknown key \"colour\" in pipeline; allowed keys: name, state_dir, commit_interval, shards, progress_interval",
+        "unknown key \"colour\" in pipeline; allowed keys: name, state_dir, commit_interval, shards, progress_interval, exchange_batch, exchange_capacity",
     );
     expect("kafka.options.\"linger.ms\"", Some(7), "found float");
 
