@@ -122,7 +122,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!(
-                "{}: valid ({} sources, {} queries, {} sinks)",
+                "{}: valid (sources: {}, queries: {}, sinks: {})",
                 pipeline.display(),
                 cfg.sources.len(),
                 cfg.queries.len(),
