@@ -52,6 +52,9 @@ pub struct Committer {
     plans: Vec<SinkPlan>,
     sinks: Vec<DeltaTableSink>,
     stats: Arc<PipelineStats>,
+    /// Mirrors committed positions into the Kafka consumer group, for lag monitoring with
+    /// standard tools. Never read back: the positions in the state store are the truth.
+    group: Option<rdkafka::consumer::BaseConsumer>,
 }
 
 impl Committer {
@@ -64,7 +67,37 @@ impl Committer {
                 .map_err(|source| CommitError::Sink { sink: p.name.clone(), source })?;
             sinks.push(sink);
         }
-        Ok(Committer { store, plans, sinks, stats })
+        Ok(Committer {
+            store,
+            plans,
+            sinks,
+            stats,
+            group: None,
+        })
+    }
+
+    /// Also commit each epoch's source positions to this consumer's group (best effort).
+    pub fn with_group_offsets(mut self, consumer: rdkafka::consumer::BaseConsumer) -> Self {
+        self.group = Some(consumer);
+        self
+    }
+
+    fn commit_group_offsets(&self, positions: &[&crate::state::PartitionPosition]) {
+        use rdkafka::consumer::{CommitMode, Consumer};
+        let Some(consumer) = &self.group else { return };
+        let list: Vec<_> = positions
+            .iter()
+            .map(|p| (p.topic.clone(), p.partition, rdkafka::Offset::Offset(p.next_offset)))
+            .collect();
+        if list.is_empty() {
+            return;
+        }
+        match crate::source::assignment_list(&list).and_then(|tpl| consumer.commit(&tpl, CommitMode::Async)) {
+            Ok(()) => {}
+            Err(e) => tracing::debug!(error = %e, "could not mirror offsets to the consumer group (lag monitoring only)"),
+        }
+        // Serve the commit results so they do not pile up in the client's queue.
+        while consumer.poll(std::time::Duration::ZERO).is_some() {}
     }
 
     /// Delivers output of flushed epochs that did not reach (or were not confirmed by) a sink,
@@ -164,6 +197,7 @@ impl Committer {
                 self.deliver(idx, epoch, rows).await?;
             }
         }
+        self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.iter()).collect::<Vec<_>>());
         self.stats.watermark.store(watermark, Relaxed);
         self.stats.committed_epoch.store(epoch, Relaxed);
         tracing::debug!(epoch, elapsed_ms = started.elapsed().as_millis() as u64, "epoch committed");

@@ -170,6 +170,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let committer = {
         let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
         let flushed_epoch = recovered.epoch;
+        let group_client = crate::source::consumer_config(&config, &bootstrap).create::<rdkafka::consumer::BaseConsumer>();
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
@@ -183,6 +184,10 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                 rt.block_on(async move {
                     let opened = async {
                         let mut c = Committer::open(store, plans, stats).await?;
+                        match group_client {
+                            Ok(consumer) => c = c.with_group_offsets(consumer),
+                            Err(e) => tracing::warn!(error = %e, "no consumer-group offset mirroring (lag monitoring only)"),
+                        }
                         c.recover(flushed_epoch).await?;
                         Ok::<_, CommitError>(c)
                     }

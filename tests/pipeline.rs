@@ -85,6 +85,20 @@ fn graceful_restart_continues_without_duplicates() {
     assert_eq!(second.stats.events_in, 3000);
     assert_matches_oracle(dir.path(), &events);
 
+    // The positions are mirrored into the consumer group (for lag monitoring with Kafka tools).
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("group.id", "restart")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    (0..PARTITIONS).for_each(|p| tpl.add_partition(TOPIC, p).set_offset(rdkafka::Offset::Invalid).unwrap());
+    let committed = group.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let total: i64 = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0)).sum();
+    assert_eq!(total, events.len() as i64, "group offsets cover every event: {committed:?}");
+    drop(group);
+
     // Losing the state while keeping the tables would make new epochs look like duplicates:
     // refused at start, with the way out in the message.
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
