@@ -284,3 +284,17 @@ fn generate_produces_into_a_standalone_broker() {
     sigterm(&broker);
     assert!(wait_exit(&mut broker, Duration::from_secs(10)).success());
 }
+
+#[test]
+fn an_unreachable_broker_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(&config, pipeline_toml("down", "127.0.0.1:1", dir.path(), 1)).unwrap();
+    let out = Command::new(BIN).arg("run").arg(&config).env("RUST_LOG", "off").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach Kafka at 127.0.0.1:1") && err.contains("is the broker running"),
+        "{err}"
+    );
+}

@@ -43,6 +43,10 @@ pub fn assign_partitions(partition_counts: &[i32], shards: usize) -> Vec<Vec<Sou
 pub enum SourceError {
     #[error("cannot create a Kafka client for {bootstrap}: {source} (check [kafka] options)")]
     Client { bootstrap: String, source: rdkafka::error::KafkaError },
+    #[error(
+        "cannot reach Kafka at {bootstrap} ({detail}); is the broker running, and is the address right? (set [kafka] bootstrap_servers, or pass --brokers)"
+    )]
+    Unreachable { bootstrap: String, detail: String },
     #[error("topic \"{topic}\" was not found on {bootstrap} ({detail}); create it, or fix [[sources]].topic")]
     TopicMissing { topic: String, bootstrap: String, detail: String },
     #[error("data loss on {topic}[{partition}]: offsets {from}..{to} were deleted by the broker before tidemark read them (retention outran the pipeline). Stopping so nothing is silently skipped; to continue past the gap set on_gap = \"skip\" on the source")]
@@ -88,7 +92,15 @@ pub fn fetch_partition_counts(config: &Config, bootstrap: &str, timeout: Duratio
             bootstrap: bootstrap.into(),
             detail,
         };
-        let md = consumer.fetch_metadata(Some(&s.topic), timeout).map_err(|e| missing(e.to_string()))?;
+        let md = consumer.fetch_metadata(Some(&s.topic), timeout).map_err(|e| match e {
+            rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition | rdkafka::error::RDKafkaErrorCode::UnknownTopic,
+            ) => missing(e.to_string()),
+            other => SourceError::Unreachable {
+                bootstrap: bootstrap.into(),
+                detail: other.to_string(),
+            },
+        })?;
         let topic = md
             .topics()
             .iter()
