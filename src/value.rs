@@ -15,10 +15,24 @@ pub enum Value {
     Null,
     Str(String),
     Int(i64),
-    Float(f64),
+    /// Stored by its bits: JSON (the pending-output encoding) has no inf or NaN, and a float
+    /// sum can overflow to inf. Unreadable pending output would block recovery.
+    Float(#[serde(with = "f64_bits")] f64),
     Bool(bool),
     /// Microseconds since the Unix epoch, UTC.
     Time(i64),
+}
+
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(v.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        u64::deserialize(d).map(f64::from_bits)
+    }
 }
 
 /// A numeric aggregate input. `Copy` and 16 bytes, so records carry inputs without allocating.
@@ -146,6 +160,16 @@ mod tests {
             encode_key_value(&mut kb, &b);
             prop_assert_eq!(ka == kb, a == b);
         }
+    }
+
+    #[test]
+    fn every_float_survives_the_pending_encoding() {
+        for f in [0.1, -0.0, f64::INFINITY, f64::NEG_INFINITY, f64::MAX, f64::MIN_POSITIVE] {
+            let json = serde_json::to_string(&Value::Float(f)).unwrap();
+            assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), Value::Float(f), "{json}");
+        }
+        let nan = serde_json::to_string(&Value::Float(f64::NAN)).unwrap();
+        assert!(matches!(serde_json::from_str::<Value>(&nan).unwrap(), Value::Float(x) if x.is_nan()));
     }
 
     #[test]
