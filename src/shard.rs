@@ -185,6 +185,27 @@ struct Shard {
     dropped_warned_at: Option<Instant>,
 }
 
+/// The next offset an assignment starts at, when it is a concrete one (not Beginning/End).
+fn known_offset(offset: rdkafka::Offset) -> Option<i64> {
+    match offset {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// A gap skipped because the source allows it: logged as data loss and counted.
+fn record_skipped_gap(stats: &ShardStats, topic: &str, partition: i32, from: i64, to: i64) {
+    tracing::error!(
+        topic,
+        partition,
+        from,
+        to,
+        "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\""
+    );
+    ShardStats::add(&stats.gaps_skipped, 1);
+    ShardStats::add(&stats.offsets_skipped, (to - from) as u64);
+}
+
 /// Runs one shard to completion (graceful stop) or error. Called on the shard's glommio executor.
 pub async fn run_shard(ctx: ShardContext) -> Result<(), ShardError> {
     let mut shard = Shard::open(ctx)?;
@@ -250,10 +271,7 @@ impl Shard {
                     src.on_gap,
                 )?;
                 if let Some((from, to)) = skipped {
-                    tracing::error!(topic = %src.topic, partition = sp.partition, from, to, "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\"");
-                    let s = &ctx.stats.shards[ctx.id];
-                    ShardStats::add(&s.gaps_skipped, 1);
-                    ShardStats::add(&s.offsets_skipped, (to - from) as u64);
+                    record_skipped_gap(&ctx.stats.shards[ctx.id], &src.topic, sp.partition, from, to);
                 }
                 let t = topics.iter_mut().find(|t| t.1 == sp.source).unwrap();
                 if t.2.len() <= sp.partition as usize {
@@ -264,10 +282,7 @@ impl Shard {
                     source: sp.source,
                     partition: sp.partition,
                     topic: topic.clone(),
-                    next_offset: match offset {
-                        rdkafka::Offset::Offset(o) => Some(o),
-                        _ => None,
-                    },
+                    next_offset: known_offset(offset),
                     clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, stored.and_then(|p| p.max_event_time), now),
                 });
                 assignment.push((src.topic.clone(), sp.partition, offset));
@@ -586,13 +601,8 @@ impl Shard {
             let (offset, skipped) = resolve_start(consumer, &src.topic, part.partition, Some(next), src.starting_offsets, src.on_gap)?;
             if let Some((from, to)) = skipped {
                 debug_assert_eq!(src.on_gap, GapPolicy::Skip);
-                tracing::error!(topic = %src.topic, partition = part.partition, from, to, "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\"");
-                let s = &self.ctx.stats.shards[self.ctx.id];
-                ShardStats::add(&s.gaps_skipped, 1);
-                ShardStats::add(&s.offsets_skipped, (to - from) as u64);
-                if let rdkafka::Offset::Offset(o) = offset {
-                    self.parts[pi].next_offset = Some(o);
-                }
+                record_skipped_gap(&self.ctx.stats.shards[self.ctx.id], &src.topic, part.partition, from, to);
+                self.parts[pi].next_offset = known_offset(offset).or(self.parts[pi].next_offset);
                 reassign = true;
             }
         }
