@@ -19,7 +19,8 @@ use std::time::Instant;
 use flume::Receiver;
 
 use crate::shard::EpochReport;
-use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink};
+use crate::config::OutputMode;
+use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions};
 use crate::sink::{to_record_batch, SinkPlan, SinkRows};
 use crate::state::{EpochWrite, StateError, StateStore};
 use crate::telemetry::PipelineStats;
@@ -55,6 +56,20 @@ pub struct Committer {
     /// Mirrors committed positions into the Kafka consumer group, for lag monitoring with
     /// standard tools. Never read back: the positions in the state store are the truth.
     group: Option<rdkafka::consumer::BaseConsumer>,
+    /// Per sink: commits since the last compaction.
+    since_compaction: Vec<u64>,
+    /// Per complete-mode sink: hash of the result last written, so an unchanged result is
+    /// not rewritten every epoch.
+    last_complete: Vec<Option<u64>>,
+}
+
+/// The table options a sink's config asks for.
+pub fn table_options(plan: &SinkPlan) -> TableOptions {
+    TableOptions {
+        partition_by: plan.config.partition_by.clone(),
+        target_file_size_bytes: plan.config.target_file_size_bytes,
+        checkpoint_interval: plan.config.checkpoint_interval,
+    }
 }
 
 impl Committer {
@@ -62,12 +77,14 @@ impl Committer {
     pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>) -> Result<Self, CommitError> {
         let mut sinks = Vec::new();
         for p in &plans {
-            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone())
+            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone(), &table_options(p))
                 .await
                 .map_err(|source| CommitError::Sink { sink: p.name.clone(), source })?;
             sinks.push(sink);
         }
         Ok(Committer {
+            since_compaction: vec![0; plans.len()],
+            last_complete: vec![None; plans.len()],
             store,
             plans,
             sinks,
@@ -136,23 +153,63 @@ impl Committer {
 
     async fn deliver(&mut self, idx: usize, epoch: u64, rows: &SinkRows) -> Result<AppendOutcome, CommitError> {
         let plan = &self.plans[idx];
-        let batch = to_record_batch(plan, rows).map_err(|message| CommitError::Rows {
+        let sink_err = |source| CommitError::Sink {
             sink: plan.name.clone(),
-            message,
-        })?;
-        let outcome = self.sinks[idx]
-            .append_epoch(&plan.app_id, epoch, vec![batch])
-            .await
-            .map_err(|source| CommitError::Sink {
+            source,
+        };
+        let batch = |rows: &SinkRows| {
+            to_record_batch(plan, rows).map_err(|message| CommitError::Rows {
                 sink: plan.name.clone(),
-                source,
-            })?;
+                message,
+            })
+        };
+        let sink = &mut self.sinks[idx];
+        let outcome = match (plan.mode(), rows) {
+            (OutputMode::Update, SinkRows::Windows(all)) => {
+                let (retracts, upserts): (Vec<_>, Vec<_>) = all.iter().cloned().partition(|r| r.retract);
+                let keys = match &plan.role {
+                    crate::sink::SinkRole::Windows { merge_keys, .. } => merge_keys.clone(),
+                    crate::sink::SinkRole::DeadLetters => Vec::new(),
+                };
+                let upserts = batch(&SinkRows::Windows(upserts))?;
+                let deletes = batch(&SinkRows::Windows(retracts))?;
+                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes]).await.map_err(sink_err)?
+            }
+            (OutputMode::Complete, _) => sink.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
+            _ => sink.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
+        };
         if let AppendOutcome::Committed { .. } = outcome {
             self.stats.rows_written.fetch_add(rows.len() as u64, Relaxed);
             self.stats.delta_commits.fetch_add(1, Relaxed);
+            self.since_compaction[idx] += 1;
         }
         self.store.clear_pending(epoch, &plan.name)?;
+        self.maintain(idx).await;
         Ok(outcome)
+    }
+
+    /// Compaction (and vacuum after it) every `compact_every` commits of a sink. Table
+    /// maintenance never fails the pipeline: the data is committed already; a failure is logged
+    /// and retried at the next interval.
+    async fn maintain(&mut self, idx: usize) {
+        let config = &self.plans[idx].config;
+        if config.compact_every == 0 || self.since_compaction[idx] < config.compact_every {
+            return;
+        }
+        self.since_compaction[idx] = 0;
+        let sink = &mut self.sinks[idx];
+        match sink.compact(config.compact_min_files).await {
+            Ok(Some(report)) => tracing::info!(sink = %config.name, ?report, "compacted small files"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(sink = %config.name, error = %e, "compaction failed; the table is unchanged and compaction is retried later"),
+        }
+        if let Some(retention) = config.vacuum_retention {
+            match sink.vacuum(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sink = %config.name, files = n, "vacuumed unreferenced data files"),
+                Err(e) => tracing::warn!(sink = %config.name, error = %e, "vacuum failed; retried after the next compaction"),
+            }
+        }
     }
 
     /// Flushes and commits one complete epoch (a report from every shard).
@@ -166,6 +223,21 @@ impl Committer {
                     (Some(rows), Some(acc)) => acc.append(rows),
                     (Some(rows), slot) => *slot = Some(rows),
                     (None, _) => {}
+                }
+            }
+        }
+        // A complete result identical to the one last written is not rewritten.
+        for (idx, rows) in outputs.iter_mut().enumerate() {
+            if self.plans[idx].mode() != OutputMode::Complete {
+                continue;
+            }
+            if let Some(SinkRows::Windows(r)) = rows.as_mut() {
+                r.sort_by(|a, b| (a.window_start, &a.key).cmp(&(b.window_start, &b.key)));
+                let hash = serde_json::to_vec(&*r).map(|b| xxhash_rust::xxh3::xxh3_64(&b)).ok();
+                if hash.is_some() && hash == self.last_complete[idx] {
+                    *rows = None;
+                } else {
+                    self.last_complete[idx] = hash;
                 }
             }
         }
@@ -188,6 +260,7 @@ impl Committer {
                 .flat_map(|r| r.changes.iter().enumerate().map(move |(q, c)| (r.shard, q, c)))
                 .collect(),
             positions: reports.iter().flat_map(|r| r.positions.iter()).collect(),
+            file_positions: reports.iter().flat_map(|r| r.file_positions.iter().map(|(s, p)| (s.as_str(), p.clone()))).collect(),
             pending,
         };
         self.store.write_epoch(&write)?;

@@ -114,9 +114,17 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let kafka_sources = config.sources.iter().any(|s| s.files.is_none());
     let (broker, bootstrap) = match &config.kafka.bootstrap_servers {
+        // Only file sources: no broker to start (the generator needs a Kafka source anyway).
+        Bootstrap::Embedded if !kafka_sources => (None, String::new()),
         Bootstrap::Embedded => {
-            let topics: Vec<(String, i32)> = config.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32)).collect();
+            let topics: Vec<(String, i32)> = config
+                .sources
+                .iter()
+                .filter(|s| s.files.is_none())
+                .map(|s| (s.topic.clone(), s.partitions as i32))
+                .collect();
             let b = EmbeddedBroker::start(&topics)?;
             let addr = b.bootstrap_servers().to_string();
             tracing::info!(address = %addr, "embedded Kafka-protocol broker listening (any Kafka client can produce to it, e.g. kcat -P -b {addr} -t <topic>)");
@@ -126,6 +134,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     };
     let counts = fetch_partition_counts(&config, &bootstrap, Duration::from_secs(15))?;
     let assignment = assign_partitions(&counts, shards);
+    let file_assignment = crate::source::assign_file_sources(&config, shards);
     let plans = plan_sinks(&config)?;
     let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
     let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &query_names)?);
@@ -170,7 +179,11 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let committer = {
         let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
         let flushed_epoch = recovered.epoch;
-        let group_client = crate::source::consumer_config(&config, &bootstrap).create::<rdkafka::consumer::BaseConsumer>();
+        let group_client = if kafka_sources {
+            crate::source::consumer_config(&config, &bootstrap).create::<rdkafka::consumer::BaseConsumer>().map(Some)
+        } else {
+            Ok(None)
+        };
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
@@ -185,7 +198,8 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                     let opened = async {
                         let mut c = Committer::open(store, plans, stats).await?;
                         match group_client {
-                            Ok(consumer) => c = c.with_group_offsets(consumer),
+                            Ok(Some(consumer)) => c = c.with_group_offsets(consumer),
+                            Ok(None) => {}
                             Err(e) => tracing::warn!(error = %e, "no consumer-group offset mirroring (lag monitoring only)"),
                         }
                         c.recover(flushed_epoch).await?;
@@ -244,6 +258,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             store: store.clone(),
             recovered: recovered.clone(),
             partitions: assignment[id].clone(),
+            file_sources: file_assignment[id].clone(),
             query_sink: query_sink.clone(),
             source_dlq: source_dlq.clone(),
             sink_count,

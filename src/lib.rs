@@ -5,25 +5,29 @@
 //!
 //! - [`config`]    parse the TOML pipeline strictly, compile and check it (all errors at once)
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
-//! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the click
-//!   generator and producer
+//! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
+//!   source; the click generator and producer
 //! - [`decode`]    bytes → typed row; bad records become dead letters
+//! - [`expr`]      SQL expressions (`where`, aggregate filters, derived columns): parse, type-check, evaluate
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)
 //! - [`watermark`] per-partition clocks, min-combining, idleness
 //! - [`value`]     typed values and the group-key encoding that routes a row to its shard
 //! - [`shard`]     one core's event loop: sources → routing → window operators → epoch barriers
-//! - [`window`]    tumbling window assignment, aggregates, the keyed window operator
+//! - [`window`]    window assignment (tumbling, sliding panes, sessions, global), keyed operators
+//! - [`agg`]       mergeable accumulators: exact aggregates, HyperLogLog, percentile sketch
 //! - [`state`]     RocksDB column families, key encoding, one atomic write batch per epoch
 //! - [`commit`]    the committer: flush the epoch, Delta commits tagged txn(appId, epoch), recovery
 //! - [`sink`]      sink plans, Arrow conversion, the Delta table writer
 //! - [`telemetry`] per-shard counters, progress, logging set-up
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
 
+pub mod agg;
 pub mod broker;
 pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod expr;
 pub mod shard;
 pub mod sink;
 pub mod source;

@@ -26,13 +26,15 @@ use rdkafka::message::Message;
 use crate::config::{Config, GapPolicy};
 use crate::decode::{DeadLetterReason, SourceDecoder};
 use crate::sink::{DeadLetter, SinkRows};
+use crate::source::files::{FilePosition, FileSource, FileSourceOptions};
 use crate::source::{assignment_list, consumer_config, resolve_start, SourceError, SourcePartition};
 use crate::state::{PartitionPosition, Recovered, StateError, StateStore};
 use crate::telemetry::{reason_index, ShardStats};
 use crate::time::format_micros;
-use crate::value::{shard_for_key, EventTime, Num};
+use crate::expr::Expr;
+use crate::value::{shard_for_key, EventTime};
 use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
-use crate::window::{ClosedWindow, OperatorChanges, WindowOperator};
+use crate::window::{input_kind, InSlot, InputKind, OperatorChanges, OutputRow, WindowOperator};
 
 /// Messages polled per round before other duties get a turn.
 const POLL_ROUND: usize = 4096;
@@ -59,7 +61,9 @@ pub enum Control {
 pub struct ExchangeBatch {
     recs: Vec<Rec>,
     keys: Vec<u8>,
-    inputs: Vec<Num>,
+    inputs: Vec<InSlot>,
+    /// Byte-string inputs (distinct counts, first/last), referenced by `InSlot::Bytes`.
+    blob: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,9 +75,17 @@ struct Rec {
 }
 
 impl ExchangeBatch {
-    fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[Num]) {
+    fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[InSlot], blob: &[u8]) {
         self.keys.extend_from_slice(key);
-        self.inputs.extend_from_slice(inputs);
+        let base = self.blob.len() as u32;
+        self.blob.extend_from_slice(blob);
+        self.inputs.extend(inputs.iter().map(|i| match *i {
+            InSlot::Bytes { start, end } => InSlot::Bytes {
+                start: start + base,
+                end: end + base,
+            },
+            other => other,
+        }));
         self.recs.push(Rec {
             query: query as u16,
             key_end: self.keys.len() as u32,
@@ -86,7 +98,7 @@ impl ExchangeBatch {
         let (mut k0, mut i0) = (0usize, 0usize);
         for r in &self.recs {
             let (k1, i1) = (r.key_end as usize, r.inputs_end as usize);
-            ops[r.query as usize].update(r.event_time, &self.keys[k0..k1], &self.inputs[i0..i1]);
+            ops[r.query as usize].update(r.event_time, &self.keys[k0..k1], &self.inputs[i0..i1], &self.blob);
             (k0, i0) = (k1, i1);
         }
     }
@@ -102,6 +114,8 @@ pub struct EpochReport {
     /// Per query.
     pub changes: Vec<OperatorChanges>,
     pub positions: Vec<PartitionPosition>,
+    /// (file-source name, encoded position) of the file sources this shard reads.
+    pub file_positions: Vec<(String, Vec<u8>)>,
     /// Per sink plan index: rows of this epoch.
     pub outputs: Vec<Option<SinkRows>>,
     pub last: bool,
@@ -128,6 +142,8 @@ pub struct ShardContext {
     pub store: Arc<StateStore>,
     pub recovered: Arc<Recovered>,
     pub partitions: Vec<SourcePartition>,
+    /// Indexes of the file sources this shard reads.
+    pub file_sources: Vec<usize>,
     /// Sink plan index fed by each query.
     pub query_sink: Vec<usize>,
     /// Dead-letter sink plan index of each source, if any.
@@ -143,6 +159,21 @@ pub struct ShardContext {
     pub abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A file source read by this shard.
+struct OwnedFiles {
+    source: usize,
+    /// `None` only while it is being polled.
+    reader: Option<FileSource>,
+    clock: PartitionClock,
+}
+
+/// Where a record came from: index into `parts` or into `files`.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Partition(usize),
+    File(usize),
+}
+
 struct OwnedPartition {
     source: usize,
     partition: i32,
@@ -154,8 +185,17 @@ struct OwnedPartition {
 /// Which queries read a source, and the fields each needs.
 struct Projection {
     query: usize,
+    /// The query's `where`.
+    filter: Option<Expr>,
     key_fields: Vec<usize>,
-    inputs: Vec<Option<usize>>,
+    inputs: Vec<AggInput>,
+}
+
+/// How one aggregate's input is read from an event.
+struct AggInput {
+    kind: InputKind,
+    field: Option<usize>,
+    filter: Option<Expr>,
 }
 
 struct Alignment {
@@ -169,6 +209,7 @@ struct Shard {
     ctx: ShardContext,
     consumer: Option<BaseConsumer>,
     parts: Vec<OwnedPartition>,
+    files: Vec<OwnedFiles>,
     /// (topic, source index, partition → index into `parts`)
     topics: Vec<(Rc<str>, usize, Vec<Option<usize>>)>,
     decoders: Vec<SourceDecoder>,
@@ -181,7 +222,8 @@ struct Shard {
     aligning: Option<Alignment>,
     blocked_since: Option<Instant>,
     key_buf: Vec<u8>,
-    input_buf: Vec<Num>,
+    input_buf: Vec<InSlot>,
+    blob_buf: Vec<u8>,
     dropped_warned_at: Option<Instant>,
 }
 
@@ -222,6 +264,7 @@ impl Shard {
         let mut ops: Vec<WindowOperator> = cfg.queries.iter().map(|q| WindowOperator::new(q, &cfg.sources[q.source_index])).collect();
         for (qi, op) in ops.iter_mut().enumerate() {
             ctx.store.load_windows(ctx.id, qi, op)?;
+            op.resume_at(ctx.recovered.watermark);
         }
         let decoders: Vec<SourceDecoder> = cfg.sources.iter().map(SourceDecoder::new).collect();
         let projections = cfg
@@ -233,10 +276,24 @@ impl Shard {
                     .iter()
                     .enumerate()
                     .filter(|(_, q)| q.source_index == si)
-                    .map(|(qi, q)| Projection {
-                        query: qi,
-                        key_fields: q.group_by.iter().map(|g| decoders[si].field_index(g).expect("compiled config")).collect(),
-                        inputs: q.aggregates.iter().map(|a| a.field_index).collect(),
+                    .map(|(qi, q)| {
+                        let columns: Vec<(&str, crate::config::FieldType)> = cfg.sources[si].schema.iter().map(|f| (f.name.as_str(), f.ty)).collect();
+                        // The config compiler type-checked these against the same columns.
+                        let compile = |text: &String| Expr::compile(text, &columns).unwrap_or_else(|e| panic!("compiled config: {text:?}: {e}"));
+                        Projection {
+                            query: qi,
+                            filter: q.filter.as_ref().map(compile),
+                            key_fields: q.group_by.iter().map(|g| decoders[si].field_index(g).expect("compiled config")).collect(),
+                            inputs: q
+                                .aggregates
+                                .iter()
+                                .map(|a| AggInput {
+                                    kind: input_kind(a),
+                                    field: a.field_index,
+                                    filter: a.filter.as_ref().map(compile),
+                                })
+                                .collect(),
+                        }
                     })
                     .collect()
             })
@@ -297,11 +354,36 @@ impl Shard {
             })?;
             Some(consumer)
         };
-        tracing::info!(shard = ctx.id, partitions = parts.len(), "shard started");
+        let mut files = Vec::new();
+        for &si in &ctx.file_sources {
+            let src = &cfg.sources[si];
+            let fc = src.files.as_ref().expect("assigned file sources have a files config");
+            let stored = ctx.recovered.file_positions.get(&src.name);
+            let position: FilePosition = match stored {
+                Some(bytes) => serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+                    key: format!("files/{}", src.name),
+                    what: format!("unreadable file-source position: {e}"),
+                })?,
+                None => FilePosition::default(),
+            };
+            let mut options = FileSourceOptions::new(fc.path.clone());
+            options.settle = fc.settle;
+            let reader = FileSource::open(options, position).map_err(|e| SourceError::Files {
+                source_name: src.name.clone(),
+                message: e.to_string(),
+            })?;
+            files.push(OwnedFiles {
+                source: si,
+                reader: Some(reader),
+                clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, None, now),
+            });
+        }
+        tracing::info!(shard = ctx.id, partitions = parts.len(), file_sources = files.len(), "shard started");
         let n = ctx.shards;
         Ok(Shard {
             consumer,
             parts,
+            files,
             topics,
             decoders,
             projections,
@@ -314,6 +396,7 @@ impl Shard {
             blocked_since: None,
             key_buf: Vec::with_capacity(256),
             input_buf: Vec::with_capacity(16),
+            blob_buf: Vec::with_capacity(256),
             dropped_warned_at: None,
             ctx,
         })
@@ -374,12 +457,13 @@ impl Shard {
         if let Some(since) = self.blocked_since.take() {
             let blocked = since.elapsed();
             self.parts.iter_mut().for_each(|p| p.clock.excuse(blocked));
+            self.files.iter_mut().for_each(|f| f.clock.excuse(blocked));
         }
     }
 
     fn shard_watermark(&self) -> EventTime {
         let now = Instant::now();
-        combine_min(self.parts.iter().map(|p| p.clock.watermark(now)))
+        combine_min(self.parts.iter().map(|p| p.clock.watermark(now)).chain(self.files.iter().map(|f| f.clock.watermark(now))))
     }
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {
@@ -464,10 +548,12 @@ impl Shard {
     }
 
     fn poll_sources(&mut self) -> Result<bool, ShardError> {
-        let Some(consumer) = self.consumer.take() else { return Ok(false) };
-        let result = self.poll_round(&consumer);
-        self.consumer = Some(consumer);
-        let n = result?;
+        let mut n = self.poll_files()?;
+        if let Some(consumer) = self.consumer.take() {
+            let result = self.poll_round(&consumer);
+            self.consumer = Some(consumer);
+            n += result?;
+        }
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {
                 self.seal_batch(dest);
@@ -498,7 +584,8 @@ impl Shard {
             let payload = msg.payload().unwrap_or(&[]);
             events += 1;
             bytes += payload.len() as u64;
-            self.process(pi, msg.offset(), payload, now);
+            self.parts[pi].next_offset = Some(msg.offset() + 1);
+            self.process(Origin::Partition(pi), msg.offset(), payload, now);
         }
         let s = &self.ctx.stats.shards[self.ctx.id];
         ShardStats::add(&s.events_in, events);
@@ -511,33 +598,97 @@ impl Shard {
         *t.2.get(partition as usize)?
     }
 
-    fn process(&mut self, pi: usize, offset: i64, payload: &[u8], now: Instant) {
-        let source = self.parts[pi].source;
-        self.parts[pi].next_offset = Some(offset + 1);
+    /// Reads up to a round of lines from each file source this shard owns.
+    fn poll_files(&mut self) -> Result<usize, ShardError> {
+        let now = Instant::now();
+        let mut total = 0;
+        for fi in 0..self.files.len() {
+            let mut reader = self.files[fi].reader.take().expect("reader is put back after each poll");
+            let (mut events, mut bytes) = (0u64, 0u64);
+            let result = reader.poll(POLL_ROUND, |line| {
+                events += 1;
+                bytes += line.bytes.len() as u64 + 1;
+                let origin = Origin::File(fi);
+                match &line.problem {
+                    Some(problem) => {
+                        let message = format!("line {} bytes into {}: {problem}", line.offset, line.file);
+                        self.dead_letter_at(origin, line.file, line.offset as i64, line.bytes, DeadLetterReason::Decode, message);
+                    }
+                    None => self.process_at(origin, line.file, line.offset as i64, line.bytes, now),
+                }
+            });
+            // Files skipped as corrupt, truncated or vanished are dead letters too: nothing is
+            // dropped without a trace in the dead-letter table.
+            for event in reader.take_events() {
+                let file = event.file().to_string();
+                self.dead_letter_at(Origin::File(fi), &file, -1, b"", DeadLetterReason::Decode, event.to_string());
+            }
+            self.files[fi].reader = Some(reader);
+            let n = result.map_err(|e| SourceError::Files {
+                source_name: self.ctx.config.sources[self.files[fi].source].name.clone(),
+                message: e.to_string(),
+            })?;
+            let s = &self.ctx.stats.shards[self.ctx.id];
+            ShardStats::add(&s.events_in, events);
+            ShardStats::add(&s.bytes_in, bytes);
+            total += n;
+        }
+        Ok(total)
+    }
+
+    fn file_positions(&self) -> Vec<(String, Vec<u8>)> {
+        self.files
+            .iter()
+            .filter_map(|f| {
+                let position = f.reader.as_ref()?.position();
+                let bytes = serde_json::to_vec(&position).expect("a file position serializes");
+                Some((self.ctx.config.sources[f.source].name.clone(), bytes))
+            })
+            .collect()
+    }
+
+    fn process(&mut self, origin: Origin, offset: i64, payload: &[u8], now: Instant) {
+        self.process_at(origin, "", offset, payload, now)
+    }
+
+    /// `file` names the file a file-source record came from (empty for Kafka).
+    fn process_at(&mut self, origin: Origin, file: &str, offset: i64, payload: &[u8], now: Instant) {
+        let source = match origin {
+            Origin::Partition(pi) => self.parts[pi].source,
+            Origin::File(fi) => self.files[fi].source,
+        };
         let decoder = &mut self.decoders[source];
         let t = match decoder.decode(payload) {
             Ok(t) => t,
             Err(e) => {
-                self.dead_letter(pi, offset, payload, e.reason, e.message);
+                self.dead_letter_at(origin, file, offset, payload, e.reason, e.message);
                 return;
             }
         };
-        self.parts[pi].clock.observe(t, now);
+        match origin {
+            Origin::Partition(pi) => self.parts[pi].clock.observe(t, now),
+            Origin::File(fi) => self.files[fi].clock.observe(t, now),
+        }
         for p in 0..self.projections[source].len() {
             let proj = &self.projections[source][p];
             let q = proj.query;
-            if self.ops[q].is_late(t, self.watermark) {
-                let w = self.ops[q].windows;
-                let start = w.assign(t);
+            if let Some(filter) = &proj.filter {
+                if !filter.eval_predicate(&self.decoders[source].row(payload)) {
+                    continue;
+                }
+            }
+            if let Some((start, end)) = self.ops[q].late_window(t, self.watermark) {
+                let query = &self.ctx.config.queries[q];
                 let msg = format!(
-                    "event time {} is behind the watermark {}: window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
+                    "event time {} is behind the watermark {} (allowed_lateness {}): window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
                     format_micros(t),
                     format_micros(self.watermark),
+                    crate::config::format_duration(query.allowed_lateness),
                     format_micros(start),
-                    format_micros(start + w.size_us),
-                    self.ctx.config.queries[q].name
+                    format_micros(end),
+                    query.name
                 );
-                self.dead_letter(pi, offset, payload, DeadLetterReason::Late, msg);
+                self.dead_letter_at(origin, file, offset, payload, DeadLetterReason::Late, msg);
                 continue;
             }
             let decoder = &self.decoders[source];
@@ -546,13 +697,40 @@ impl Shard {
                 decoder.write_key_component(payload, f, &mut self.key_buf);
             }
             self.input_buf.clear();
-            self.input_buf.extend(proj.inputs.iter().map(|i| i.map_or(Num::Null, |i| decoder.num(i))));
+            self.blob_buf.clear();
+            for input in &proj.inputs {
+                if let Some(filter) = &input.filter {
+                    if !filter.eval_predicate(&decoder.row(payload)) {
+                        self.input_buf.push(InSlot::Skip);
+                        continue;
+                    }
+                }
+                let slot = match (input.kind, input.field) {
+                    (InputKind::Row, _) | (_, None) => InSlot::Null,
+                    // The decoder dead-letters events missing a schema field, so it is present.
+                    (InputKind::Presence, Some(_)) => InSlot::Int(1),
+                    (InputKind::Number, Some(f)) => match decoder.num(f) {
+                        crate::value::Num::Int(v) => InSlot::Int(v),
+                        crate::value::Num::Float(v) => InSlot::Float(v),
+                        crate::value::Num::Null => InSlot::Null,
+                    },
+                    (InputKind::Bytes, Some(f)) => {
+                        let start = self.blob_buf.len() as u32;
+                        decoder.write_key_component(payload, f, &mut self.blob_buf);
+                        InSlot::Bytes {
+                            start,
+                            end: self.blob_buf.len() as u32,
+                        }
+                    }
+                };
+                self.input_buf.push(slot);
+            }
             let dest = shard_for_key(&self.key_buf, self.ctx.shards);
             if dest == self.ctx.id {
-                self.ops[q].update(t, &self.key_buf, &self.input_buf);
+                self.ops[q].update(t, &self.key_buf, &self.input_buf, &self.blob_buf);
             } else {
                 let b = &mut self.building[dest];
-                b.push(q, &self.key_buf, t, &self.input_buf);
+                b.push(q, &self.key_buf, t, &self.input_buf, &self.blob_buf);
                 if b.recs.len() >= self.ctx.config.pipeline.exchange_batch {
                     self.seal_batch(dest);
                 }
@@ -560,16 +738,24 @@ impl Shard {
         }
     }
 
-    fn dead_letter(&mut self, pi: usize, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
-        let part = &self.parts[pi];
+    /// A bad record. For file sources `topic` is the file name, `partition` is -1 and `offset`
+    /// the byte offset of the line.
+    fn dead_letter_at(&mut self, origin: Origin, file: &str, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
+        let (source, topic, partition) = match origin {
+            Origin::Partition(pi) => {
+                let part = &self.parts[pi];
+                (part.source, part.topic.to_string(), part.partition)
+            }
+            Origin::File(fi) => (self.files[fi].source, file.to_string(), -1),
+        };
         let stats = &self.ctx.stats.shards[self.ctx.id];
         ShardStats::add(&stats.dead_letters[reason_index(reason)], 1);
-        match self.ctx.source_dlq[part.source] {
+        match self.ctx.source_dlq[source] {
             Some(sink) => {
                 let dl = DeadLetter {
                     reason,
-                    topic: part.topic.to_string(),
-                    partition: part.partition,
+                    topic,
+                    partition,
                     offset,
                     payload: payload.to_vec(),
                     error,
@@ -585,7 +771,7 @@ impl Shard {
                 let now = Instant::now();
                 if self.dropped_warned_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
                     self.dropped_warned_at = Some(now);
-                    tracing::warn!(topic = %part.topic, partition = part.partition, offset, reason = reason.as_str(), %error, "bad record dropped (no on_error sink configured for this source; further drops are counted, logged at most every 5s)");
+                    tracing::warn!(topic = %topic, partition, offset, reason = reason.as_str(), %error, "bad record dropped (no on_error sink configured for this source; further drops are counted, logged at most every 5s)");
                 }
             }
         }
@@ -633,11 +819,12 @@ impl Shard {
     /// All barriers are in: close windows, report the epoch. Returns true after the last epoch.
     async fn complete_epoch(&mut self) -> Result<bool, ShardError> {
         let a = self.aligning.take().expect("called while aligning");
+        let prev_watermark = self.watermark;
         self.watermark = advance(self.watermark, combine_min(a.watermarks.iter().copied()));
-        let mut closed: Vec<Vec<ClosedWindow>> = Vec::with_capacity(self.ops.len());
+        let mut closed: Vec<Vec<OutputRow>> = Vec::with_capacity(self.ops.len());
         for op in &mut self.ops {
             let mut rows = Vec::new();
-            op.close_until(self.watermark, &mut rows);
+            op.finish_epoch(prev_watermark, self.watermark, &mut rows);
             closed.push(rows);
         }
         for (qi, rows) in closed.into_iter().enumerate() {
@@ -667,6 +854,7 @@ impl Shard {
                     })
                 })
                 .collect(),
+            file_positions: self.file_positions(),
             outputs: std::mem::replace(&mut self.outputs, (0..self.ctx.sink_count).map(|_| None).collect()),
             last: a.last,
         };

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::value::EventTime;
-use crate::window::{AggState, OperatorChanges, WindowOperator};
+use crate::window::{OperatorChanges, WindowOperator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -39,6 +39,7 @@ const K_WATERMARK: &[u8] = b"watermark";
 const K_SHARDS: &[u8] = b"shards";
 const P_POSITION: &[u8] = b"pos\0";
 const P_PENDING: &[u8] = b"pending\0";
+const P_FILES: &[u8] = b"files\0";
 
 /// Where a source partition stands as of a flushed epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct Recovered {
     pub epoch: u64,
     pub watermark: Option<EventTime>,
     pub positions: HashMap<(String, i32), PartitionPosition>,
+    /// File-source name → its encoded position (see `source::files::FilePosition`).
+    pub file_positions: HashMap<String, Vec<u8>>,
 }
 
 /// Everything one epoch flushes, across all shards.
@@ -67,6 +70,8 @@ pub struct EpochWrite<'a> {
     /// (shard, query index, changes)
     pub changes: Vec<(usize, usize, &'a OperatorChanges)>,
     pub positions: Vec<&'a PartitionPosition>,
+    /// (file-source name, encoded position).
+    pub file_positions: Vec<(&'a str, Vec<u8>)>,
     /// (sink name, encoded rows) output of this epoch, kept until the sink has committed it.
     pub pending: Vec<(&'a str, Vec<u8>)>,
 }
@@ -186,6 +191,13 @@ impl StateStore {
                 },
             );
         }
+        for item in self.db.prefix_iterator_cf(self.meta(), P_FILES) {
+            let (k, v) = item?;
+            if !k.starts_with(P_FILES) {
+                break;
+            }
+            r.file_positions.insert(String::from_utf8_lossy(&k[P_FILES.len()..]).into_owned(), v.to_vec());
+        }
         Ok(r)
     }
 
@@ -198,14 +210,17 @@ impl StateStore {
         let mut n = 0;
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
-            let aggs = AggState::decode(&v).filter(|a| a.len() == op.specs.len() && k.len() >= 8);
-            let Some(aggs) = aggs else {
+            let restored = if k.len() >= 8 {
+                op.restore(decode_window_start(&k[..8]), &k[8..], &v)
+            } else {
+                Err("key shorter than 8 bytes".into())
+            };
+            if let Err(what) = restored {
                 return Err(StateError::Corrupt {
                     key: format!("{}:{:?}", self.cf_names[shard][query], k),
-                    what: "window state does not match the query's aggregates (did the query change? use a new state_dir)".into(),
+                    what: format!("{what}: window state does not match the query's aggregates (did the query change? use a new state_dir)"),
                 });
-            };
-            op.restore(decode_window_start(&k[..8]), &k[8..], aggs);
+            }
             n += 1;
         }
         Ok(n)
@@ -243,6 +258,9 @@ impl StateStore {
             if let Some(through) = changes.closed_through {
                 batch.delete_range_cf(cf, encode_window_start(EventTime::MIN), encode_window_start(through.saturating_add(1)));
             }
+            for (start, key) in &changes.deletes {
+                batch.delete_cf(cf, [&encode_window_start(*start)[..], key].concat());
+            }
             for (start, key, value) in &changes.puts {
                 batch.put_cf(cf, [&encode_window_start(*start)[..], key].concat(), value);
             }
@@ -254,6 +272,9 @@ impl StateStore {
             v.push(p.max_event_time.is_some() as u8);
             v.extend_from_slice(&p.max_event_time.unwrap_or(0).to_le_bytes());
             batch.put_cf(meta, position_key(&p.topic, p.partition), v);
+        }
+        for (source, position) in &w.file_positions {
+            batch.put_cf(meta, [P_FILES, source.as_bytes()].concat(), position);
         }
         for (sink, rows) in &w.pending {
             batch.put_cf(meta, pending_key(w.epoch, sink), rows);
@@ -298,9 +319,14 @@ mod tests {
         let store = StateStore::open(dir.path(), 2, &queries).unwrap();
         let r = store.recover().unwrap();
         assert_eq!(r.epoch, 0);
+        let cfg = crate::config::parse_config(include_str!("../tests/data/minimal.toml")).unwrap();
+        let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
+        let accs: Vec<crate::agg::Acc> = op.specs().iter().map(crate::agg::AggSpec::new_acc).collect();
+        let mut state = Vec::new();
+        crate::agg::encode_accs(&accs, &mut state);
         let changes = OperatorChanges {
-            puts: vec![(10, b"k1".to_vec(), vec![0; 24]), (20, b"k2".to_vec(), vec![0; 24])],
-            closed_through: None,
+            puts: vec![(10, b"k1".to_vec(), state.clone()), (20, b"k2".to_vec(), state.clone()), (30, b"k3".to_vec(), state)],
+            ..Default::default()
         };
         let pos = PartitionPosition {
             topic: "t".into(),
@@ -314,12 +340,14 @@ mod tests {
                 watermark: 5,
                 changes: vec![(1, 0, &changes)],
                 positions: vec![&pos],
+                file_positions: vec![("drops", b"{}".to_vec())],
                 pending: vec![("sink", b"rows".to_vec())],
             })
             .unwrap();
         let close = OperatorChanges {
-            puts: vec![],
             closed_through: Some(10),
+            deletes: vec![(30, b"k3".to_vec())],
+            ..Default::default()
         };
         store
             .write_epoch(&EpochWrite {
@@ -327,6 +355,7 @@ mod tests {
                 watermark: 15,
                 changes: vec![(1, 0, &close)],
                 positions: vec![],
+                file_positions: vec![],
                 pending: vec![],
             })
             .unwrap();
@@ -336,12 +365,12 @@ mod tests {
         let r = store.recover().unwrap();
         assert_eq!((r.epoch, r.watermark), (2, Some(15)));
         assert_eq!(r.positions[&("t".to_string(), 3)], pos);
+        assert_eq!(r.file_positions["drops"], b"{}".to_vec());
         assert_eq!(store.pending().unwrap(), vec![(1, "sink".to_string(), b"rows".to_vec())]);
         store.clear_pending(1, "sink").unwrap();
         assert!(store.pending().unwrap().is_empty());
-        let cfg = crate::config::parse_config(include_str!("../tests/data/minimal.toml")).unwrap();
         let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
-        // Window 10 was range-deleted by epoch 2; window 20 survives, on shard 1 only.
+        // Window 10 was range-deleted and 30 point-deleted by epoch 2; 20 survives, on shard 1 only.
         assert_eq!(store.load_windows(1, 0, &mut op).unwrap(), 1);
         assert_eq!(store.load_windows(0, 0, &mut op).unwrap(), 0);
         drop(store);

@@ -15,10 +15,10 @@ use deltalake::arrow::array::{
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, FieldType};
+use crate::config::{Config, FieldType, OutputMode, SinkConfig};
 use crate::decode::DeadLetterReason;
 use crate::value::{decode_key, EventTime, Value};
-use crate::window::{AggSpec, ClosedWindow};
+use crate::window::{OutputRow, OutputShape};
 
 /// A record that could not be processed, with everything needed to replay or debug it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ pub struct DeadLetter {
 /// Output of one epoch for one sink.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SinkRows {
-    Windows(Vec<ClosedWindow>),
+    Windows(Vec<OutputRow>),
     DeadLetters(Vec<DeadLetter>),
 }
 
@@ -63,11 +63,17 @@ impl SinkRows {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkRole {
-    /// Closed windows of query `query`.
+    /// Result rows of query `query`.
     Windows {
         query: usize,
+        /// Leading window columns (`window_start`, `window_end`; for sessions also `duration`).
+        window_columns: Vec<&'static str>,
         key_types: Vec<FieldType>,
-        agg_types: Vec<FieldType>,
+        /// Aggregates, then derived columns.
+        value_types: Vec<FieldType>,
+        mode: OutputMode,
+        /// Columns identifying a row for upserts: window start (if any) and the group keys.
+        merge_keys: Vec<String>,
     },
     DeadLetters,
 }
@@ -80,6 +86,18 @@ pub struct SinkPlan {
     pub app_id: String,
     pub schema: SchemaRef,
     pub role: SinkRole,
+    /// The sink's table options.
+    pub config: SinkConfig,
+}
+
+impl SinkPlan {
+    /// How this sink's table is written.
+    pub fn mode(&self) -> OutputMode {
+        match &self.role {
+            SinkRole::Windows { mode, .. } => *mode,
+            SinkRole::DeadLetters => OutputMode::Append,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,14 +142,22 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
     };
     for q in &config.queries {
         let source = &config.sources[q.source_index];
-        let key_types = q
-            .group_by
-            .iter()
-            .map(|g| source.schema.iter().find(|f| &f.name == g).expect("compiled config").ty)
-            .collect();
-        let agg_types = AggSpec::for_query(q, source).iter().map(AggSpec::output_type).collect();
+        let shape = OutputShape::new(q, source);
         let query = config.queries.iter().position(|x| x.name == q.name).unwrap();
-        claim(q.sink_index, format!("query \"{}\"", q.name), SinkRole::Windows { query, key_types, agg_types })?;
+        let window_columns = q.window.columns().to_vec();
+        let merge_keys = window_columns.iter().take(1).map(|c| c.to_string()).chain(q.group_by.iter().cloned()).collect();
+        claim(
+            q.sink_index,
+            format!("query \"{}\"", q.name),
+            SinkRole::Windows {
+                query,
+                window_columns,
+                key_types: shape.key_types,
+                value_types: shape.value_types,
+                mode: q.output,
+                merge_keys,
+            },
+        )?;
     }
     for s in &config.sources {
         if let Some(dlq) = &s.on_error {
@@ -146,14 +172,24 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
             continue;
         };
         let schema = match &role {
-            SinkRole::Windows { query, key_types, agg_types } => {
+            SinkRole::Windows {
+                query,
+                window_columns,
+                key_types,
+                value_types,
+                ..
+            } => {
                 let q = &config.queries[*query];
-                let mut fields = vec![
-                    Field::new("window_start", timestamp_type(), false),
-                    Field::new("window_end", timestamp_type(), false),
-                ];
+                let mut fields: Vec<Field> = window_columns
+                    .iter()
+                    .map(|c| match *c {
+                        "duration" => Field::new(*c, DataType::Float64, false),
+                        _ => Field::new(*c, timestamp_type(), false),
+                    })
+                    .collect();
                 fields.extend(q.group_by.iter().zip(key_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
-                fields.extend(q.aggregates.iter().zip(agg_types).map(|(a, t)| Field::new(&a.name, arrow_type(*t), true)));
+                let value_names = q.aggregates.iter().map(|a| &a.name).chain(q.derive.iter().map(|d| &d.name));
+                fields.extend(value_names.zip(value_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
                 Arc::new(Schema::new(fields))
             }
             SinkRole::DeadLetters => delta::dead_letter_schema(),
@@ -164,6 +200,7 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
             app_id: format!("{}/{}", config.pipeline.name, sink.name),
             schema,
             role,
+            config: sink.clone(),
         });
     }
     Ok(plans)
@@ -172,17 +209,33 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
 /// Converts one epoch's rows for `plan` into a RecordBatch of its schema.
 pub fn to_record_batch(plan: &SinkPlan, rows: &SinkRows) -> Result<RecordBatch, String> {
     let columns: Vec<ArrayRef> = match (rows, &plan.role) {
-        (SinkRows::Windows(rows), SinkRole::Windows { key_types, agg_types, .. }) => {
+        (
+            SinkRows::Windows(rows),
+            SinkRole::Windows {
+                window_columns,
+                key_types,
+                value_types,
+                ..
+            },
+        ) => {
             let keys: Vec<Vec<Value>> = rows.iter().map(|r| decode_key(&r.key).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
-            let mut cols = vec![
-                time_column(rows.iter().map(|r| Some(r.window_start))),
-                time_column(rows.iter().map(|r| Some(r.window_end))),
-            ];
+            let mut cols: Vec<ArrayRef> = Vec::new();
+            for c in window_columns {
+                cols.push(match *c {
+                    "duration" => {
+                        let mut b = Float64Builder::new();
+                        rows.iter().for_each(|r| b.append_value((r.window_end - r.window_start) as f64 / 1e6));
+                        Arc::new(b.finish())
+                    }
+                    c if c.ends_with("_start") => time_column(rows.iter().map(|r| Some(r.window_start))),
+                    _ => time_column(rows.iter().map(|r| Some(r.window_end))),
+                });
+            }
             for (i, ty) in key_types.iter().enumerate() {
                 cols.push(value_column(*ty, keys.iter().map(|k| k.get(i).unwrap_or(&Value::Null)))?);
             }
-            for (i, ty) in agg_types.iter().enumerate() {
-                cols.push(value_column(*ty, rows.iter().map(|r| r.aggs.get(i).unwrap_or(&Value::Null)))?);
+            for (i, ty) in value_types.iter().enumerate() {
+                cols.push(value_column(*ty, rows.iter().map(|r| r.values.get(i).unwrap_or(&Value::Null)))?);
             }
             cols
         }

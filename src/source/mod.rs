@@ -17,6 +17,19 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, GapPolicy, StartingOffsets};
 
+pub mod files;
+
+/// File sources dealt round-robin over the shards: `result[shard]` lists source indexes. A file
+/// source is read by one shard; its rows still reach every shard by key.
+pub fn assign_file_sources(config: &Config, shards: usize) -> Vec<Vec<usize>> {
+    let mut owned = vec![Vec::new(); shards];
+    let file_sources = config.sources.iter().enumerate().filter(|(_, s)| s.files.is_some());
+    for (k, (source, _)) in file_sources.enumerate() {
+        owned[k % shards].push(source);
+    }
+    owned
+}
+
 /// A partition of a configured source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SourcePartition {
@@ -49,6 +62,8 @@ pub enum SourceError {
     Unreachable { bootstrap: String, detail: String },
     #[error("topic \"{topic}\" was not found on {bootstrap} ({detail}); create it, or fix [[sources]].topic")]
     TopicMissing { topic: String, bootstrap: String, detail: String },
+    #[error("file source \"{source_name}\": {message}")]
+    Files { source_name: String, message: String },
     #[error("data loss on {topic}[{partition}]: offsets {from}..{to} were deleted by the broker before tidemark read them (retention outran the pipeline). Stopping so nothing is silently skipped; to continue past the gap set on_gap = \"skip\" on the source")]
     Gap { topic: String, partition: i32, from: i64, to: i64 },
     #[error("{topic}[{partition}] ends at offset {end}, but the state says offset {stored} was already read: the topic was deleted or recreated. Use a new state_dir to start over")]
@@ -79,14 +94,21 @@ pub fn consumer_config(config: &Config, bootstrap: &str) -> ClientConfig {
     c
 }
 
-/// Partition counts of every source topic, from broker metadata.
+/// Partition counts of every source topic, from broker metadata (0 for file sources).
 pub fn fetch_partition_counts(config: &Config, bootstrap: &str, timeout: Duration) -> Result<Vec<i32>, SourceError> {
+    if config.sources.iter().all(|s| s.files.is_some()) {
+        return Ok(vec![0; config.sources.len()]);
+    }
     let consumer: BaseConsumer = consumer_config(config, bootstrap).create().map_err(|source| SourceError::Client {
         bootstrap: bootstrap.into(),
         source,
     })?;
     let mut counts = Vec::new();
     for s in &config.sources {
+        if s.files.is_some() {
+            counts.push(0); // a file source has no partitions
+            continue;
+        }
         let missing = |detail: String| SourceError::TopicMissing {
             topic: s.topic.clone(),
             bootstrap: bootstrap.into(),
