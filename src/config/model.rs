@@ -13,6 +13,9 @@ pub struct Config {
     pub queries: Vec<QueryConfig>,
     pub sinks: Vec<SinkConfig>,
     pub generator: Option<GeneratorConfig>,
+    /// Problems that do not stop the pipeline but deserve attention (printed by `validate`,
+    /// logged by `run`), e.g. a `complete` query whose result grows without bound.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -67,11 +70,15 @@ pub enum Bootstrap {
     Servers(String),
 }
 
-/// One `[[sources]]` entry: a Kafka topic of JSON events.
+/// One `[[sources]]` entry: a Kafka topic (or, with `kind = "files"`, a directory) of JSON events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceConfig {
     pub name: String,
+    /// Kafka topic; empty for a file source.
     pub topic: String,
+    /// `kind = "files"`: a directory of JSON-lines files instead of a Kafka topic. When set,
+    /// `topic`, `partitions`, `starting_offsets` and `on_gap` are unused.
+    pub files: Option<FileSourceConfig>,
     /// Default 4; used when the embedded broker creates the topic.
     pub partitions: u32,
     pub format: Format,
@@ -95,6 +102,16 @@ impl SourceConfig {
     pub fn event_time_index(&self) -> Option<usize> {
         self.field_index(&self.event_time.field)
     }
+}
+
+/// `kind = "files"`, `path = "./inbox"`, `settle = "5s"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSourceConfig {
+    /// Directory watched for `*.json`, `*.jsonl`, `*.ndjson` files, each optionally `.gz`.
+    pub path: PathBuf,
+    /// A last line without a newline is read only after the file is unchanged this long.
+    /// Default 5s.
+    pub settle: Duration,
 }
 
 /// Encoding of a source's messages.
@@ -181,10 +198,16 @@ pub struct QueryConfig {
     pub from: String,
     /// Index into [`Config::sources`] of `from`.
     pub source_index: usize,
+    /// `where = "<SQL expression>"` over the source's fields: only events for which it is TRUE
+    /// reach the query.
+    pub filter: Option<String>,
     pub window: WindowConfig,
     /// Schema fields of the source, none of them float.
     pub group_by: Vec<String>,
     pub aggregates: Vec<AggregateConfig>,
+    /// `derive = [{ name = "ctr", expr = "clicks / views" }]`: output columns computed from the
+    /// row's window columns, keys, aggregates and earlier derived columns.
+    pub derive: Vec<DerivedColumn>,
     pub output: OutputMode,
     /// How long after a window closes late events still update it. Default 0s.
     pub allowed_lateness: Duration,
@@ -199,19 +222,73 @@ impl QueryConfig {
         &self.group_by
     }
 
-    /// Length of each window.
-    pub fn window_size(&self) -> Duration {
-        match self.window {
-            WindowConfig::Tumbling { size, .. } => size,
-        }
+    /// Names of the leading window columns of this query's output rows.
+    pub fn window_columns(&self) -> &'static [&'static str] {
+        self.window.columns()
     }
 }
 
-/// `window = { tumbling = "5m", offset = "0s" }`
+/// `window = { tumbling = "5m" }`, `{ sliding = "10m", slide = "5m" }`, `{ session = "30m" }`,
+/// `{ global = true }` or `{ global = true, reset = "day" }`; tumbling and sliding take an
+/// optional `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowConfig {
     /// Back-to-back windows of `size`, starting at epoch + `offset` + k·`size`.
     Tumbling { size: Duration, offset: Duration },
+    /// Windows of `size` starting every `slide` (at epoch + `offset` + k·`slide`); an event
+    /// belongs to size/slide of them. 0 < slide ≤ size, offset < slide.
+    Sliding { size: Duration, slide: Duration, offset: Duration },
+    /// Per key: events closer than `gap` form one session `[first event, last event + gap)`.
+    Session { gap: Duration },
+    /// One running aggregate per key, emitted on change; with `reset`, a new one starts each
+    /// calendar period (UTC).
+    Global { reset: Option<CalendarUnit> },
+}
+
+impl WindowConfig {
+    /// Names of the leading window columns of output rows.
+    pub fn columns(&self) -> &'static [&'static str] {
+        match self {
+            WindowConfig::Tumbling { .. } | WindowConfig::Sliding { .. } | WindowConfig::Global { reset: Some(_) } => &["window_start", "window_end"],
+            WindowConfig::Session { .. } => &["session_start", "session_end", "duration"],
+            WindowConfig::Global { reset: None } => &[],
+        }
+    }
+
+    /// True when windows close (so append output can emit and state can be dropped).
+    pub fn closes(&self) -> bool {
+        !matches!(self, WindowConfig::Global { reset: None })
+    }
+}
+
+/// Calendar period of a resetting global window (UTC; weeks start on Monday).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalendarUnit {
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl CalendarUnit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CalendarUnit::Hour => "hour",
+            CalendarUnit::Day => "day",
+            CalendarUnit::Week => "week",
+            CalendarUnit::Month => "month",
+            CalendarUnit::Year => "year",
+        }
+    }
+}
+
+/// `{ name = "ctr", expr = "clicks / views" }`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerivedColumn {
+    pub name: String,
+    /// SQL expression text.
+    pub expr: String,
 }
 
 /// `{ name = "total", fn = "sum", field = "amount" }`
@@ -225,6 +302,10 @@ pub struct AggregateConfig {
     pub field: Option<String>,
     /// Index of `field` in the source schema.
     pub field_index: Option<usize>,
+    /// `filter = "<SQL expression>"`: only events for which it is TRUE are aggregated.
+    pub filter: Option<String>,
+    /// `percentile = 0.99` for `approx_percentile` (0..=1).
+    pub percentile: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,9 +315,35 @@ pub enum AggFn {
     Min,
     Max,
     Avg,
+    VarSamp,
+    VarPop,
+    StddevSamp,
+    StddevPop,
+    CountDistinct,
+    ApproxCountDistinct,
+    ApproxPercentile,
+    First,
+    Last,
 }
 
 impl AggFn {
+    pub const ALL: [AggFn; 14] = [
+        AggFn::Count,
+        AggFn::Sum,
+        AggFn::Min,
+        AggFn::Max,
+        AggFn::Avg,
+        AggFn::VarSamp,
+        AggFn::VarPop,
+        AggFn::StddevSamp,
+        AggFn::StddevPop,
+        AggFn::CountDistinct,
+        AggFn::ApproxCountDistinct,
+        AggFn::ApproxPercentile,
+        AggFn::First,
+        AggFn::Last,
+    ];
+
     /// The name used in configuration files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -245,15 +352,39 @@ impl AggFn {
             AggFn::Min => "min",
             AggFn::Max => "max",
             AggFn::Avg => "avg",
+            AggFn::VarSamp => "var_samp",
+            AggFn::VarPop => "var_pop",
+            AggFn::StddevSamp => "stddev_samp",
+            AggFn::StddevPop => "stddev_pop",
+            AggFn::CountDistinct => "count_distinct",
+            AggFn::ApproxCountDistinct => "approx_count_distinct",
+            AggFn::ApproxPercentile => "approx_percentile",
+            AggFn::First => "first",
+            AggFn::Last => "last",
         }
     }
 }
 
-/// When window results are emitted.
+/// When and how query results reach the sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputMode {
-    /// Once per window, when the watermark passes its end plus allowed lateness.
+    /// Once per window, final, when the watermark passes its end plus allowed lateness.
     Append,
+    /// Each epoch, the rows whose aggregates changed; the sink upserts them on the window and
+    /// group keys (an incrementally maintained materialized view).
+    Update,
+    /// Each epoch, the whole result replaces the table.
+    Complete,
+}
+
+impl OutputMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputMode::Append => "append",
+            OutputMode::Update => "update",
+            OutputMode::Complete => "complete",
+        }
+    }
 }
 
 /// One `[[sinks]]` entry.
@@ -263,6 +394,19 @@ pub struct SinkConfig {
     pub kind: SinkKind,
     /// Table location, e.g. a directory for a local Delta table.
     pub path: PathBuf,
+    /// Output columns the table is partitioned by (e.g. a derived `window_date`). Default none.
+    pub partition_by: Vec<String>,
+    /// Data files are written at about this size. Default 128 MiB (`"128MB"`).
+    pub target_file_size_bytes: u64,
+    /// Compact small files every this many commits (0 = never). Default 10.
+    pub compact_every: u64,
+    /// Compaction starts once a partition has this many small files. Default 4.
+    pub compact_min_files: usize,
+    /// Write a Delta log checkpoint every this many table versions. Default 10.
+    pub checkpoint_interval: u64,
+    /// `vacuum_retention = "7d"`: after each compaction, delete data files unreferenced for
+    /// longer than this. Default: never vacuum (every old version stays readable).
+    pub vacuum_retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
