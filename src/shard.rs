@@ -117,6 +117,8 @@ pub enum ShardError {
     PeerGone(usize),
     #[error("shard {0}: stopped because another part of the pipeline failed")]
     Aborted(usize),
+    #[error("query \"{0}\": only tumbling windows are run so far")]
+    Unsupported(String),
 }
 
 /// Everything a shard needs; built by the daemon and moved into the shard's thread.
@@ -219,7 +221,11 @@ impl Shard {
     fn open(ctx: ShardContext) -> Result<Shard, ShardError> {
         let cfg = ctx.config.clone();
         let now = Instant::now();
-        let mut ops: Vec<WindowOperator> = cfg.queries.iter().map(|q| WindowOperator::new(q, &cfg.sources[q.source_index])).collect();
+        let mut ops: Vec<WindowOperator> = cfg
+            .queries
+            .iter()
+            .map(|q| WindowOperator::new(q, &cfg.sources[q.source_index]).ok_or_else(|| ShardError::Unsupported(q.name.clone())))
+            .collect::<Result<_, _>>()?;
         for (qi, op) in ops.iter_mut().enumerate() {
             ctx.store.load_windows(ctx.id, qi, op)?;
         }

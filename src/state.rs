@@ -340,7 +340,7 @@ mod tests {
         store.clear_pending(1, "sink").unwrap();
         assert!(store.pending().unwrap().is_empty());
         let cfg = crate::config::parse_config(include_str!("../tests/data/minimal.toml")).unwrap();
-        let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
+        let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]).unwrap();
         // Window 10 was range-deleted by epoch 2; window 20 survives, on shard 1 only.
         assert_eq!(store.load_windows(1, 0, &mut op).unwrap(), 1);
         assert_eq!(store.load_windows(0, 0, &mut op).unwrap(), 0);

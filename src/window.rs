@@ -19,12 +19,14 @@ pub struct TumblingWindows {
 }
 
 impl TumblingWindows {
-    pub fn from_config(window: &WindowConfig) -> Self {
+    /// `None` for the other window kinds, which this operator does not run.
+    pub fn from_config(window: &WindowConfig) -> Option<Self> {
         match window {
-            WindowConfig::Tumbling { size, offset } => TumblingWindows {
+            WindowConfig::Tumbling { size, offset } => Some(TumblingWindows {
                 size_us: size.as_micros() as i64,
                 offset_us: offset.as_micros() as i64,
-            },
+            }),
+            WindowConfig::Sliding { .. } | WindowConfig::Session { .. } | WindowConfig::Global { .. } => None,
         }
     }
 
@@ -58,12 +60,12 @@ impl AggSpec {
     /// Output type of this aggregate.
     pub fn output_type(&self) -> FieldType {
         match (self.func, self.input) {
-            (AggFn::Count, _) => FieldType::Int,
-            (AggFn::Avg, _) => FieldType::Float,
+            (AggFn::Count | AggFn::CountDistinct | AggFn::ApproxCountDistinct, _) => FieldType::Int,
+            (AggFn::Avg | AggFn::VarSamp | AggFn::VarPop | AggFn::StddevSamp | AggFn::StddevPop | AggFn::ApproxPercentile, _) => FieldType::Float,
             (AggFn::Sum, Some(FieldType::Float)) => FieldType::Float,
             (AggFn::Sum, _) => FieldType::Int,
-            (AggFn::Min | AggFn::Max, Some(t)) => t,
-            (AggFn::Min | AggFn::Max, None) => FieldType::Int,
+            (AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last, Some(t)) => t,
+            (AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last, None) => FieldType::Int,
         }
     }
 }
@@ -98,6 +100,19 @@ impl AggState {
             (AggFn::Min, Num::Float(v)) => self.f = if first { v } else { self.f.min(v) },
             (AggFn::Max, Num::Float(v)) => self.f = if first { v } else { self.f.max(v) },
             (_, Num::Null) => {}
+            // Not computed by this operator: daemon::start refuses queries that use them.
+            (
+                AggFn::VarSamp
+                | AggFn::VarPop
+                | AggFn::StddevSamp
+                | AggFn::StddevPop
+                | AggFn::CountDistinct
+                | AggFn::ApproxCountDistinct
+                | AggFn::ApproxPercentile
+                | AggFn::First
+                | AggFn::Last,
+                _,
+            ) => {}
         }
     }
 
@@ -115,6 +130,16 @@ impl AggState {
             AggFn::Sum | AggFn::Min | AggFn::Max if float_input => Value::Float(self.f),
             AggFn::Min | AggFn::Max if spec.input == Some(FieldType::Timestamp) => Value::Time(self.i),
             AggFn::Sum | AggFn::Min | AggFn::Max => Value::Int(self.i),
+            // Not computed by this operator: daemon::start refuses queries that use them.
+            AggFn::VarSamp
+            | AggFn::VarPop
+            | AggFn::StddevSamp
+            | AggFn::StddevPop
+            | AggFn::CountDistinct
+            | AggFn::ApproxCountDistinct
+            | AggFn::ApproxPercentile
+            | AggFn::First
+            | AggFn::Last => Value::Null,
         }
     }
 
@@ -183,16 +208,17 @@ pub struct OperatorChanges {
 }
 
 impl WindowOperator {
-    pub fn new(query: &QueryConfig, source: &SourceConfig) -> Self {
-        WindowOperator {
-            windows: TumblingWindows::from_config(&query.window),
+    /// `None` when the query's window is not tumbling (not run by this operator).
+    pub fn new(query: &QueryConfig, source: &SourceConfig) -> Option<Self> {
+        Some(WindowOperator {
+            windows: TumblingWindows::from_config(&query.window)?,
             lateness_us: query.allowed_lateness.as_micros() as i64,
             specs: AggSpec::for_query(query, source),
             open: BTreeMap::new(),
             closed_through: None,
             close_pending: false,
             open_keys: 0,
-        }
+        })
     }
 
     /// True when the window holding `t` is already closed at pipeline watermark `watermark`.

@@ -110,6 +110,21 @@ fn line_containing(text: &str, needle: &str) -> usize {
         + 1
 }
 
+/// A Delta sink with every table option at its default.
+fn default_sink(name: &str, path: &str) -> SinkConfig {
+    SinkConfig {
+        name: name.into(),
+        kind: SinkKind::Delta,
+        path: PathBuf::from(path),
+        partition_by: vec![],
+        target_file_size_bytes: 128 * 1024 * 1024,
+        compact_every: 10,
+        compact_min_files: 4,
+        checkpoint_interval: 10,
+        vacuum_retention: None,
+    }
+}
+
 /// The single error at `path`, failing with the full list otherwise.
 fn error_at<'e>(errors: &'e [ConfigError], path: &str) -> &'e ConfigError {
     let found: Vec<_> = errors.iter().filter(|e| e.path == path).collect();
@@ -154,6 +169,7 @@ fn full_config_parses_into_expected_values() {
         SourceConfig {
             name: "clicks".into(),
             topic: "clicks".into(),
+            files: None,
             partitions: 8,
             format: Format::Json,
             // File order, not alphabetical.
@@ -187,6 +203,8 @@ fn full_config_parses_into_expected_values() {
         func,
         field: field.map(|(f, _)| f.to_string()),
         field_index: field.map(|(_, i)| i),
+        filter: None,
+        percentile: None,
     };
     assert_eq!(
         *query,
@@ -194,6 +212,7 @@ fn full_config_parses_into_expected_values() {
             name: "views_per_page".into(),
             from: "clicks".into(),
             source_index: 0,
+            filter: None,
             window: WindowConfig::Tumbling {
                 size: Duration::from_secs(300),
                 offset: Duration::from_secs(30),
@@ -207,6 +226,7 @@ fn full_config_parses_into_expected_values() {
                 agg("mean", AggFn::Avg, Some(("n", 5))),
                 agg("with_bot", AggFn::Count, Some(("bot", 4))),
             ],
+            derive: vec![],
             output: OutputMode::Append,
             allowed_lateness: Duration::from_secs(3600),
             sink: "page_views".into(),
@@ -214,21 +234,13 @@ fn full_config_parses_into_expected_values() {
         }
     );
     assert_eq!(query.key_fields(), ["page", "user_id"]);
-    assert_eq!(query.window_size(), Duration::from_secs(300));
+    assert_eq!(query.window_columns(), ["window_start", "window_end"]);
 
     assert_eq!(
         config.sinks,
         vec![
-            SinkConfig {
-                name: "page_views".into(),
-                kind: SinkKind::Delta,
-                path: PathBuf::from("./data/delta/page_views"),
-            },
-            SinkConfig {
-                name: "dead_letters".into(),
-                kind: SinkKind::Delta,
-                path: PathBuf::from("./data/delta/dead_letters"),
-            },
+            default_sink("page_views", "./data/delta/page_views"),
+            default_sink("dead_letters", "./data/delta/dead_letters"),
         ]
     );
     assert_eq!(config.sink("dead_letters").map(|s| s.name.as_str()), Some("dead_letters"));
@@ -298,6 +310,9 @@ fn defaults_are_applied() {
     assert!(query.group_by.is_empty());
     assert_eq!(query.output, OutputMode::Append);
     assert_eq!(query.allowed_lateness, Duration::ZERO);
+    assert!(query.filter.is_none() && query.derive.is_empty());
+    assert_eq!(config.sinks, vec![default_sink("out", "out")]);
+    assert!(config.warnings.is_empty());
     assert_eq!(config.generator, None);
 
     let with_generator = format!("{MINIMAL}\n[generator]\nsource = \"events\"\n");
@@ -358,7 +373,13 @@ fn = "count"
     let config = parse_config(text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.pipeline.name, "p");
     assert_eq!(config.sources[0].watermark.delay, Duration::from_secs(5));
-    assert_eq!(config.queries[0].window_size(), Duration::from_secs(10));
+    assert_eq!(
+        config.queries[0].window,
+        WindowConfig::Tumbling {
+            size: Duration::from_secs(10),
+            offset: Duration::ZERO
+        }
+    );
     assert_eq!(config.queries[0].aggregates[0].func, AggFn::Count);
 }
 
@@ -411,7 +432,7 @@ aggregates = [
   { name = "user_id", fn = "max", field = "user_id" },
   { name = "window_end", fn = "count" },
 ]
-output = "update"
+output = "upsert"
 sink = "missing_sink"
 
 [[queries]]
@@ -505,14 +526,18 @@ fn reports_every_mistake_with_path_and_line() {
     expect(
         "queries[1].aggregates[2].field",
         user_id_agg,
-        "needs an int, float or timestamp field, but \"user_id\" is string",
+        "needs an int, float or timestamp field, but \"user_id\" is string; for strings use fn = \"first\" or \"last\"",
     );
     expect("queries[1].aggregates[2].name", user_id_agg, "clashes with the group_by field \"user_id\"");
-    expect("queries[1].aggregates[3].name", line("\"window_end\""), "clashes with the window bound column");
+    expect(
+        "queries[1].aggregates[3].name",
+        line("\"window_end\""),
+        "clashes with the window column \"window_end\"",
+    );
     expect(
         "queries[1].output",
-        line("\"update\""),
-        "output mode 'update' is not implemented yet; use \"append\"",
+        line("\"upsert\""),
+        "unknown value \"upsert\"; use one of \"append\", \"update\", \"complete\"",
     );
     expect(
         "queries[1].sink",
@@ -525,7 +550,7 @@ fn reports_every_mistake_with_path_and_line() {
     for key in ["name", "from", "sink"] {
         expect(&format!("queries[2].{key}"), third_query, &format!("missing required key \"{key}\""));
     }
-    expect("queries[2].window.sliding", line("sliding"), "sliding windows are not implemented yet");
+    expect("queries[2].window.slide", line("sliding"), "missing required key \"slide\"");
     expect("queries[2].aggregates", line("aggregates = []"), "at least one aggregate is required");
 
     let sink_header = Some(line_containing(MISTAKES, "name = \"out\"") - 1);
