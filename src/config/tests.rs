@@ -739,3 +739,527 @@ fn a_topic_is_read_by_one_source() {
     assert!(e.message.contains("topic \"events\" is already read by source \"events\""), "{}", e.message);
     assert_eq!(e.line, Some(base.lines().count() + 4));
 }
+
+/// Every construct added with the second issue, valid.
+const FEATURES: &str = r#"
+[pipeline]
+name = "features"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+schema = { user_id = "string", page = "string", action = "string", latency_ms = "int", amount = "float", ts = "timestamp" }
+event_time = { field = "ts" }
+on_error = "dead_letters"
+
+[[sources]]
+name = "drops"
+kind = "files"
+path = "./inbox"
+settle = "2s"
+format = "json"
+schema = { user_id = "string", ts = "timestamp" }
+event_time = { field = "ts", format = "rfc3339" }
+watermark = { delay = "1m" }
+on_error = "dead_letters"
+
+[[queries]]
+name = "sliding"
+from = "clicks"
+where = "action IN ('view', 'click')"
+window = { sliding = "10m", slide = "4m", offset = "1m" }
+group_by = ["page"]
+aggregates = [
+  { name = "views", fn = "count", filter = "action = 'view'" },
+  { name = "clicks", fn = "count", filter = "action = 'click'" },
+  { name = "users", fn = "approx_count_distinct", field = "user_id" },
+  { name = "p99", fn = "approx_percentile", field = "latency_ms", percentile = 0.99 },
+]
+derive = [
+  { name = "ctr", expr = "clicks / views" },
+  { name = "window_date", expr = "CAST(window_start AS DATE)" },
+]
+output = "update"
+allowed_lateness = "1m"
+sink = "sliding_out"
+
+[[queries]]
+name = "sessions"
+from = "drops"
+window = { session = "30m" }
+group_by = ["user_id"]
+aggregates = [{ name = "events", fn = "count" }]
+output = "complete"
+sink = "sessions_out"
+
+[[queries]]
+name = "running"
+from = "clicks"
+window = { global = true }
+aggregates = [{ name = "total", fn = "sum", field = "amount" }]
+output = "complete"
+sink = "running_out"
+
+[[queries]]
+name = "daily"
+from = "clicks"
+window = { global = true, reset = "day" }
+group_by = ["page"]
+aggregates = [{ name = "first_action", fn = "first", field = "action" }]
+sink = "daily_out"
+
+[[sinks]]
+name = "sliding_out"
+kind = "delta"
+path = "./out/sliding"
+partition_by = ["window_date", "page"]
+target_file_size = "64MiB"
+compact_every = 0
+compact_min_files = 2
+checkpoint_interval = 1
+vacuum_retention = "7d"
+
+[[sinks]]
+name = "sessions_out"
+kind = "delta"
+path = "./out/sessions"
+
+[[sinks]]
+name = "running_out"
+kind = "delta"
+path = "./out/running"
+target_file_size = 1000
+
+[[sinks]]
+name = "daily_out"
+kind = "delta"
+path = "./out/daily"
+target_file_size = "1GB"
+
+[[sinks]]
+name = "dead_letters"
+kind = "delta"
+path = "./out/dead_letters"
+partition_by = ["reason"]
+"#;
+
+#[test]
+fn file_source_parses() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let field = |name: &str, ty| FieldDef { name: name.into(), ty };
+    assert_eq!(
+        config.sources[1],
+        SourceConfig {
+            name: "drops".into(),
+            topic: String::new(),
+            files: Some(FileSourceConfig {
+                path: PathBuf::from("./inbox"),
+                settle: Duration::from_secs(2),
+            }),
+            partitions: 4,
+            format: Format::Json,
+            schema: vec![field("user_id", FieldType::String), field("ts", FieldType::Timestamp)],
+            event_time: EventTimeConfig {
+                field: "ts".into(),
+                format: TimeFormat::Rfc3339,
+            },
+            watermark: WatermarkConfig {
+                delay: Duration::from_secs(60),
+                idle_timeout: Duration::from_secs(30),
+            },
+            starting_offsets: StartingOffsets::Earliest,
+            on_error: Some("dead_letters".into()),
+            on_gap: GapPolicy::Fail,
+        }
+    );
+    assert_eq!(config.sources[0].files, None);
+
+    // settle defaults to 5s.
+    let text = FEATURES.replace("settle = \"2s\"\n", "");
+    let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.sources[1].files.as_ref().map(|f| f.settle), Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let agg = |name: &str, func, field: Option<(&str, usize)>, filter: Option<&str>, percentile| AggregateConfig {
+        name: name.into(),
+        func,
+        field: field.map(|(f, _)| f.to_string()),
+        field_index: field.map(|(_, i)| i),
+        filter: filter.map(str::to_string),
+        percentile,
+    };
+    let derived = |name: &str, expr: &str| DerivedColumn {
+        name: name.into(),
+        expr: expr.into(),
+    };
+    assert_eq!(
+        config.queries[0],
+        QueryConfig {
+            name: "sliding".into(),
+            from: "clicks".into(),
+            source_index: 0,
+            filter: Some("action IN ('view', 'click')".into()),
+            window: WindowConfig::Sliding {
+                size: Duration::from_secs(600),
+                slide: Duration::from_secs(240),
+                offset: Duration::from_secs(60),
+            },
+            group_by: vec!["page".into()],
+            aggregates: vec![
+                agg("views", AggFn::Count, None, Some("action = 'view'"), None),
+                agg("clicks", AggFn::Count, None, Some("action = 'click'"), None),
+                agg("users", AggFn::ApproxCountDistinct, Some(("user_id", 0)), None, None),
+                agg("p99", AggFn::ApproxPercentile, Some(("latency_ms", 3)), None, Some(0.99)),
+            ],
+            derive: vec![derived("ctr", "clicks / views"), derived("window_date", "CAST(window_start AS DATE)")],
+            output: OutputMode::Update,
+            allowed_lateness: Duration::from_secs(60),
+            sink: "sliding_out".into(),
+            sink_index: 0,
+        }
+    );
+    assert_eq!(config.queries[0].window_columns(), ["window_start", "window_end"]);
+}
+
+#[test]
+fn session_and_global_windows_parse() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let sessions = &config.queries[1];
+    assert_eq!(
+        sessions.window,
+        WindowConfig::Session {
+            gap: Duration::from_secs(1800)
+        }
+    );
+    assert_eq!(sessions.window_columns(), ["session_start", "session_end", "duration"]);
+    assert_eq!((sessions.source_index, sessions.output), (1, OutputMode::Complete));
+
+    let running = &config.queries[2];
+    assert_eq!(running.window, WindowConfig::Global { reset: None });
+    assert!(running.window_columns().is_empty());
+    assert_eq!(running.output, OutputMode::Complete);
+
+    let daily = &config.queries[3];
+    assert_eq!(
+        daily.window,
+        WindowConfig::Global {
+            reset: Some(CalendarUnit::Day)
+        }
+    );
+    assert_eq!(daily.output, OutputMode::Append);
+    assert_eq!(daily.aggregates[0].func, AggFn::First);
+
+    for unit in [
+        CalendarUnit::Hour,
+        CalendarUnit::Day,
+        CalendarUnit::Week,
+        CalendarUnit::Month,
+        CalendarUnit::Year,
+    ] {
+        let text = FEATURES.replace("reset = \"day\"", &format!("reset = \"{}\"", unit.as_str()));
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.queries[3].window, WindowConfig::Global { reset: Some(unit) });
+    }
+}
+
+#[test]
+fn sink_table_options_parse() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.sinks[0],
+        SinkConfig {
+            name: "sliding_out".into(),
+            kind: SinkKind::Delta,
+            path: PathBuf::from("./out/sliding"),
+            partition_by: vec!["window_date".into(), "page".into()],
+            target_file_size_bytes: 64 * 1024 * 1024,
+            compact_every: 0,
+            compact_min_files: 2,
+            checkpoint_interval: 1,
+            vacuum_retention: Some(Duration::from_secs(7 * 86_400)),
+        }
+    );
+    assert_eq!(config.sinks[1], default_sink("sessions_out", "./out/sessions"));
+    assert_eq!(config.sinks[2].target_file_size_bytes, 1000);
+    assert_eq!(config.sinks[3].target_file_size_bytes, 1_000_000_000);
+    assert_eq!(config.sinks[4].partition_by, ["reason"]);
+}
+
+#[test]
+fn sizes_take_decimal_and_binary_units() {
+    let size_of = |written: &str| {
+        let text = MINIMAL.replace("path = \"out\"", &format!("path = \"out\"\ntarget_file_size = {written}"));
+        parse_config(&text).map(|c| c.sinks[0].target_file_size_bytes).map_err(|e| e.to_string())
+    };
+    assert_eq!(size_of("\"512B\""), Ok(512));
+    assert_eq!(size_of("\"2KB\""), Ok(2_000));
+    assert_eq!(size_of("\"2KiB\""), Ok(2_048));
+    assert_eq!(size_of("\"128MB\""), Ok(128_000_000));
+    assert_eq!(size_of("\"128MiB\""), Ok(134_217_728));
+    assert_eq!(size_of("\"3GB\""), Ok(3_000_000_000));
+    assert_eq!(size_of("\"3GiB\""), Ok(3 << 30));
+    assert_eq!(size_of("4096"), Ok(4096));
+    for junk in ["\"128\"", "\"128 MB\"", "\"1.5GB\"", "\"MB\"", "\"128mb\"", "\"-1MB\"", "\"128TB\""] {
+        let err = size_of(junk).expect_err(junk);
+        assert!(err.contains("write a whole number followed by B, KB, MB, GB, KiB, MiB or GiB"), "{junk}: {err}");
+    }
+    assert!(size_of("\"99999999999GiB\"").unwrap_err().contains("too large"));
+    assert!(size_of("0").unwrap_err().contains("must be greater than 0 bytes"));
+    assert!(size_of("-5").unwrap_err().contains("must be at least 0"));
+    assert!(size_of("true").unwrap_err().contains("expected a size such as \"128MiB\""));
+}
+
+#[test]
+fn every_aggregate_fn_is_accepted_with_a_suitable_field() {
+    for func in AggFn::ALL {
+        let (field, extra) = match func {
+            AggFn::Count => ("", ""),
+            AggFn::ApproxPercentile => (", field = \"value\"", ", percentile = 0.5"),
+            AggFn::First | AggFn::Last | AggFn::CountDistinct | AggFn::ApproxCountDistinct => (", field = \"key\"", ""),
+            _ => (", field = \"value\"", ""),
+        };
+        let base = include_str!("../../tests/data/minimal.toml");
+        let text = base.replace(
+            r#"{ name = "n", fn = "count" }"#,
+            &format!(r#"{{ name = "a", fn = "{}"{field}{extra} }}"#, func.as_str()),
+        );
+        assert_ne!(text, base);
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{}: {e}", func.as_str()));
+        assert_eq!(config.queries[0].aggregates[0].func, func);
+        assert_eq!(config.queries[0].aggregates[0].percentile, (func == AggFn::ApproxPercentile).then_some(0.5));
+    }
+}
+
+#[test]
+fn aggregate_output_types() {
+    use super::compile::agg_output_type;
+    use FieldType::{Float, Int, String as Str, Timestamp};
+    let cases = [
+        (AggFn::Count, None, Int),
+        (AggFn::Count, Some(Str), Int),
+        (AggFn::CountDistinct, Some(Str), Int),
+        (AggFn::ApproxCountDistinct, Some(Float), Int),
+        (AggFn::Sum, Some(Int), Int),
+        (AggFn::Sum, Some(Float), Float),
+        (AggFn::Avg, Some(Int), Float),
+        (AggFn::VarSamp, Some(Int), Float),
+        (AggFn::VarPop, Some(Float), Float),
+        (AggFn::StddevSamp, Some(Int), Float),
+        (AggFn::StddevPop, Some(Int), Float),
+        (AggFn::ApproxPercentile, Some(Int), Float),
+        (AggFn::Min, Some(Timestamp), Timestamp),
+        (AggFn::Max, Some(Int), Int),
+        (AggFn::First, Some(Str), Str),
+        (AggFn::Last, Some(FieldType::Bool), FieldType::Bool),
+    ];
+    for (func, input, expected) in cases {
+        assert_eq!(agg_output_type(func, input), expected, "{func:?} over {input:?}");
+    }
+}
+
+#[test]
+fn aggregate_field_types_are_checked_per_fn() {
+    let base = include_str!("../../tests/data/minimal.toml");
+    let with = |aggregate: &str| {
+        let text = base.replace(r#"{ name = "n", fn = "count" }"#, aggregate);
+        assert_ne!(text, base);
+        parse_config(&text).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // key: string, value: int, ts: timestamp
+    for func in ["sum", "avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop"] {
+        assert_eq!(with(&format!(r#"{{ name = "a", fn = "{func}", field = "value" }}"#)), Ok(()), "{func}");
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}", field = "ts" }}"#)).unwrap_err();
+        assert!(
+            err.contains(&format!("fn \"{func}\" needs an int or float field, but \"ts\" is timestamp")),
+            "{err}"
+        );
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}" }}"#)).unwrap_err();
+        assert!(
+            err.contains(&format!("fn \"{func}\" needs a field; add field = \"<int or float field>\"")),
+            "{err}"
+        );
+    }
+    let err = with(r#"{ name = "a", fn = "approx_percentile", field = "key", percentile = 0.5 }"#).unwrap_err();
+    assert!(err.contains("needs an int or float field, but \"key\" is string"), "{err}");
+    let err = with(r#"{ name = "a", fn = "min", field = "key" }"#).unwrap_err();
+    assert!(
+        err.contains("fn \"min\" needs an int, float or timestamp field, but \"key\" is string; for strings use fn = \"first\" or \"last\""),
+        "{err}"
+    );
+    let err = with(r#"{ name = "a", fn = "max" }"#).unwrap_err();
+    assert!(err.contains("add field = \"<int, float or timestamp field>\""), "{err}");
+    for func in ["count_distinct", "approx_count_distinct", "first", "last"] {
+        for field in ["key", "value", "ts"] {
+            assert_eq!(
+                with(&format!(r#"{{ name = "a", fn = "{func}", field = "{field}" }}"#)),
+                Ok(()),
+                "{func}({field})"
+            );
+        }
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}" }}"#)).unwrap_err();
+        assert!(err.contains(&format!("fn \"{func}\" needs a field; add field = \"<field>\"")), "{err}");
+    }
+}
+
+#[test]
+fn complete_output_warns_when_windows_close() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    // The session query warns; the global one without reset (query "running") does not.
+    let line = line_containing(FEATURES, "output = \"complete\"");
+    assert_eq!(
+        config.warnings,
+        [format!(
+            "line {line}: queries[1].output: query \"sessions\": output = \"complete\" keeps and rewrites every window ever seen; \
+             the table grows without bound — use update, or global without reset"
+        )]
+    );
+
+    for window in [
+        "{ tumbling = \"1m\" }",
+        "{ sliding = \"1m\", slide = \"30s\" }",
+        "{ global = true, reset = \"hour\" }",
+    ] {
+        let text = MINIMAL
+            .replace("{ tumbling = \"1m\" }", window)
+            .replace("sink = \"out\"", "output = \"complete\"\nsink = \"out\"");
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.warnings.len(), 1, "{window}");
+        assert!(config.warnings[0].contains("query \"per_kind\": output = \"complete\" keeps"), "{window}");
+    }
+    for output in ["append", "update"] {
+        let text = MINIMAL.replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""));
+        assert!(parse_config(&text).unwrap().warnings.is_empty(), "{output}");
+    }
+}
+
+#[test]
+fn append_needs_a_window_that_closes() {
+    let global = MINIMAL.replace("{ tumbling = \"1m\" }", "{ global = true }");
+    let errors = errors_of(&global);
+    let error = error_at(&errors, "queries[0].window");
+    assert_eq!(error.line, Some(line_containing(&global, "global = true")));
+    assert_eq!(
+        error.message,
+        "query \"per_kind\": a global window without reset never closes, so output = \"append\" (the default) would never write a row; \
+         set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)"
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    let explicit = global.replace("sink = \"out\"", "output = \"append\"\nsink = \"out\"");
+    let errors = errors_of(&explicit);
+    let error = error_at(&errors, "queries[0].output");
+    assert_eq!(error.line, Some(line_containing(&explicit, "output = \"append\"")));
+    assert!(error.message.contains("so output = \"append\" would never write a row"), "{}", error.message);
+
+    for output in ["update", "complete"] {
+        let text = global.replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""));
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{output}: {e}"));
+        assert!(config.warnings.is_empty());
+    }
+}
+
+#[test]
+fn partition_by_names_output_columns() {
+    let bad = FEATURES
+        .replace(
+            "partition_by = [\"window_date\", \"page\"]",
+            "partition_by = [\"window_dat\", \"page\", \"page\"]",
+        )
+        .replace("partition_by = [\"reason\"]", "partition_by = [\"reason\", \"topic\"]");
+    let errors = errors_of(&bad);
+    let line = Some(line_containing(&bad, "window_dat\""));
+    let error = error_at(&errors, "sinks[0].partition_by[0]");
+    assert_eq!(error.line, line);
+    assert_eq!(
+        error.message,
+        "sink \"sliding_out\": partition_by column \"window_dat\" is not an output column of query \"sliding\"; \
+         its columns: window_start, window_end, page, views, clicks, users, p99, ctr, window_date"
+    );
+    assert!(error_at(&errors, "sinks[0].partition_by[2]")
+        .message
+        .contains("\"page\" appears more than once in partition_by"));
+    let error = error_at(&errors, "sinks[4].partition_by[1]");
+    assert_eq!(error.line, Some(line_containing(&bad, "\"reason\", \"topic\"")));
+    assert_eq!(
+        error.message,
+        "sink \"dead_letters\" holds dead letters, which can be partitioned only by \"reason\" \
+         (its columns: reason, topic, partition, offset, payload, error, routed_at)"
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+
+    // Session windows have their own columns.
+    let text = FEATURES.replace(
+        "path = \"./out/sessions\"",
+        "path = \"./out/sessions\"\npartition_by = [\"session_start\", \"window_start\"]",
+    );
+    let errors = errors_of(&text);
+    assert!(error_at(&errors, "sinks[1].partition_by[1]")
+        .message
+        .ends_with("its columns: session_start, session_end, duration, user_id, events"));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+#[test]
+fn file_sources_take_only_their_keys() {
+    let text = FEATURES.replace(
+        "kind = \"files\"\npath = \"./inbox\"",
+        "kind = \"files\"\npath = \"./inbox\"\ntopic = \"drops\"\npartitions = 2\nstarting_offsets = \"latest\"\non_gap = \"skip\"",
+    );
+    let errors = errors_of(&text);
+    for (key, written) in [
+        ("topic", "topic = \"drops\""),
+        ("partitions", "partitions = 2"),
+        ("starting_offsets", "starting_offsets = \"latest\""),
+        ("on_gap", "on_gap = \"skip\""),
+    ] {
+        let error = error_at(&errors, &format!("sources[1].{key}"));
+        assert_eq!(error.line, Some(line_containing(&text, written)));
+        assert_eq!(
+            error.message,
+            format!("\"{key}\" applies only to Kafka sources, and this one has kind = \"files\"; remove it")
+        );
+    }
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+
+    let text = FEATURES.replace("topic = \"clicks\"", "topic = \"clicks\"\npath = \"./x\"\nsettle = \"1s\"");
+    let errors = errors_of(&text);
+    assert_eq!(
+        error_at(&errors, "sources[0].path").message,
+        "\"path\" applies only to file sources; add kind = \"files\" to read a directory, or remove it"
+    );
+    assert!(error_at(&errors, "sources[0].settle")
+        .message
+        .starts_with("\"settle\" applies only to file sources"));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+
+    let text = FEATURES.replace("path = \"./inbox\"\n", "");
+    let errors = errors_of(&text);
+    let header = line_containing(&text, "name = \"drops\"") - 1;
+    let error = error_at(&errors, "sources[1].path");
+    assert_eq!(
+        (error.line, error.message.as_str()),
+        (Some(header), "missing required key \"path\"; add path = ... to sources[1]")
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    // Two file sources have no topic to share; the generator needs a Kafka source.
+    let second = "\n[[sources]]\nname = \"more\"\nkind = \"files\"\npath = \"./more\"\nschema = { ts = \"timestamp\" }\nevent_time = { field = \"ts\" }\n";
+    let text = format!("{FEATURES}{second}\n[generator]\nsource = \"drops\"\n");
+    let errors = errors_of(&text);
+    let error = error_at(&errors, "generator.source");
+    assert_eq!(
+        error.message,
+        "the generator produces into a Kafka topic, but source \"drops\" reads files (kind = \"files\"); point it at a Kafka source"
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    let errors = errors_of(&FEATURES.replace("kind = \"files\"", "kind = \"s3\""));
+    assert_eq!(
+        error_at(&errors, "sources[1].kind").message,
+        "unknown value \"s3\"; use one of \"kafka\", \"files\""
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
