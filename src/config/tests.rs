@@ -1263,3 +1263,279 @@ fn file_sources_take_only_their_keys() {
     );
     assert_eq!(errors.len(), 1, "{errors:#?}");
 }
+
+/// Many independent mistakes in the new constructs, each reported with its path and line.
+const NEW_MISTAKES: &str = r#"[pipeline]
+name = "p"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+schema = { user_id = "string", page = "string", latency_ms = "int", ts = "timestamp" }
+event_time = { field = "ts" }
+settle = "1s"
+on_error = "dead_letters"
+
+[[sources]]
+name = "drops"
+kind = "files"
+topic = "drops"
+schema = { ts = "timestamp" }
+event_time = { field = "ts" }
+
+[[queries]]
+name = "slides"
+from = "clicks"
+window = { sliding = "5m", slide = "10m" }
+aggregates = [
+  { name = "p", fn = "approx_percentile", field = "latency_ms" },
+  { name = "c", fn = "count", percentile = 0.5 },
+  { name = "q", fn = "approx_percentile", field = "latency_ms", percentile = 1.5 },
+]
+derive = [{ name = "p", expr = "p * 2" }, { expr = "1" }]
+sink = "out1"
+
+[[queries]]
+name = "sessions"
+from = "clicks"
+window = { session = "0s", offset = "1m" }
+aggregates = [{ name = "duration", fn = "count" }]
+sink = "out2"
+
+[[queries]]
+name = "forever"
+from = "clicks"
+window = { global = true, reset = "fortnight" }
+aggregates = [{ name = "n", fn = "count" }]
+output = "update"
+sink = "out3"
+
+[[queries]]
+name = "never"
+from = "clicks"
+window = { global = false }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out4"
+
+[[queries]]
+name = "appends"
+from = "clicks"
+window = { global = true }
+aggregates = [{ name = "n", fn = "count" }]
+output = "append"
+sink = "out5"
+
+[[queries]]
+name = "two"
+from = "clicks"
+window = { tumbling = "1m", session = "5m", reset = "day" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out6"
+
+[[queries]]
+name = "nokind"
+from = "clicks"
+window = { offset = "1m", size = "1m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out7"
+
+[[queries]]
+name = "offsets"
+from = "clicks"
+window = { sliding = "10m", slide = "5m", offset = "5m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out8"
+
+[[sinks]]
+name = "out1"
+kind = "delta"
+path = "o1"
+partition_by = ["page"]
+target_file_size = "12 parsecs"
+compact_min_files = 1
+checkpoint_interval = 0
+vacuum_retention = "7 days"
+
+[[sinks]]
+name = "dead_letters"
+kind = "delta"
+path = "dl"
+partition_by = ["payload"]
+
+[[sinks]]
+name = "out2"
+kind = "delta"
+path = "o2"
+
+[[sinks]]
+name = "out3"
+kind = "delta"
+path = "o3"
+
+[[sinks]]
+name = "out4"
+kind = "delta"
+path = "o4"
+
+[[sinks]]
+name = "out5"
+kind = "delta"
+path = "o5"
+
+[[sinks]]
+name = "out6"
+kind = "delta"
+path = "o6"
+
+[[sinks]]
+name = "out7"
+kind = "delta"
+path = "o7"
+
+[[sinks]]
+name = "out8"
+kind = "delta"
+path = "o8"
+"#;
+
+#[test]
+fn reports_every_mistake_in_new_constructs_with_path_and_line() {
+    let errors = errors_of(NEW_MISTAKES);
+    let line = |needle| Some(line_containing(NEW_MISTAKES, needle));
+    let expect = |path: &str, at: Option<usize>, message: &str| {
+        let error = error_at(&errors, path);
+        assert_eq!(error.line, at, "line of {error}");
+        assert_eq!(error.message, message, "at {path}");
+    };
+
+    expect(
+        "sources[0].settle",
+        line("settle = \"1s\""),
+        "\"settle\" applies only to file sources; add kind = \"files\" to read a directory, or remove it",
+    );
+    expect(
+        "sources[1].topic",
+        line("topic = \"drops\""),
+        "\"topic\" applies only to Kafka sources, and this one has kind = \"files\"; remove it",
+    );
+    expect(
+        "sources[1].path",
+        Some(line_containing(NEW_MISTAKES, "name = \"drops\"") - 1),
+        "missing required key \"path\"; add path = ... to sources[1]",
+    );
+
+    expect(
+        "queries[0].window.slide",
+        line("slide = \"10m\""),
+        "the slide (10m) must not be longer than the window size (5m); for gaps between windows use a shorter size",
+    );
+    expect(
+        "queries[0].aggregates[0].percentile",
+        line("{ name = \"p\", fn = \"approx_percentile\""),
+        "fn \"approx_percentile\" needs the percentile to estimate; add percentile = 0.99 (a number between 0 and 1)",
+    );
+    expect(
+        "queries[0].aggregates[1].percentile",
+        line("percentile = 0.5"),
+        "percentile applies only to fn = \"approx_percentile\", not \"count\"; remove it",
+    );
+    expect(
+        "queries[0].aggregates[2].percentile",
+        line("percentile = 1.5"),
+        "must be a number between 0 and 1 (e.g. 0.99 for the 99th percentile), found 1.5",
+    );
+    let derive_line = line("derive = [");
+    expect(
+        "queries[0].derive[0].name",
+        derive_line,
+        "derived column name \"p\" clashes with the aggregate queries[0].aggregates[0]; output column names must be unique, so pick another name",
+    );
+    expect(
+        "queries[0].derive[1].name",
+        derive_line,
+        "missing required key \"name\"; add name = ... to queries[0].derive[1]",
+    );
+
+    expect("queries[1].window.session", line("session = \"0s\""), "the session gap must be greater than 0s");
+    expect(
+        "queries[1].window.offset",
+        line("session = \"0s\""),
+        "\"offset\" applies only to tumbling and sliding windows; remove it",
+    );
+    // The window's parameters are broken, but its kind still names its columns.
+    expect(
+        "queries[1].aggregates[0].name",
+        line("name = \"duration\""),
+        "aggregate name \"duration\" clashes with the window column \"duration\"; output column names must be unique, so pick another name",
+    );
+
+    expect(
+        "queries[2].window.reset",
+        line("\"fortnight\""),
+        "unknown value \"fortnight\"; use one of \"hour\", \"day\", \"week\", \"month\", \"year\"",
+    );
+    expect(
+        "queries[3].window.global",
+        line("global = false"),
+        "global = false does not make a window; remove it and use another kind, or set global = true",
+    );
+    expect(
+        "queries[4].output",
+        line("output = \"append\""),
+        "query \"appends\": a global window without reset never closes, so output = \"append\" would never write a row; \
+         set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)",
+    );
+    let two = line("session = \"5m\"");
+    expect(
+        "queries[5].window.session",
+        two,
+        "a window has one kind and this one is tumbling; remove session (or tumbling)",
+    );
+    expect("queries[5].window.reset", two, "\"reset\" applies only to global windows; remove it");
+    let no_kind = line("size = \"1m\"");
+    expect(
+        "queries[6].window",
+        no_kind,
+        "missing window kind; write one of tumbling = \"5m\", sliding = \"10m\" with slide = \"5m\", session = \"30m\" or global = true",
+    );
+    expect(
+        "queries[6].window.size",
+        no_kind,
+        "unknown key \"size\" in queries[6].window; allowed keys: tumbling, sliding, session, global",
+    );
+    expect(
+        "queries[7].window.offset",
+        line("offset = \"5m\""),
+        "the offset (5m) must be smaller than the slide (5m)",
+    );
+
+    expect(
+        "sinks[0].partition_by[0]",
+        line("partition_by = [\"page\"]"),
+        "sink \"out1\": partition_by column \"page\" is not an output column of query \"slides\"; its columns: window_start, window_end, p, c, q, p",
+    );
+    expect(
+        "sinks[0].target_file_size",
+        line("parsecs"),
+        "invalid size \"12 parsecs\": write a whole number followed by B, KB, MB, GB, KiB, MiB or GiB (e.g. \"128MiB\"), or an integer number of bytes",
+    );
+    expect("sinks[0].compact_min_files", line("compact_min_files"), "must be at least 2, found 1");
+    expect("sinks[0].checkpoint_interval", line("checkpoint_interval"), "must be at least 1, found 0");
+    expect(
+        "sinks[0].vacuum_retention",
+        line("vacuum_retention"),
+        "invalid duration \"7 days\": write a number followed by ms, s, m, h or d (e.g. \"10s\")",
+    );
+    expect(
+        "sinks[1].partition_by[0]",
+        line("partition_by = [\"payload\"]"),
+        "sink \"dead_letters\" holds dead letters, which can be partitioned only by \"reason\" (its columns: reason, topic, partition, offset, payload, error, routed_at)",
+    );
+
+    // Nothing else: every error above is expected, and none is repeated.
+    assert_eq!(errors.len(), 26, "{errors:#?}");
+    let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted);
+}
