@@ -109,6 +109,9 @@ impl Failure {
 
 /// Starts the pipeline. Returns once recovery is done and the shards are starting.
 pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipeline, DaemonError> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let config = Arc::new(config);
     let shards = match config.pipeline.shards {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -117,6 +117,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { pipeline } => {
             let Some(cfg) = load_or_report(&pipeline) else { return ExitCode::FAILURE };
+            for warning in &cfg.warnings {
+                eprintln!("warning: {warning}");
+            }
             if let Err(e) = tidemark::sink::plan_sinks(&cfg) {
                 eprintln!("{}: {e}", pipeline.display());
                 return ExitCode::FAILURE;
@@ -176,7 +179,7 @@ fn main() -> ExitCode {
             }
             if let Some(path) = config {
                 let Some(cfg) = load_or_report(&path) else { return ExitCode::FAILURE };
-                list.extend(cfg.sources.iter().map(|s| (s.topic.clone(), s.partitions as i32)));
+                list.extend(cfg.sources.iter().filter(|s| s.files.is_none()).map(|s| (s.topic.clone(), s.partitions as i32)));
             }
             let broker = match tidemark::broker::EmbeddedBroker::start(&list) {
                 Ok(b) => b,

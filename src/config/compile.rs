@@ -1,23 +1,25 @@
 //! Second pass: resolve references between tables and check what needs more
-//! than one table to check (unique names, query fields against the source
-//! schema, sink usage).
+//! than one table to check (unique names, query fields and expressions against
+//! the source schema, output columns, sink usage).
 //!
 //! The result is only handed out when no error was reported, so missing
 //! values may be filled with placeholders here without escaping.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use super::error::Diagnostics;
+use super::error::{ConfigError, Diagnostics};
 use super::model::{
-    AggFn, AggregateConfig, Config, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, KafkaConfig, PipelineConfig, QueryConfig, SinkConfig, SinkKind,
-    SourceConfig, WindowConfig,
+    AggFn, AggregateConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, KafkaConfig, OutputMode, PipelineConfig, QueryConfig,
+    SinkConfig, SinkKind, SourceConfig, WindowConfig,
 };
-use super::raw::{RawConfig, RawGenerator, RawQuery, RawSource};
+use super::raw::{RawConfig, RawGenerator, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
 
-/// Output columns every query produces besides its keys and aggregates.
-const WINDOW_COLUMNS: [&str; 2] = ["window_start", "window_end"];
+/// Columns of a dead-letter table, in order.
+const DEAD_LETTER_COLUMNS: [&str; 7] = ["reason", "topic", "partition", "offset", "payload", "error", "routed_at"];
+/// The only column a dead-letter table may be partitioned by.
+const DEAD_LETTER_PARTITION_COLUMN: &str = "reason";
 
 pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
     let name = raw.pipeline.name.unwrap_or_default();
@@ -43,28 +45,36 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
     let source_names = Names::new(raw.sources.iter().map(|s| s.name.as_ref()));
     let sink_names = Names::new(raw.sinks.iter().map(|s| s.name.as_ref()));
 
-    // Sink index → name of the query writing to it.
-    let mut query_sinks: HashMap<usize, String> = HashMap::new();
+    let mut warnings = Vec::new();
+    // Sink index → the query writing to it, with that query's output column names.
+    let mut query_sinks: HashMap<usize, QueryOutput> = HashMap::new();
     let refs = Refs {
         raw_sources: &raw.sources,
         sources: &source_names,
         sinks: &sink_names,
     };
-    let queries: Vec<QueryConfig> = raw.queries.into_iter().map(|q| compile_query(q, &refs, &mut query_sinks, diag)).collect();
+    let queries: Vec<QueryConfig> = raw
+        .queries
+        .into_iter()
+        .map(|q| compile_query(q, &refs, &mut query_sinks, &mut warnings, diag))
+        .collect();
 
-    let sources: Vec<SourceConfig> = raw.sources.into_iter().map(|s| compile_source(s, &sink_names, &query_sinks, diag)).collect();
+    // Sink indices receiving dead letters.
+    let mut dead_letter_sinks = HashSet::new();
+    let sources: Vec<SourceConfig> = raw
+        .sources
+        .into_iter()
+        .map(|s| compile_source(s, &sink_names, &query_sinks, &mut dead_letter_sinks, diag))
+        .collect();
 
     let sinks = raw
         .sinks
         .into_iter()
-        .map(|s| SinkConfig {
-            name: s.name.map(|n| n.value).unwrap_or_default(),
-            kind: s.kind.unwrap_or(SinkKind::Delta),
-            path: s.path.unwrap_or_default(),
-        })
+        .enumerate()
+        .map(|(i, s)| compile_sink(s, query_sinks.get(&i), dead_letter_sinks.contains(&i), diag))
         .collect();
 
-    let generator = raw.generator.map(|g| compile_generator(g, &source_names, diag));
+    let generator = raw.generator.map(|g| compile_generator(g, &source_names, &sources, diag));
 
     Config {
         pipeline,
@@ -73,7 +83,15 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         queries,
         sinks,
         generator,
+        warnings,
     }
+}
+
+/// What a query writes into its sink.
+struct QueryOutput {
+    query: String,
+    /// Output column names in order (window columns, keys, aggregates, derived).
+    columns: Vec<String>,
 }
 
 /// The defined names of one kind of table, for resolving references.
@@ -147,7 +165,7 @@ fn check_unique<'a>(diag: &Diagnostics, kind: &str, names: impl Iterator<Item = 
 }
 
 /// Partitions are assigned per topic: a topic read by two sources would be read by neither
-/// correctly. Several queries can share one source instead.
+/// correctly. Several queries can share one source instead. File sources have no topic.
 fn check_one_source_per_topic(diag: &Diagnostics, sources: &[RawSource]) {
     let mut first_use: HashMap<&str, &RawSource> = HashMap::new();
     for s in sources {
@@ -173,18 +191,25 @@ fn display_name(name: Option<&At<String>>) -> String {
     name.map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone())
 }
 
-fn compile_source(s: RawSource, sinks: &Names, query_sinks: &HashMap<usize, String>, diag: &Diagnostics) -> SourceConfig {
+fn compile_source(
+    s: RawSource,
+    sinks: &Names,
+    query_sinks: &HashMap<usize, QueryOutput>,
+    dead_letter_sinks: &mut HashSet<usize>,
+    diag: &Diagnostics,
+) -> SourceConfig {
     let source_name = display_name(s.name.as_ref());
     if let Some(on_error) = &s.on_error {
         let subject = format!("source \"{source_name}\" sends dead letters to");
         if let Some(index) = sinks.resolve(diag, on_error, &subject, "sink", "sinks") {
-            if let Some(query) = query_sinks.get(&index) {
+            dead_letter_sinks.insert(index);
+            if let Some(output) = query_sinks.get(&index) {
                 diag.report(
                     on_error.path.clone(),
                     on_error.line,
                     format!(
-                        "sink \"{}\" already receives the results of query \"{query}\" and cannot also take dead letters; add a separate sink for them",
-                        on_error.value
+                        "sink \"{}\" already receives the results of query \"{}\" and cannot also take dead letters; add a separate sink for them",
+                        on_error.value, output.query
                     ),
                 );
             }
@@ -193,6 +218,7 @@ fn compile_source(s: RawSource, sinks: &Names, query_sinks: &HashMap<usize, Stri
     SourceConfig {
         name: s.name.map(|n| n.value).unwrap_or_default(),
         topic: s.topic.map(|t| t.value).unwrap_or_default(),
+        files: s.files,
         partitions: s.partitions,
         format: s.format,
         schema: s.schema.unwrap_or_default(),
@@ -214,28 +240,18 @@ struct Refs<'a> {
     sinks: &'a Names,
 }
 
-fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, String>, diag: &Diagnostics) -> QueryConfig {
+/// An output column of a query; `ty` is `None` when it could not be worked out (the reason
+/// has been reported), so expressions reading it are not checked.
+struct Column {
+    name: String,
+    ty: Option<FieldType>,
+}
+
+fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, QueryOutput>, warnings: &mut Vec<String>, diag: &Diagnostics) -> QueryConfig {
     let query_name = display_name(q.name.as_ref());
     let source_index = q.from.as_ref().and_then(|from| {
         let subject = format!("query \"{query_name}\" reads from");
         refs.sources.resolve(diag, from, &subject, "source", "sources")
-    });
-    let sink_index = q.sink.as_ref().and_then(|sink| {
-        let subject = format!("query \"{query_name}\" writes to");
-        let index = refs.sinks.resolve(diag, sink, &subject, "sink", "sinks")?;
-        if let Some(first) = query_sinks.get(&index) {
-            diag.report(
-                sink.path.clone(),
-                sink.line,
-                format!(
-                    "sink \"{}\" already receives the results of query \"{first}\"; give each query its own sink",
-                    sink.value
-                ),
-            );
-        } else {
-            query_sinks.insert(index, query_name.clone());
-        }
-        Some(index)
     });
     // Field checks need the source's schema; skip them when it is unknown
     // (the reason has been reported already).
@@ -243,10 +259,24 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         let s = &refs.raw_sources[i];
         Some((display_name(s.name.as_ref()), s.schema.as_deref()?))
     });
+    let schema_columns: Option<Vec<Column>> = source.as_ref().map(|(_, schema)| {
+        schema
+            .iter()
+            .map(|d| Column {
+                name: d.name.clone(),
+                ty: Some(d.ty),
+            })
+            .collect()
+    });
+    let expressions = Expressions { query: &query_name, diag };
+
+    if let (Some(filter), Some(columns)) = (&q.filter, &schema_columns) {
+        expressions.check(filter, "where", columns, true);
+    }
     if let Some((source_name, schema)) = &source {
         check_group_by(&q.group_by, source_name, schema, diag);
     }
-    let aggregates = q
+    let aggregates: Vec<AggregateConfig> = q
         .aggregates
         .iter()
         .map(|a| {
@@ -257,31 +287,205 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
             if let (Some(func), Some((_, schema))) = (&a.func, &source) {
                 check_aggregate_field(a.at.path.as_str(), a.at.line, func, a.field.as_ref(), field_index.map(|i| &schema[i]), diag);
             }
+            if let (Some(filter), Some(columns)) = (&a.filter, &schema_columns) {
+                let name = a.name.as_ref().map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone());
+                expressions.check(filter, &format!("aggregate \"{name}\": filter"), columns, true);
+            }
             AggregateConfig {
                 name: a.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
                 func: a.func.as_ref().map_or(AggFn::Count, |f| f.value),
                 field: a.field.as_ref().map(|f| f.value.clone()),
                 field_index,
+                filter: a.filter.as_ref().map(|f| f.value.clone()),
+                percentile: a.percentile,
             }
         })
         .collect();
     check_output_names(&q, diag);
 
+    // Output columns in row order; derived expressions see the ones before them.
+    let window = q.window.as_ref().and_then(|w| w.config);
+    let mut columns: Vec<Column> = q
+        .window
+        .as_ref()
+        .map_or(&[][..], |w| w.columns)
+        .iter()
+        .map(|&name| window_column(name))
+        .collect();
+    for key in &q.group_by {
+        let ty = source
+            .as_ref()
+            .and_then(|(_, schema)| schema.iter().find(|d| d.name == key.value))
+            .map(|d| d.ty);
+        columns.push(Column { name: key.value.clone(), ty });
+    }
+    for (raw, compiled) in q.aggregates.iter().zip(&aggregates) {
+        let Some(name) = &raw.name else { continue };
+        let input = source.as_ref().zip(compiled.field_index).map(|((_, schema), i)| schema[i].ty);
+        let ty = match (&raw.func, input, &raw.field) {
+            (Some(func), Some(input), _) => Some(agg_output_type(func.value, Some(input))),
+            (Some(func), None, None) => Some(agg_output_type(func.value, None)),
+            _ => None,
+        };
+        columns.push(Column { name: name.value.clone(), ty });
+    }
+    let mut derive = Vec::with_capacity(q.derive.len());
+    for d in &q.derive {
+        let ty = match (&d.name, &d.expr) {
+            (Some(name), Some(expr)) => expressions.check(expr, &format!("derived column \"{}\": expr", name.value), &columns, false),
+            _ => None,
+        };
+        if let Some(name) = &d.name {
+            columns.push(Column { name: name.value.clone(), ty });
+        }
+        derive.push(DerivedColumn {
+            name: d.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
+            expr: d.expr.as_ref().map(|e| e.value.clone()).unwrap_or_default(),
+        });
+    }
+
+    if let Some((raw_window, window)) = q.window.as_ref().zip(window) {
+        check_output_mode(&q, &query_name, raw_window, window, warnings, diag);
+    }
+
+    let sink_index = q.sink.as_ref().and_then(|sink| {
+        let subject = format!("query \"{query_name}\" writes to");
+        let index = refs.sinks.resolve(diag, sink, &subject, "sink", "sinks")?;
+        if let Some(first) = query_sinks.get(&index) {
+            diag.report(
+                sink.path.clone(),
+                sink.line,
+                format!(
+                    "sink \"{}\" already receives the results of query \"{}\"; give each query its own sink",
+                    sink.value, first.query
+                ),
+            );
+        } else {
+            let output = QueryOutput {
+                query: query_name.clone(),
+                columns: columns.into_iter().map(|c| c.name).collect(),
+            };
+            query_sinks.insert(index, output);
+        }
+        Some(index)
+    });
+
     QueryConfig {
         name: q.name.map(|n| n.value).unwrap_or_default(),
         from: q.from.map(|f| f.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),
-        window: q.window.unwrap_or(WindowConfig::Tumbling {
+        filter: q.filter.map(|f| f.value),
+        window: window.unwrap_or(WindowConfig::Tumbling {
             size: std::time::Duration::ZERO,
             offset: std::time::Duration::ZERO,
         }),
         group_by: q.group_by.into_iter().map(|g| g.value).collect(),
         aggregates,
-        output: q.output,
+        derive,
+        output: q.output.map_or(OutputMode::Append, |o| o.value),
         allowed_lateness: q.allowed_lateness,
         sink: q.sink.map(|s| s.value).unwrap_or_default(),
         sink_index: sink_index.unwrap_or(0),
     }
+}
+
+/// Name and type of a window column (see [`WindowConfig::columns`]).
+fn window_column(name: &str) -> Column {
+    let ty = if name == "duration" { FieldType::Float } else { FieldType::Timestamp };
+    Column {
+        name: name.to_string(),
+        ty: Some(ty),
+    }
+}
+
+/// Type of an aggregate's output column, given the type of its input field.
+pub(crate) fn agg_output_type(func: AggFn, input: Option<FieldType>) -> FieldType {
+    match func {
+        AggFn::Count | AggFn::CountDistinct | AggFn::ApproxCountDistinct => FieldType::Int,
+        AggFn::Avg | AggFn::VarSamp | AggFn::VarPop | AggFn::StddevSamp | AggFn::StddevPop | AggFn::ApproxPercentile => FieldType::Float,
+        AggFn::Sum if input == Some(FieldType::Float) => FieldType::Float,
+        AggFn::Sum => FieldType::Int,
+        AggFn::Min | AggFn::Max | AggFn::First | AggFn::Last => input.unwrap_or(FieldType::Int),
+    }
+}
+
+/// `append` needs windows that close; `complete` with windows that close keeps them all.
+fn check_output_mode(q: &RawQuery, query_name: &str, at: &RawWindow, window: WindowConfig, warnings: &mut Vec<String>, diag: &Diagnostics) {
+    if !q.output_valid {
+        return; // reported
+    }
+    match (q.output_mode(), window.closes()) {
+        (OutputMode::Append, false) => {
+            let (path, line, default) = match &q.output {
+                Some(output) => (output.path.clone(), output.line, ""),
+                None => (at.path.clone(), at.line, " (the default)"),
+            };
+            diag.report(
+                path,
+                line,
+                format!(
+                    "query \"{query_name}\": a global window without reset never closes, so output = \"append\"{default} would never write a row; \
+                     set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)"
+                ),
+            );
+        }
+        (OutputMode::Complete, true) => {
+            let output = q.output.as_ref().expect("complete is written");
+            let warning = ConfigError {
+                path: output.path.clone(),
+                line: output.line,
+                message: format!(
+                    "query \"{query_name}\": output = \"complete\" keeps and rewrites every window ever seen; the table grows without bound — \
+                     use update, or global without reset"
+                ),
+            };
+            warnings.push(warning.to_string());
+        }
+        _ => {}
+    }
+}
+
+/// Checks the SQL expressions of one query and reports their problems.
+struct Expressions<'a> {
+    query: &'a str,
+    diag: &'a Diagnostics,
+}
+
+impl Expressions<'_> {
+    /// Type-checks `text` (written as `key = "text"`) against `columns`; a condition must be
+    /// boolean. Returns the expression's type, or `None` when it is broken (reported) or reads a
+    /// column whose type is unknown (not checked).
+    fn check(&self, text: &At<String>, key: &str, columns: &[Column], condition: bool) -> Option<FieldType> {
+        if columns.iter().any(|c| c.ty.is_none()) {
+            return None; // an input is broken; its own error says why
+        }
+        let typed: Vec<(&str, FieldType)> = columns.iter().filter_map(|c| Some((c.name.as_str(), c.ty?))).collect();
+        let report = |problem: String| {
+            self.diag.report(
+                text.path.clone(),
+                text.line,
+                format!("query \"{}\": {key} = \"{}\": {problem}", self.query, text.value),
+            );
+        };
+        match expression_type(&text.value, &typed) {
+            Err(problem) => {
+                report(problem);
+                None
+            }
+            Ok(ty) if condition && ty != FieldType::Bool => {
+                report(format!("a condition must be true or false (bool), but this expression is {}", ty.as_str()));
+                None
+            }
+            Ok(ty) => Some(ty),
+        }
+    }
+}
+
+/// Type of a SQL expression over `columns`, or what is wrong with it.
+fn expression_type(text: &str, columns: &[(&str, FieldType)]) -> Result<FieldType, String> {
+    // TODO(expr): replaced by crate::expr once it lands.
+    let _ = (text, columns);
+    Ok(FieldType::Bool)
 }
 
 /// Index of `field` in the schema, or reports that it is missing.
@@ -325,63 +529,110 @@ fn check_group_by(group_by: &[At<String>], source_name: &str, schema: &[FieldDef
     }
 }
 
+/// Which input field types an aggregate function takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InputTypes {
+    /// int or float
+    Numbers,
+    /// int, float or timestamp
+    Ordered,
+    Any,
+}
+
+impl InputTypes {
+    fn of(func: AggFn) -> InputTypes {
+        match func {
+            AggFn::Sum | AggFn::Avg | AggFn::VarSamp | AggFn::VarPop | AggFn::StddevSamp | AggFn::StddevPop | AggFn::ApproxPercentile => InputTypes::Numbers,
+            AggFn::Min | AggFn::Max => InputTypes::Ordered,
+            AggFn::Count | AggFn::CountDistinct | AggFn::ApproxCountDistinct | AggFn::First | AggFn::Last => InputTypes::Any,
+        }
+    }
+
+    fn accepts(self, ty: FieldType) -> bool {
+        match self {
+            InputTypes::Numbers => matches!(ty, FieldType::Int | FieldType::Float),
+            InputTypes::Ordered => matches!(ty, FieldType::Int | FieldType::Float | FieldType::Timestamp),
+            InputTypes::Any => true,
+        }
+    }
+
+    /// "an int or float" (field)
+    fn describe(self) -> &'static str {
+        match self {
+            InputTypes::Numbers => "an int or float",
+            InputTypes::Ordered => "an int, float or timestamp",
+            InputTypes::Any => "a",
+        }
+    }
+}
+
 fn check_aggregate_field(path: &str, line: Option<usize>, func: &At<AggFn>, field: Option<&At<String>>, def: Option<&FieldDef>, diag: &Diagnostics) {
     let name = func.value.as_str();
     if func.value == AggFn::Count {
         return; // any field type may be counted, and the field is optional
     }
+    let inputs = InputTypes::of(func.value);
     let Some(field) = field else {
+        let placeholder = match inputs {
+            InputTypes::Numbers => "<int or float field>",
+            InputTypes::Ordered => "<int, float or timestamp field>",
+            InputTypes::Any => "<field>",
+        };
         diag.report(
             format!("{path}.field"),
             line,
-            format!("fn \"{name}\" needs a field; add field = \"<int or float field>\""),
+            format!("fn \"{name}\" needs a field; add field = \"{placeholder}\""),
         );
         return;
     };
-    if let Some(def) = def {
-        // min/max also order timestamps (first/last seen); sums and averages need numbers.
-        let timestamp_ok = matches!(func.value, AggFn::Min | AggFn::Max) && def.ty == FieldType::Timestamp;
-        if !matches!(def.ty, FieldType::Int | FieldType::Float) && !timestamp_ok {
-            let wanted = if matches!(func.value, AggFn::Min | AggFn::Max) {
-                "an int, float or timestamp"
-            } else {
-                "an int or float"
-            };
-            diag.report(
-                field.path.clone(),
-                field.line,
-                format!("fn \"{name}\" needs {wanted} field, but \"{}\" is {}", field.value, def.ty.as_str()),
-            );
-        }
+    let Some(def) = def else { return };
+    if !inputs.accepts(def.ty) {
+        let hint = if inputs == InputTypes::Ordered && def.ty == FieldType::String {
+            "; for strings use fn = \"first\" or \"last\""
+        } else {
+            ""
+        };
+        diag.report(
+            field.path.clone(),
+            field.line,
+            format!(
+                "fn \"{name}\" needs {} field, but \"{}\" is {}{hint}",
+                inputs.describe(),
+                field.value,
+                def.ty.as_str()
+            ),
+        );
     }
 }
 
-/// Output column names must be unique: window bounds, keys, aggregates.
+/// Output column names must be unique: window columns, keys, aggregates, derived columns.
 fn check_output_names(q: &RawQuery, diag: &Diagnostics) {
+    let window_columns = q.window.as_ref().map_or(&[][..], |w| w.columns);
+    let window_clash = |name: &str| window_columns.contains(&name).then(|| format!("the window column \"{name}\""));
     for key in &q.group_by {
-        if WINDOW_COLUMNS.contains(&key.value.as_str()) {
+        if let Some(clash) = window_clash(&key.value) {
             diag.report(
                 key.path.clone(),
                 key.line,
-                format!(
-                    "group_by field \"{}\" clashes with the output column of the same name that holds the window bound",
-                    key.value
-                ),
+                format!("group_by field \"{}\" clashes with {clash}; output column names must be unique", key.value),
             );
         }
     }
-    let names: Vec<&At<String>> = q.aggregates.iter().filter_map(|a| a.name.as_ref()).collect();
-    for (i, name) in names.iter().enumerate() {
-        let clash = if WINDOW_COLUMNS.contains(&name.value.as_str()) {
-            Some("the window bound column of the same name".to_string())
-        } else if q.group_by.iter().any(|k| k.value == name.value) {
-            Some(format!("the group_by field \"{}\"", name.value))
-        } else {
-            names[..i]
-                .iter()
-                .find(|n| n.value == name.value)
-                .map(|n| format!("another aggregate ({})", n.path.trim_end_matches(".name")))
-        };
+    let aggregate_names: Vec<&At<String>> = q.aggregates.iter().filter_map(|a| a.name.as_ref()).collect();
+    for (i, name) in aggregate_names.iter().enumerate() {
+        let clash = window_clash(&name.value)
+            .or_else(|| {
+                q.group_by
+                    .iter()
+                    .any(|k| k.value == name.value)
+                    .then(|| format!("the group_by field \"{}\"", name.value))
+            })
+            .or_else(|| {
+                aggregate_names[..i]
+                    .iter()
+                    .find(|n| n.value == name.value)
+                    .map(|n| format!("another aggregate ({})", n.path.trim_end_matches(".name")))
+            });
         if let Some(clash) = clash {
             diag.report(
                 name.path.clone(),
@@ -393,13 +644,97 @@ fn check_output_names(q: &RawQuery, diag: &Diagnostics) {
             );
         }
     }
+    let derived_names: Vec<&At<String>> = q.derive.iter().filter_map(|d| d.name.as_ref()).collect();
+    for (i, name) in derived_names.iter().enumerate() {
+        let clash = window_clash(&name.value)
+            .or_else(|| {
+                q.group_by
+                    .iter()
+                    .any(|k| k.value == name.value)
+                    .then(|| format!("the group_by field \"{}\"", name.value))
+            })
+            .or_else(|| {
+                aggregate_names
+                    .iter()
+                    .find(|n| n.value == name.value)
+                    .map(|n| format!("the aggregate {}", n.path.trim_end_matches(".name")))
+            })
+            .or_else(|| {
+                derived_names[..i]
+                    .iter()
+                    .find(|n| n.value == name.value)
+                    .map(|n| format!("another derived column ({})", n.path.trim_end_matches(".name")))
+            });
+        if let Some(clash) = clash {
+            diag.report(
+                name.path.clone(),
+                name.line,
+                format!(
+                    "derived column name \"{}\" clashes with {clash}; output column names must be unique, so pick another name",
+                    name.value
+                ),
+            );
+        }
+    }
 }
 
-fn compile_generator(g: RawGenerator, sources: &Names, diag: &Diagnostics) -> GeneratorConfig {
+fn compile_sink(s: RawSink, fed_by_query: Option<&QueryOutput>, dead_letters: bool, diag: &Diagnostics) -> SinkConfig {
+    let sink_name = display_name(s.name.as_ref());
+    for column in &s.partition_by {
+        if let Some(output) = fed_by_query {
+            if !output.columns.contains(&column.value) {
+                diag.report(
+                    column.path.clone(),
+                    column.line,
+                    format!(
+                        "sink \"{sink_name}\": partition_by column \"{}\" is not an output column of query \"{}\"; its columns: {}",
+                        column.value,
+                        output.query,
+                        output.columns.join(", ")
+                    ),
+                );
+            }
+        } else if dead_letters && column.value != DEAD_LETTER_PARTITION_COLUMN {
+            diag.report(
+                column.path.clone(),
+                column.line,
+                format!(
+                    "sink \"{sink_name}\" holds dead letters, which can be partitioned only by \"{DEAD_LETTER_PARTITION_COLUMN}\" (its columns: {})",
+                    DEAD_LETTER_COLUMNS.join(", ")
+                ),
+            );
+        }
+    }
+    SinkConfig {
+        name: s.name.map(|n| n.value).unwrap_or_default(),
+        kind: s.kind.unwrap_or(SinkKind::Delta),
+        path: s.path.unwrap_or_default(),
+        partition_by: s.partition_by.into_iter().map(|c| c.value).collect(),
+        target_file_size_bytes: s.target_file_size_bytes,
+        compact_every: s.compact_every,
+        compact_min_files: s.compact_min_files,
+        checkpoint_interval: s.checkpoint_interval,
+        vacuum_retention: s.vacuum_retention,
+    }
+}
+
+fn compile_generator(g: RawGenerator, source_names: &Names, sources: &[SourceConfig], diag: &Diagnostics) -> GeneratorConfig {
     let source_index = g
         .source
         .as_ref()
-        .and_then(|source| sources.resolve(diag, source, "the generator produces into", "source", "sources"));
+        .and_then(|source| source_names.resolve(diag, source, "the generator produces into", "source", "sources"));
+    if let (Some(source), Some(index)) = (&g.source, source_index) {
+        if sources[index].files.is_some() {
+            diag.report(
+                source.path.clone(),
+                source.line,
+                format!(
+                    "the generator produces into a Kafka topic, but source \"{}\" reads files (kind = \"files\"); point it at a Kafka source",
+                    source.value
+                ),
+            );
+        }
+    }
     GeneratorConfig {
         source: g.source.map(|s| s.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),

@@ -24,8 +24,9 @@ use toml::de::DeTable;
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    AggFn, AggregateConfig, Bootstrap, Config, EventTimeConfig, FieldDef, FieldType, Format, GapPolicy, GeneratorConfig, KafkaConfig, OutputMode,
-    PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, AggregateConfig, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
+    GeneratorConfig, KafkaConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets, TimeFormat, WatermarkConfig,
+    WindowConfig,
 };
 
 use error::Diagnostics;

@@ -192,7 +192,7 @@ pub enum GapPolicy {
 }
 
 /// One `[[queries]]` entry: a windowed aggregation from a source into a sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryConfig {
     pub name: String,
     pub from: String,
@@ -292,7 +292,7 @@ pub struct DerivedColumn {
 }
 
 /// `{ name = "total", fn = "sum", field = "amount" }`
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AggregateConfig {
     /// Output column name.
     pub name: String,

@@ -13,7 +13,8 @@ use toml::de::DeValue;
 
 use super::duration::format_duration;
 use super::model::{
-    AggFn, Bootstrap, FieldDef, FieldType, Format, GapPolicy, OutputMode, SinkKind, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, OutputMode, SinkKind, StartingOffsets, TimeFormat,
+    WatermarkConfig, WindowConfig,
 };
 use super::reader::{found, At, Fields};
 
@@ -33,13 +34,31 @@ const TIME_FORMATS: [(&str, TimeFormat); 5] = [
     ("epoch_micros", TimeFormat::EpochMicros),
 ];
 
-const AGG_FNS: [(&str, AggFn); 5] = [
-    ("count", AggFn::Count),
-    ("sum", AggFn::Sum),
-    ("min", AggFn::Min),
-    ("max", AggFn::Max),
-    ("avg", AggFn::Avg),
+const CALENDAR_UNITS: [(&str, CalendarUnit); 5] = [
+    ("hour", CalendarUnit::Hour),
+    ("day", CalendarUnit::Day),
+    ("week", CalendarUnit::Week),
+    ("month", CalendarUnit::Month),
+    ("year", CalendarUnit::Year),
 ];
+
+const OUTPUT_MODES: [(&str, OutputMode); 3] = [
+    ("append", OutputMode::Append),
+    ("update", OutputMode::Update),
+    ("complete", OutputMode::Complete),
+];
+
+/// What a source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SourceKind {
+    Kafka,
+    Files,
+}
+
+/// Keys of a Kafka source that a file source must not have.
+const KAFKA_ONLY_KEYS: [&str; 4] = ["topic", "partitions", "starting_offsets", "on_gap"];
+/// Keys of a file source that a Kafka source must not have.
+const FILES_ONLY_KEYS: [&str; 2] = ["path", "settle"];
 
 const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -57,6 +76,11 @@ const DEFAULT_SEED: u64 = 42;
 const DEFAULT_USERS: u32 = 1000;
 const DEFAULT_PAGES: u32 = 50;
 const DEFAULT_LATE_BY: Duration = Duration::from_secs(3600);
+const DEFAULT_SETTLE: Duration = Duration::from_secs(5);
+const DEFAULT_TARGET_FILE_SIZE_BYTES: u64 = 128 << 20;
+const DEFAULT_COMPACT_EVERY: u64 = 10;
+const DEFAULT_COMPACT_MIN_FILES: usize = 4;
+const DEFAULT_CHECKPOINT_INTERVAL: u64 = 10;
 
 #[derive(Debug)]
 pub(crate) struct RawConfig {
@@ -89,7 +113,10 @@ pub(crate) struct RawKafka {
 #[derive(Debug)]
 pub(crate) struct RawSource {
     pub name: Option<At<String>>,
+    /// Kafka sources only.
     pub topic: Option<At<String>>,
+    /// File sources only; `None` when `path` is missing.
+    pub files: Option<FileSourceConfig>,
     pub partitions: u32,
     pub format: Format,
     /// `None` when missing or unreadable; fields that failed to read are left out.
@@ -106,12 +133,36 @@ pub(crate) struct RawSource {
 pub(crate) struct RawQuery {
     pub name: Option<At<String>>,
     pub from: Option<At<String>>,
-    pub window: Option<WindowConfig>,
+    /// `where = "..."`
+    pub filter: Option<At<String>>,
+    pub window: Option<RawWindow>,
     pub group_by: Vec<At<String>>,
     pub aggregates: Vec<RawAggregate>,
-    pub output: OutputMode,
+    pub derive: Vec<RawDerived>,
+    /// `None` when absent (append) or invalid (reported; see `output_valid`).
+    pub output: Option<At<OutputMode>>,
+    pub output_valid: bool,
     pub allowed_lateness: Duration,
     pub sink: Option<At<String>>,
+}
+
+impl RawQuery {
+    /// The output mode, `append` when not written.
+    pub fn output_mode(&self) -> OutputMode {
+        self.output.as_ref().map_or(OutputMode::Append, |o| o.value)
+    }
+}
+
+/// `window = { ... }` with a kind.
+#[derive(Debug)]
+pub(crate) struct RawWindow {
+    /// Path and line of the window table.
+    pub path: String,
+    pub line: Option<usize>,
+    /// `None` when a parameter is invalid (reported).
+    pub config: Option<WindowConfig>,
+    /// Output columns of the window's kind, known even when a parameter is invalid.
+    pub columns: &'static [&'static str],
 }
 
 #[derive(Debug)]
@@ -121,6 +172,15 @@ pub(crate) struct RawAggregate {
     pub name: Option<At<String>>,
     pub func: Option<At<AggFn>>,
     pub field: Option<At<String>>,
+    pub filter: Option<At<String>>,
+    pub percentile: Option<f64>,
+}
+
+/// `{ name = "ctr", expr = "clicks / views" }`
+#[derive(Debug)]
+pub(crate) struct RawDerived {
+    pub name: Option<At<String>>,
+    pub expr: Option<At<String>>,
 }
 
 #[derive(Debug)]
@@ -128,6 +188,12 @@ pub(crate) struct RawSink {
     pub name: Option<At<String>>,
     pub kind: Option<SinkKind>,
     pub path: Option<PathBuf>,
+    pub partition_by: Vec<At<String>>,
+    pub target_file_size_bytes: u64,
+    pub compact_every: u64,
+    pub compact_min_files: usize,
+    pub checkpoint_interval: u64,
+    pub vacuum_retention: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -289,8 +355,61 @@ fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
 
 fn read_source(mut f: Fields<'_, '_>) -> RawSource {
     let name = f.require("name", Fields::take_str);
-    let topic = f.require("topic", Fields::take_str);
-    let partitions = f.take_int("partitions", 1, u64::from(u32::MAX)).map_or(DEFAULT_PARTITIONS, |n| n.value as u32);
+    let kind = match f.take_choice("kind", &[("kafka", SourceKind::Kafka), ("files", SourceKind::Files)]) {
+        Some(kind) => Some(kind.value),
+        None if f.has("kind") => None, // invalid, reported
+        None => Some(SourceKind::Kafka),
+    };
+    // Keys of the other kind get their own message rather than "unknown key".
+    let (foreign_keys, advice): (&[&'static str], &str) = match kind {
+        Some(SourceKind::Kafka) => (
+            &FILES_ONLY_KEYS,
+            "applies only to file sources; add kind = \"files\" to read a directory, or remove it",
+        ),
+        Some(SourceKind::Files) => (&KAFKA_ONLY_KEYS, "applies only to Kafka sources, and this one has kind = \"files\"; remove it"),
+        None => (&[], ""),
+    };
+    for &key in foreign_keys {
+        if let Some(value) = f.take_unlisted(key) {
+            f.report_at(f.key_path(key), f.line_of(value), format!("\"{key}\" {advice}"));
+        }
+    }
+    let mut topic = None;
+    let mut partitions = DEFAULT_PARTITIONS;
+    let mut starting_offsets = StartingOffsets::Earliest;
+    let mut on_gap = GapPolicy::Fail;
+    let mut files = None;
+    if kind != Some(SourceKind::Files) {
+        topic = if kind.is_some() {
+            f.require("topic", Fields::take_str)
+        } else {
+            f.take_str("topic")
+        };
+        partitions = f.take_int("partitions", 1, u64::from(u32::MAX)).map_or(DEFAULT_PARTITIONS, |n| n.value as u32);
+        starting_offsets = value_or(
+            f.take_choice(
+                "starting_offsets",
+                &[("earliest", StartingOffsets::Earliest), ("latest", StartingOffsets::Latest)],
+            ),
+            StartingOffsets::Earliest,
+        );
+        on_gap = value_or(
+            f.take_choice("on_gap", &[("fail", GapPolicy::Fail), ("skip", GapPolicy::Skip)]),
+            GapPolicy::Fail,
+        );
+    }
+    if kind != Some(SourceKind::Kafka) {
+        let path = if kind.is_some() {
+            f.require("path", Fields::take_str)
+        } else {
+            f.take_str("path")
+        };
+        let settle = value_or(f.take_duration("settle"), DEFAULT_SETTLE);
+        files = path.map(|path| FileSourceConfig {
+            path: PathBuf::from(path.value),
+            settle,
+        });
+    }
     let format = value_or(f.take_choice("format", &[("json", Format::Json)]), Format::Json);
     let schema = f.require("schema", read_schema);
 
@@ -316,22 +435,12 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
         watermark.idle_timeout = value_or(w.take_duration("idle_timeout"), watermark.idle_timeout);
         w.finish();
     }
-    let starting_offsets = value_or(
-        f.take_choice(
-            "starting_offsets",
-            &[("earliest", StartingOffsets::Earliest), ("latest", StartingOffsets::Latest)],
-        ),
-        StartingOffsets::Earliest,
-    );
     let on_error = f.take_str("on_error");
-    let on_gap = value_or(
-        f.take_choice("on_gap", &[("fail", GapPolicy::Fail), ("skip", GapPolicy::Skip)]),
-        GapPolicy::Fail,
-    );
     f.finish();
     RawSource {
         name,
         topic,
+        files,
         partitions,
         format,
         schema,
@@ -416,93 +525,217 @@ fn check_event_time(et: &Fields<'_, '_>, field: &At<String>, format: Option<&At<
 fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
     let name = f.require("name", Fields::take_str);
     let from = f.require("from", Fields::take_str);
+    let filter = f.take_str("where");
     let window = f.require("window", read_window);
     let group_by = f.take_str_list("group_by").unwrap_or_default();
     let aggregates = f.require("aggregates", read_aggregates).unwrap_or_default();
-    let output = match f.take_value("output") {
-        None => OutputMode::Append,
-        Some(v) => {
-            let path = f.key_path("output");
-            let line = f.line_of(v);
-            match v.get_ref().as_str() {
-                Some("append") => {}
-                Some(mode @ ("update" | "complete")) => f.report_at(path, line, format!("output mode '{mode}' is not implemented yet; use \"append\"")),
-                Some(other) => f.report_at(path, line, format!("unknown output mode \"{other}\"; use \"append\"")),
-                None => f.report_at(path, line, found("the string \"append\"", v)),
-            }
-            OutputMode::Append
-        }
-    };
+    let derive = read_derive(&mut f);
+    let output_written = f.has("output");
+    let output = f.take_choice("output", &OUTPUT_MODES);
+    let output_valid = !output_written || output.is_some();
     let allowed_lateness = value_or(f.take_duration("allowed_lateness"), Duration::ZERO);
     let sink = f.require("sink", Fields::take_str);
     f.finish();
     RawQuery {
         name,
         from,
+        filter,
         window,
         group_by,
         aggregates,
+        derive,
         output,
+        output_valid,
         allowed_lateness,
         sink,
     }
 }
 
-/// `window = { tumbling = "5m", offset = "0s" }`
-fn read_window(f: &mut Fields<'_, '_>, key: &'static str) -> Option<WindowConfig> {
+/// The keys naming a window's kind; a window has exactly one.
+const WINDOW_KINDS: [&str; 4] = ["tumbling", "sliding", "session", "global"];
+
+/// `window = { tumbling = "5m", offset = "0s" }`, `{ sliding = "10m", slide = "5m" }`,
+/// `{ session = "30m" }`, `{ global = true, reset = "day" }`.
+fn read_window(f: &mut Fields<'_, '_>, key: &'static str) -> Option<RawWindow> {
     let mut w = f.take_table(key)?;
-    let mut unsupported = false;
-    for kind in ["sliding", "session"] {
-        // Recognised only to say they are not there yet.
-        if let Some(value) = w.take_unlisted(kind) {
-            unsupported = true;
+    let (path, line) = (w.path().to_string(), w.line());
+    let present: Vec<&'static str> = WINDOW_KINDS.into_iter().filter(|k| w.has(k)).collect();
+    let Some(&kind) = present.first() else {
+        for kind in WINDOW_KINDS {
+            w.take_value(kind); // listed as allowed
+        }
+        for param in ["offset", "slide", "reset"] {
+            w.take_unlisted(param); // the missing kind is the problem
+        }
+        w.report_at(
+            path,
+            line,
+            "missing window kind; write one of tumbling = \"5m\", sliding = \"10m\" with slide = \"5m\", session = \"30m\" or global = true".to_string(),
+        );
+        w.finish();
+        return None;
+    };
+    for &other in &present[1..] {
+        if let Some(value) = w.take_unlisted(other) {
             w.report_at(
-                w.key_path(kind),
+                w.key_path(other),
                 w.line_of(value),
-                format!("{kind} windows are not implemented yet; use tumbling = \"<size>\""),
+                format!("a window has one kind and this one is {kind}; remove {other} (or {kind})"),
             );
         }
     }
-    let size = if unsupported {
-        w.take_duration("tumbling")
-    } else {
-        w.require("tumbling", Fields::take_duration)
+    // Any parameters do: only the column names matter.
+    let (config, like) = match kind {
+        "tumbling" => (
+            read_tumbling(&mut w),
+            WindowConfig::Tumbling {
+                size: Duration::ZERO,
+                offset: Duration::ZERO,
+            },
+        ),
+        "sliding" => (
+            read_sliding(&mut w),
+            WindowConfig::Sliding {
+                size: Duration::ZERO,
+                slide: Duration::ZERO,
+                offset: Duration::ZERO,
+            },
+        ),
+        "session" => (read_session(&mut w), WindowConfig::Session { gap: Duration::ZERO }),
+        _ => {
+            let reset = w.has("reset").then_some(CalendarUnit::Day);
+            (read_global(&mut w), WindowConfig::Global { reset })
+        }
     };
-    let offset = w.take_duration("offset");
-    let window = size.and_then(|size| check_tumbling(&w, size, offset));
     w.finish();
-    if unsupported {
-        None
-    } else {
-        window
+    Some(RawWindow {
+        path,
+        line,
+        config,
+        columns: config.unwrap_or(like).columns(),
+    })
+}
+
+/// Reports a window parameter written for a kind it does not apply to.
+fn forbid_window_param(w: &mut Fields<'_, '_>, key: &'static str, applies_to: &str) {
+    if let Some(value) = w.take_unlisted(key) {
+        w.report_at(w.key_path(key), w.line_of(value), format!("\"{key}\" applies only to {applies_to}; remove it"));
     }
 }
 
-fn check_tumbling(w: &Fields<'_, '_>, size: At<Duration>, offset: Option<At<Duration>>) -> Option<WindowConfig> {
-    if size.value.is_zero() {
-        w.report_at(size.path, size.line, "the window size must be greater than 0s".to_string());
+/// `Some(duration)` when it is greater than zero, else reports `what` must be.
+fn positive(w: &Fields<'_, '_>, duration: Option<At<Duration>>, what: &str) -> Option<Duration> {
+    let duration = duration?;
+    if duration.value.is_zero() {
+        w.report_at(duration.path, duration.line, format!("{what} must be greater than 0s"));
         return None;
     }
-    let offset = match offset {
-        Some(offset) if offset.value >= size.value => {
+    Some(duration.value)
+}
+
+fn read_tumbling(w: &mut Fields<'_, '_>) -> Option<WindowConfig> {
+    let size = w.take_duration("tumbling");
+    let offset = w.take_duration("offset");
+    forbid_window_param(w, "slide", "sliding windows");
+    forbid_window_param(w, "reset", "global windows");
+    let size = positive(w, size, "the window size")?;
+    let offset = check_offset(w, offset, size, "window size")?;
+    Some(WindowConfig::Tumbling { size, offset })
+}
+
+fn read_sliding(w: &mut Fields<'_, '_>) -> Option<WindowConfig> {
+    let size = w.take_duration("sliding");
+    let slide = w.require("slide", Fields::take_duration);
+    let offset = w.take_duration("offset");
+    forbid_window_param(w, "reset", "global windows");
+    let size = positive(w, size, "the window size");
+    let slide_at = slide.as_ref().map(|s| (s.path.clone(), s.line));
+    let slide = positive(w, slide, "the slide");
+    let (size, slide) = (size?, slide?);
+    if slide > size {
+        let (path, line) = slide_at.expect("slide was read");
+        w.report_at(
+            path,
+            line,
+            format!(
+                "the slide ({}) must not be longer than the window size ({}); for gaps between windows use a shorter size",
+                format_duration(slide),
+                format_duration(size)
+            ),
+        );
+        return None;
+    }
+    let offset = check_offset(w, offset, slide, "slide")?;
+    Some(WindowConfig::Sliding { size, slide, offset })
+}
+
+fn read_session(w: &mut Fields<'_, '_>) -> Option<WindowConfig> {
+    let gap = w.take_duration("session");
+    forbid_window_param(w, "offset", "tumbling and sliding windows");
+    forbid_window_param(w, "slide", "sliding windows");
+    forbid_window_param(w, "reset", "global windows");
+    let gap = positive(w, gap, "the session gap")?;
+    Some(WindowConfig::Session { gap })
+}
+
+fn read_global(w: &mut Fields<'_, '_>) -> Option<WindowConfig> {
+    let global = w.take_bool("global");
+    let reset = w.take_choice("reset", &CALENDAR_UNITS);
+    forbid_window_param(w, "offset", "tumbling and sliding windows");
+    forbid_window_param(w, "slide", "sliding windows");
+    let global = global?;
+    if !global.value {
+        w.report_at(
+            global.path,
+            global.line,
+            "global = false does not make a window; remove it and use another kind, or set global = true".to_string(),
+        );
+        return None;
+    }
+    if w.has("reset") && reset.is_none() {
+        return None; // invalid, reported
+    }
+    Some(WindowConfig::Global { reset: reset.map(|r| r.value) })
+}
+
+/// The offset (default 0s) when it is smaller than `period`, the `period_name` it repeats with.
+fn check_offset(w: &Fields<'_, '_>, offset: Option<At<Duration>>, period: Duration, period_name: &str) -> Option<Duration> {
+    match offset {
+        Some(offset) if offset.value >= period => {
             w.report_at(
                 offset.path,
                 offset.line,
                 format!(
-                    "the offset ({}) must be smaller than the window size ({})",
+                    "the offset ({}) must be smaller than the {period_name} ({})",
                     format_duration(offset.value),
-                    format_duration(size.value)
+                    format_duration(period)
                 ),
             );
-            return None;
+            None
         }
-        Some(offset) => offset.value,
-        None => Duration::ZERO,
+        Some(offset) => Some(offset.value),
+        None => Some(Duration::ZERO),
+    }
+}
+
+/// `derive = [{ name = "ctr", expr = "clicks / views" }]`, optional.
+fn read_derive(f: &mut Fields<'_, '_>) -> Vec<RawDerived> {
+    let Some(tables) = f.take_tables("derive") else {
+        return Vec::new();
     };
-    Some(WindowConfig::Tumbling { size: size.value, offset })
+    tables
+        .into_iter()
+        .map(|mut d| {
+            let name = d.require("name", Fields::take_str);
+            let expr = d.require("expr", Fields::take_str);
+            d.finish();
+            RawDerived { name, expr }
+        })
+        .collect()
 }
 
 fn read_aggregates(f: &mut Fields<'_, '_>, key: &'static str) -> Option<Vec<RawAggregate>> {
+    let agg_fns = AggFn::ALL.map(|func| (func.as_str(), func));
     let line = f.take_value(key).and_then(|v| f.line_of(v));
     let tables = f.take_tables(key)?;
     if tables.is_empty() {
@@ -516,26 +749,99 @@ fn read_aggregates(f: &mut Fields<'_, '_>, key: &'static str) -> Option<Vec<RawA
         .into_iter()
         .map(|mut a| {
             let name = a.require("name", Fields::take_str);
-            let func = a.require("fn", |a, key| a.take_choice(key, &AGG_FNS));
+            let func = a.require("fn", |a, key| a.take_choice(key, &agg_fns));
             let field = a.take_str("field");
+            let filter = a.take_str("filter");
             let at = At {
                 value: (),
                 path: a.path().to_string(),
                 line: a.line(),
             };
+            let percentile = read_percentile(&mut a, func.as_ref().map(|f| f.value), &at);
             a.finish();
-            RawAggregate { at, name, func, field }
+            RawAggregate {
+                at,
+                name,
+                func,
+                field,
+                filter,
+                percentile,
+            }
         })
         .collect();
     Some(aggregates)
+}
+
+/// `percentile = 0.99`: required by `approx_percentile`, refused by every other fn.
+fn read_percentile(a: &mut Fields<'_, '_>, func: Option<AggFn>, at: &At<()>) -> Option<f64> {
+    const WHAT: &str = "a number between 0 and 1 (e.g. 0.99 for the 99th percentile)";
+    match func {
+        Some(AggFn::ApproxPercentile) => {
+            if !a.has("percentile") {
+                a.take_value("percentile"); // listed as allowed
+                a.report_at(
+                    format!("{}.percentile", at.path),
+                    at.line,
+                    "fn \"approx_percentile\" needs the percentile to estimate; add percentile = 0.99 (a number between 0 and 1)".to_string(),
+                );
+            }
+            a.take_fraction("percentile", WHAT).map(|p| p.value)
+        }
+        Some(other) => {
+            if let Some(value) = a.take_unlisted("percentile") {
+                a.report_at(
+                    a.key_path("percentile"),
+                    a.line_of(value),
+                    format!("percentile applies only to fn = \"approx_percentile\", not \"{}\"; remove it", other.as_str()),
+                );
+            }
+            None
+        }
+        // The fn is missing or unknown (reported): only check the value.
+        None => a.take_fraction("percentile", WHAT).map(|p| p.value),
+    }
 }
 
 fn read_sink(mut f: Fields<'_, '_>) -> RawSink {
     let name = f.require("name", Fields::take_str);
     let kind = f.require("kind", |f, key| f.take_choice(key, &[("delta", SinkKind::Delta)])).map(|k| k.value);
     let path = f.require("path", Fields::take_str).map(|p| PathBuf::from(p.value));
+    let partition_by = f.take_str_list("partition_by").unwrap_or_default();
+    for (i, column) in partition_by.iter().enumerate() {
+        if partition_by[..i].iter().any(|c| c.value == column.value) {
+            f.report_at(
+                column.path.clone(),
+                column.line,
+                format!("\"{}\" appears more than once in partition_by; list each column once", column.value),
+            );
+        }
+    }
+    let target_file_size_bytes = f.take_size("target_file_size").and_then(|size| {
+        if size.value == 0 {
+            f.report_at(size.path, size.line, "must be greater than 0 bytes, e.g. \"128MiB\"".to_string());
+            None
+        } else {
+            Some(size.value)
+        }
+    });
+    let compact_every = value_or(f.take_int("compact_every", 0, u64::MAX), DEFAULT_COMPACT_EVERY);
+    let compact_min_files = f
+        .take_int("compact_min_files", 2, u64::from(u32::MAX))
+        .map_or(DEFAULT_COMPACT_MIN_FILES, |n| n.value as usize);
+    let checkpoint_interval = value_or(f.take_int("checkpoint_interval", 1, u64::MAX), DEFAULT_CHECKPOINT_INTERVAL);
+    let vacuum_retention = f.take_duration("vacuum_retention").map(|d| d.value);
     f.finish();
-    RawSink { name, kind, path }
+    RawSink {
+        name,
+        kind,
+        path,
+        partition_by,
+        target_file_size_bytes: target_file_size_bytes.unwrap_or(DEFAULT_TARGET_FILE_SIZE_BYTES),
+        compact_every,
+        compact_min_files,
+        checkpoint_interval,
+        vacuum_retention,
+    }
 }
 
 fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {

@@ -158,7 +158,22 @@ impl<'a, 'i> Fields<'a, 'i> {
 
     /// A number within 0..=1.
     pub(crate) fn take_share(&mut self, key: &'static str) -> Option<At<f64>> {
-        self.take_with(key, to_share)
+        self.take_with(key, |v| to_fraction(v, "a share between 0 and 1 (e.g. 0.05 for 5%)"))
+    }
+
+    /// A number within 0..=1; `what` names it in the error, e.g. "a share between 0 and 1 (e.g. 0.05 for 5%)".
+    pub(crate) fn take_fraction(&mut self, key: &'static str, what: &str) -> Option<At<f64>> {
+        self.take_with(key, |v| to_fraction(v, what))
+    }
+
+    /// A boolean.
+    pub(crate) fn take_bool(&mut self, key: &'static str) -> Option<At<bool>> {
+        self.take_with(key, |v| v.get_ref().as_bool().ok_or_else(|| found("true or false", v)))
+    }
+
+    /// A byte size: an integer number of bytes or a string such as `"128MiB"`.
+    pub(crate) fn take_size(&mut self, key: &'static str) -> Option<At<u64>> {
+        self.take_with(key, to_size)
     }
 
     /// A string naming one of `choices`.
@@ -345,7 +360,7 @@ fn to_int(value: &Value<'_>, min: u64, max: u64) -> Result<u64, String> {
     u64::try_from(n).map_err(|_| format!("must be at most {max}, found {n}"))
 }
 
-fn to_share(value: &Value<'_>) -> Result<f64, String> {
+fn to_fraction(value: &Value<'_>, what: &str) -> Result<f64, String> {
     let share = match value.get_ref() {
         DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
         // Precision loss is irrelevant: anything but 0 and 1 is rejected below.
@@ -354,7 +369,42 @@ fn to_share(value: &Value<'_>) -> Result<f64, String> {
     };
     match share {
         Some(s) if (0.0..=1.0).contains(&s) => Ok(s),
-        _ => Err(format!("must be a share between 0 and 1 (e.g. 0.05 for 5%), found {}", value_text(value))),
+        _ => Err(format!("must be {what}, found {}", value_text(value))),
+    }
+}
+
+/// Size units, longest first so that `KiB` is tried before `B`.
+const SIZE_UNITS: [(&str, u64); 7] = [
+    ("KiB", 1 << 10),
+    ("MiB", 1 << 20),
+    ("GiB", 1 << 30),
+    ("KB", 1_000),
+    ("MB", 1_000_000),
+    ("GB", 1_000_000_000),
+    ("B", 1),
+];
+
+fn to_size(value: &Value<'_>) -> Result<u64, String> {
+    let invalid = |s: &str| {
+        format!("invalid size \"{s}\": write a whole number followed by B, KB, MB, GB, KiB, MiB or GiB (e.g. \"128MiB\"), or an integer number of bytes")
+    };
+    match value.get_ref() {
+        DeValue::Integer(_) => to_int(value, 0, u64::MAX),
+        DeValue::String(s) => {
+            let (number, unit) = SIZE_UNITS
+                .iter()
+                .find_map(|&(name, factor)| s.strip_suffix(name).map(|n| (n, factor)))
+                .ok_or_else(|| invalid(s))?;
+            if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(s));
+            }
+            number
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(unit))
+                .ok_or_else(|| format!("size \"{s}\" is too large"))
+        }
+        _ => Err(found("a size such as \"128MiB\" or an integer number of bytes", value)),
     }
 }
 

@@ -110,6 +110,21 @@ fn line_containing(text: &str, needle: &str) -> usize {
         + 1
 }
 
+/// A Delta sink with every table option at its default.
+fn default_sink(name: &str, path: &str) -> SinkConfig {
+    SinkConfig {
+        name: name.into(),
+        kind: SinkKind::Delta,
+        path: PathBuf::from(path),
+        partition_by: vec![],
+        target_file_size_bytes: 128 * 1024 * 1024,
+        compact_every: 10,
+        compact_min_files: 4,
+        checkpoint_interval: 10,
+        vacuum_retention: None,
+    }
+}
+
 /// The single error at `path`, failing with the full list otherwise.
 fn error_at<'e>(errors: &'e [ConfigError], path: &str) -> &'e ConfigError {
     let found: Vec<_> = errors.iter().filter(|e| e.path == path).collect();
@@ -154,6 +169,7 @@ fn full_config_parses_into_expected_values() {
         SourceConfig {
             name: "clicks".into(),
             topic: "clicks".into(),
+            files: None,
             partitions: 8,
             format: Format::Json,
             // File order, not alphabetical.
@@ -187,6 +203,8 @@ fn full_config_parses_into_expected_values() {
         func,
         field: field.map(|(f, _)| f.to_string()),
         field_index: field.map(|(_, i)| i),
+        filter: None,
+        percentile: None,
     };
     assert_eq!(
         *query,
@@ -194,6 +212,7 @@ fn full_config_parses_into_expected_values() {
             name: "views_per_page".into(),
             from: "clicks".into(),
             source_index: 0,
+            filter: None,
             window: WindowConfig::Tumbling {
                 size: Duration::from_secs(300),
                 offset: Duration::from_secs(30),
@@ -207,6 +226,7 @@ fn full_config_parses_into_expected_values() {
                 agg("mean", AggFn::Avg, Some(("n", 5))),
                 agg("with_bot", AggFn::Count, Some(("bot", 4))),
             ],
+            derive: vec![],
             output: OutputMode::Append,
             allowed_lateness: Duration::from_secs(3600),
             sink: "page_views".into(),
@@ -214,21 +234,13 @@ fn full_config_parses_into_expected_values() {
         }
     );
     assert_eq!(query.key_fields(), ["page", "user_id"]);
-    assert_eq!(query.window_size(), Duration::from_secs(300));
+    assert_eq!(query.window_columns(), ["window_start", "window_end"]);
 
     assert_eq!(
         config.sinks,
         vec![
-            SinkConfig {
-                name: "page_views".into(),
-                kind: SinkKind::Delta,
-                path: PathBuf::from("./data/delta/page_views"),
-            },
-            SinkConfig {
-                name: "dead_letters".into(),
-                kind: SinkKind::Delta,
-                path: PathBuf::from("./data/delta/dead_letters"),
-            },
+            default_sink("page_views", "./data/delta/page_views"),
+            default_sink("dead_letters", "./data/delta/dead_letters"),
         ]
     );
     assert_eq!(config.sink("dead_letters").map(|s| s.name.as_str()), Some("dead_letters"));
@@ -298,6 +310,9 @@ fn defaults_are_applied() {
     assert!(query.group_by.is_empty());
     assert_eq!(query.output, OutputMode::Append);
     assert_eq!(query.allowed_lateness, Duration::ZERO);
+    assert!(query.filter.is_none() && query.derive.is_empty());
+    assert_eq!(config.sinks, vec![default_sink("out", "out")]);
+    assert!(config.warnings.is_empty());
     assert_eq!(config.generator, None);
 
     let with_generator = format!("{MINIMAL}\n[generator]\nsource = \"events\"\n");
@@ -358,7 +373,13 @@ fn = "count"
     let config = parse_config(text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.pipeline.name, "p");
     assert_eq!(config.sources[0].watermark.delay, Duration::from_secs(5));
-    assert_eq!(config.queries[0].window_size(), Duration::from_secs(10));
+    assert_eq!(
+        config.queries[0].window,
+        WindowConfig::Tumbling {
+            size: Duration::from_secs(10),
+            offset: Duration::ZERO
+        }
+    );
     assert_eq!(config.queries[0].aggregates[0].func, AggFn::Count);
 }
 
@@ -411,7 +432,7 @@ aggregates = [
   { name = "user_id", fn = "max", field = "user_id" },
   { name = "window_end", fn = "count" },
 ]
-output = "update"
+output = "upsert"
 sink = "missing_sink"
 
 [[queries]]
@@ -505,14 +526,18 @@ fn reports_every_mistake_with_path_and_line() {
     expect(
         "queries[1].aggregates[2].field",
         user_id_agg,
-        "needs an int, float or timestamp field, but \"user_id\" is string",
+        "needs an int, float or timestamp field, but \"user_id\" is string; for strings use fn = \"first\" or \"last\"",
     );
     expect("queries[1].aggregates[2].name", user_id_agg, "clashes with the group_by field \"user_id\"");
-    expect("queries[1].aggregates[3].name", line("\"window_end\""), "clashes with the window bound column");
+    expect(
+        "queries[1].aggregates[3].name",
+        line("\"window_end\""),
+        "clashes with the window column \"window_end\"",
+    );
     expect(
         "queries[1].output",
-        line("\"update\""),
-        "output mode 'update' is not implemented yet; use \"append\"",
+        line("\"upsert\""),
+        "unknown value \"upsert\"; use one of \"append\", \"update\", \"complete\"",
     );
     expect(
         "queries[1].sink",
@@ -525,7 +550,7 @@ fn reports_every_mistake_with_path_and_line() {
     for key in ["name", "from", "sink"] {
         expect(&format!("queries[2].{key}"), third_query, &format!("missing required key \"{key}\""));
     }
-    expect("queries[2].window.sliding", line("sliding"), "sliding windows are not implemented yet");
+    expect("queries[2].window.slide", line("sliding"), "missing required key \"slide\"");
     expect("queries[2].aggregates", line("aggregates = []"), "at least one aggregate is required");
 
     let sink_header = Some(line_containing(MISTAKES, "name = \"out\"") - 1);
@@ -713,4 +738,804 @@ fn a_topic_is_read_by_one_source() {
     let e = errs.0.iter().find(|e| e.path == "sources[1].topic").unwrap_or_else(|| panic!("{errs}"));
     assert!(e.message.contains("topic \"events\" is already read by source \"events\""), "{}", e.message);
     assert_eq!(e.line, Some(base.lines().count() + 4));
+}
+
+/// Every construct added with the second issue, valid.
+const FEATURES: &str = r#"
+[pipeline]
+name = "features"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+schema = { user_id = "string", page = "string", action = "string", latency_ms = "int", amount = "float", ts = "timestamp" }
+event_time = { field = "ts" }
+on_error = "dead_letters"
+
+[[sources]]
+name = "drops"
+kind = "files"
+path = "./inbox"
+settle = "2s"
+format = "json"
+schema = { user_id = "string", ts = "timestamp" }
+event_time = { field = "ts", format = "rfc3339" }
+watermark = { delay = "1m" }
+on_error = "dead_letters"
+
+[[queries]]
+name = "sliding"
+from = "clicks"
+where = "action IN ('view', 'click')"
+window = { sliding = "10m", slide = "4m", offset = "1m" }
+group_by = ["page"]
+aggregates = [
+  { name = "views", fn = "count", filter = "action = 'view'" },
+  { name = "clicks", fn = "count", filter = "action = 'click'" },
+  { name = "users", fn = "approx_count_distinct", field = "user_id" },
+  { name = "p99", fn = "approx_percentile", field = "latency_ms", percentile = 0.99 },
+]
+derive = [
+  { name = "ctr", expr = "clicks / views" },
+  { name = "window_date", expr = "CAST(window_start AS DATE)" },
+]
+output = "update"
+allowed_lateness = "1m"
+sink = "sliding_out"
+
+[[queries]]
+name = "sessions"
+from = "drops"
+window = { session = "30m" }
+group_by = ["user_id"]
+aggregates = [{ name = "events", fn = "count" }]
+output = "complete"
+sink = "sessions_out"
+
+[[queries]]
+name = "running"
+from = "clicks"
+window = { global = true }
+aggregates = [{ name = "total", fn = "sum", field = "amount" }]
+output = "complete"
+sink = "running_out"
+
+[[queries]]
+name = "daily"
+from = "clicks"
+window = { global = true, reset = "day" }
+group_by = ["page"]
+aggregates = [{ name = "first_action", fn = "first", field = "action" }]
+sink = "daily_out"
+
+[[sinks]]
+name = "sliding_out"
+kind = "delta"
+path = "./out/sliding"
+partition_by = ["window_date", "page"]
+target_file_size = "64MiB"
+compact_every = 0
+compact_min_files = 2
+checkpoint_interval = 1
+vacuum_retention = "7d"
+
+[[sinks]]
+name = "sessions_out"
+kind = "delta"
+path = "./out/sessions"
+
+[[sinks]]
+name = "running_out"
+kind = "delta"
+path = "./out/running"
+target_file_size = 1000
+
+[[sinks]]
+name = "daily_out"
+kind = "delta"
+path = "./out/daily"
+target_file_size = "1GB"
+
+[[sinks]]
+name = "dead_letters"
+kind = "delta"
+path = "./out/dead_letters"
+partition_by = ["reason"]
+"#;
+
+#[test]
+fn file_source_parses() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let field = |name: &str, ty| FieldDef { name: name.into(), ty };
+    assert_eq!(
+        config.sources[1],
+        SourceConfig {
+            name: "drops".into(),
+            topic: String::new(),
+            files: Some(FileSourceConfig {
+                path: PathBuf::from("./inbox"),
+                settle: Duration::from_secs(2),
+            }),
+            partitions: 4,
+            format: Format::Json,
+            schema: vec![field("user_id", FieldType::String), field("ts", FieldType::Timestamp)],
+            event_time: EventTimeConfig {
+                field: "ts".into(),
+                format: TimeFormat::Rfc3339,
+            },
+            watermark: WatermarkConfig {
+                delay: Duration::from_secs(60),
+                idle_timeout: Duration::from_secs(30),
+            },
+            starting_offsets: StartingOffsets::Earliest,
+            on_error: Some("dead_letters".into()),
+            on_gap: GapPolicy::Fail,
+        }
+    );
+    assert_eq!(config.sources[0].files, None);
+
+    // settle defaults to 5s.
+    let text = FEATURES.replace("settle = \"2s\"\n", "");
+    let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.sources[1].files.as_ref().map(|f| f.settle), Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let agg = |name: &str, func, field: Option<(&str, usize)>, filter: Option<&str>, percentile| AggregateConfig {
+        name: name.into(),
+        func,
+        field: field.map(|(f, _)| f.to_string()),
+        field_index: field.map(|(_, i)| i),
+        filter: filter.map(str::to_string),
+        percentile,
+    };
+    let derived = |name: &str, expr: &str| DerivedColumn {
+        name: name.into(),
+        expr: expr.into(),
+    };
+    assert_eq!(
+        config.queries[0],
+        QueryConfig {
+            name: "sliding".into(),
+            from: "clicks".into(),
+            source_index: 0,
+            filter: Some("action IN ('view', 'click')".into()),
+            window: WindowConfig::Sliding {
+                size: Duration::from_secs(600),
+                slide: Duration::from_secs(240),
+                offset: Duration::from_secs(60),
+            },
+            group_by: vec!["page".into()],
+            aggregates: vec![
+                agg("views", AggFn::Count, None, Some("action = 'view'"), None),
+                agg("clicks", AggFn::Count, None, Some("action = 'click'"), None),
+                agg("users", AggFn::ApproxCountDistinct, Some(("user_id", 0)), None, None),
+                agg("p99", AggFn::ApproxPercentile, Some(("latency_ms", 3)), None, Some(0.99)),
+            ],
+            derive: vec![derived("ctr", "clicks / views"), derived("window_date", "CAST(window_start AS DATE)")],
+            output: OutputMode::Update,
+            allowed_lateness: Duration::from_secs(60),
+            sink: "sliding_out".into(),
+            sink_index: 0,
+        }
+    );
+    assert_eq!(config.queries[0].window_columns(), ["window_start", "window_end"]);
+}
+
+#[test]
+fn session_and_global_windows_parse() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    let sessions = &config.queries[1];
+    assert_eq!(
+        sessions.window,
+        WindowConfig::Session {
+            gap: Duration::from_secs(1800)
+        }
+    );
+    assert_eq!(sessions.window_columns(), ["session_start", "session_end", "duration"]);
+    assert_eq!((sessions.source_index, sessions.output), (1, OutputMode::Complete));
+
+    let running = &config.queries[2];
+    assert_eq!(running.window, WindowConfig::Global { reset: None });
+    assert!(running.window_columns().is_empty());
+    assert_eq!(running.output, OutputMode::Complete);
+
+    let daily = &config.queries[3];
+    assert_eq!(
+        daily.window,
+        WindowConfig::Global {
+            reset: Some(CalendarUnit::Day)
+        }
+    );
+    assert_eq!(daily.output, OutputMode::Append);
+    assert_eq!(daily.aggregates[0].func, AggFn::First);
+
+    for unit in [
+        CalendarUnit::Hour,
+        CalendarUnit::Day,
+        CalendarUnit::Week,
+        CalendarUnit::Month,
+        CalendarUnit::Year,
+    ] {
+        let text = FEATURES.replace("reset = \"day\"", &format!("reset = \"{}\"", unit.as_str()));
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.queries[3].window, WindowConfig::Global { reset: Some(unit) });
+    }
+}
+
+#[test]
+fn sink_table_options_parse() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.sinks[0],
+        SinkConfig {
+            name: "sliding_out".into(),
+            kind: SinkKind::Delta,
+            path: PathBuf::from("./out/sliding"),
+            partition_by: vec!["window_date".into(), "page".into()],
+            target_file_size_bytes: 64 * 1024 * 1024,
+            compact_every: 0,
+            compact_min_files: 2,
+            checkpoint_interval: 1,
+            vacuum_retention: Some(Duration::from_secs(7 * 86_400)),
+        }
+    );
+    assert_eq!(config.sinks[1], default_sink("sessions_out", "./out/sessions"));
+    assert_eq!(config.sinks[2].target_file_size_bytes, 1000);
+    assert_eq!(config.sinks[3].target_file_size_bytes, 1_000_000_000);
+    assert_eq!(config.sinks[4].partition_by, ["reason"]);
+}
+
+#[test]
+fn sizes_take_decimal_and_binary_units() {
+    let size_of = |written: &str| {
+        let text = MINIMAL.replace("path = \"out\"", &format!("path = \"out\"\ntarget_file_size = {written}"));
+        parse_config(&text).map(|c| c.sinks[0].target_file_size_bytes).map_err(|e| e.to_string())
+    };
+    assert_eq!(size_of("\"512B\""), Ok(512));
+    assert_eq!(size_of("\"2KB\""), Ok(2_000));
+    assert_eq!(size_of("\"2KiB\""), Ok(2_048));
+    assert_eq!(size_of("\"128MB\""), Ok(128_000_000));
+    assert_eq!(size_of("\"128MiB\""), Ok(134_217_728));
+    assert_eq!(size_of("\"3GB\""), Ok(3_000_000_000));
+    assert_eq!(size_of("\"3GiB\""), Ok(3 << 30));
+    assert_eq!(size_of("4096"), Ok(4096));
+    for junk in ["\"128\"", "\"128 MB\"", "\"1.5GB\"", "\"MB\"", "\"128mb\"", "\"-1MB\"", "\"128TB\""] {
+        let err = size_of(junk).expect_err(junk);
+        assert!(err.contains("write a whole number followed by B, KB, MB, GB, KiB, MiB or GiB"), "{junk}: {err}");
+    }
+    assert!(size_of("\"99999999999GiB\"").unwrap_err().contains("too large"));
+    assert!(size_of("0").unwrap_err().contains("must be greater than 0 bytes"));
+    assert!(size_of("-5").unwrap_err().contains("must be at least 0"));
+    assert!(size_of("true").unwrap_err().contains("expected a size such as \"128MiB\""));
+}
+
+#[test]
+fn every_aggregate_fn_is_accepted_with_a_suitable_field() {
+    for func in AggFn::ALL {
+        let (field, extra) = match func {
+            AggFn::Count => ("", ""),
+            AggFn::ApproxPercentile => (", field = \"value\"", ", percentile = 0.5"),
+            AggFn::First | AggFn::Last | AggFn::CountDistinct | AggFn::ApproxCountDistinct => (", field = \"key\"", ""),
+            _ => (", field = \"value\"", ""),
+        };
+        let base = include_str!("../../tests/data/minimal.toml");
+        let text = base.replace(
+            r#"{ name = "n", fn = "count" }"#,
+            &format!(r#"{{ name = "a", fn = "{}"{field}{extra} }}"#, func.as_str()),
+        );
+        assert_ne!(text, base);
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{}: {e}", func.as_str()));
+        assert_eq!(config.queries[0].aggregates[0].func, func);
+        assert_eq!(config.queries[0].aggregates[0].percentile, (func == AggFn::ApproxPercentile).then_some(0.5));
+    }
+}
+
+#[test]
+fn aggregate_output_types() {
+    use super::compile::agg_output_type;
+    use FieldType::{Float, Int, String as Str, Timestamp};
+    let cases = [
+        (AggFn::Count, None, Int),
+        (AggFn::Count, Some(Str), Int),
+        (AggFn::CountDistinct, Some(Str), Int),
+        (AggFn::ApproxCountDistinct, Some(Float), Int),
+        (AggFn::Sum, Some(Int), Int),
+        (AggFn::Sum, Some(Float), Float),
+        (AggFn::Avg, Some(Int), Float),
+        (AggFn::VarSamp, Some(Int), Float),
+        (AggFn::VarPop, Some(Float), Float),
+        (AggFn::StddevSamp, Some(Int), Float),
+        (AggFn::StddevPop, Some(Int), Float),
+        (AggFn::ApproxPercentile, Some(Int), Float),
+        (AggFn::Min, Some(Timestamp), Timestamp),
+        (AggFn::Max, Some(Int), Int),
+        (AggFn::First, Some(Str), Str),
+        (AggFn::Last, Some(FieldType::Bool), FieldType::Bool),
+    ];
+    for (func, input, expected) in cases {
+        assert_eq!(agg_output_type(func, input), expected, "{func:?} over {input:?}");
+    }
+}
+
+#[test]
+fn aggregate_field_types_are_checked_per_fn() {
+    let base = include_str!("../../tests/data/minimal.toml");
+    let with = |aggregate: &str| {
+        let text = base.replace(r#"{ name = "n", fn = "count" }"#, aggregate);
+        assert_ne!(text, base);
+        parse_config(&text).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // key: string, value: int, ts: timestamp
+    for func in ["sum", "avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop"] {
+        assert_eq!(with(&format!(r#"{{ name = "a", fn = "{func}", field = "value" }}"#)), Ok(()), "{func}");
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}", field = "ts" }}"#)).unwrap_err();
+        assert!(
+            err.contains(&format!("fn \"{func}\" needs an int or float field, but \"ts\" is timestamp")),
+            "{err}"
+        );
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}" }}"#)).unwrap_err();
+        assert!(
+            err.contains(&format!("fn \"{func}\" needs a field; add field = \"<int or float field>\"")),
+            "{err}"
+        );
+    }
+    let err = with(r#"{ name = "a", fn = "approx_percentile", field = "key", percentile = 0.5 }"#).unwrap_err();
+    assert!(err.contains("needs an int or float field, but \"key\" is string"), "{err}");
+    let err = with(r#"{ name = "a", fn = "min", field = "key" }"#).unwrap_err();
+    assert!(
+        err.contains("fn \"min\" needs an int, float or timestamp field, but \"key\" is string; for strings use fn = \"first\" or \"last\""),
+        "{err}"
+    );
+    let err = with(r#"{ name = "a", fn = "max" }"#).unwrap_err();
+    assert!(err.contains("add field = \"<int, float or timestamp field>\""), "{err}");
+    for func in ["count_distinct", "approx_count_distinct", "first", "last"] {
+        for field in ["key", "value", "ts"] {
+            assert_eq!(
+                with(&format!(r#"{{ name = "a", fn = "{func}", field = "{field}" }}"#)),
+                Ok(()),
+                "{func}({field})"
+            );
+        }
+        let err = with(&format!(r#"{{ name = "a", fn = "{func}" }}"#)).unwrap_err();
+        assert!(err.contains(&format!("fn \"{func}\" needs a field; add field = \"<field>\"")), "{err}");
+    }
+}
+
+#[test]
+fn complete_output_warns_when_windows_close() {
+    let config = parse_config(FEATURES).unwrap_or_else(|e| panic!("{e}"));
+    // The session query warns; the global one without reset (query "running") does not.
+    let line = line_containing(FEATURES, "output = \"complete\"");
+    assert_eq!(
+        config.warnings,
+        [format!(
+            "line {line}: queries[1].output: query \"sessions\": output = \"complete\" keeps and rewrites every window ever seen; \
+             the table grows without bound — use update, or global without reset"
+        )]
+    );
+
+    for window in [
+        "{ tumbling = \"1m\" }",
+        "{ sliding = \"1m\", slide = \"30s\" }",
+        "{ global = true, reset = \"hour\" }",
+    ] {
+        let text = MINIMAL
+            .replace("{ tumbling = \"1m\" }", window)
+            .replace("sink = \"out\"", "output = \"complete\"\nsink = \"out\"");
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.warnings.len(), 1, "{window}");
+        assert!(config.warnings[0].contains("query \"per_kind\": output = \"complete\" keeps"), "{window}");
+    }
+    for output in ["append", "update"] {
+        let text = MINIMAL.replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""));
+        assert!(parse_config(&text).unwrap().warnings.is_empty(), "{output}");
+    }
+}
+
+#[test]
+fn append_needs_a_window_that_closes() {
+    let global = MINIMAL.replace("{ tumbling = \"1m\" }", "{ global = true }");
+    let errors = errors_of(&global);
+    let error = error_at(&errors, "queries[0].window");
+    assert_eq!(error.line, Some(line_containing(&global, "global = true")));
+    assert_eq!(
+        error.message,
+        "query \"per_kind\": a global window without reset never closes, so output = \"append\" (the default) would never write a row; \
+         set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)"
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    let explicit = global.replace("sink = \"out\"", "output = \"append\"\nsink = \"out\"");
+    let errors = errors_of(&explicit);
+    let error = error_at(&errors, "queries[0].output");
+    assert_eq!(error.line, Some(line_containing(&explicit, "output = \"append\"")));
+    assert!(error.message.contains("so output = \"append\" would never write a row"), "{}", error.message);
+
+    for output in ["update", "complete"] {
+        let text = global.replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""));
+        let config = parse_config(&text).unwrap_or_else(|e| panic!("{output}: {e}"));
+        assert!(config.warnings.is_empty());
+    }
+}
+
+#[test]
+fn partition_by_names_output_columns() {
+    let bad = FEATURES
+        .replace(
+            "partition_by = [\"window_date\", \"page\"]",
+            "partition_by = [\"window_dat\", \"page\", \"page\"]",
+        )
+        .replace("partition_by = [\"reason\"]", "partition_by = [\"reason\", \"topic\"]");
+    let errors = errors_of(&bad);
+    let line = Some(line_containing(&bad, "window_dat\""));
+    let error = error_at(&errors, "sinks[0].partition_by[0]");
+    assert_eq!(error.line, line);
+    assert_eq!(
+        error.message,
+        "sink \"sliding_out\": partition_by column \"window_dat\" is not an output column of query \"sliding\"; \
+         its columns: window_start, window_end, page, views, clicks, users, p99, ctr, window_date"
+    );
+    assert!(error_at(&errors, "sinks[0].partition_by[2]")
+        .message
+        .contains("\"page\" appears more than once in partition_by"));
+    let error = error_at(&errors, "sinks[4].partition_by[1]");
+    assert_eq!(error.line, Some(line_containing(&bad, "\"reason\", \"topic\"")));
+    assert_eq!(
+        error.message,
+        "sink \"dead_letters\" holds dead letters, which can be partitioned only by \"reason\" \
+         (its columns: reason, topic, partition, offset, payload, error, routed_at)"
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+
+    // Session windows have their own columns.
+    let text = FEATURES.replace(
+        "path = \"./out/sessions\"",
+        "path = \"./out/sessions\"\npartition_by = [\"session_start\", \"window_start\"]",
+    );
+    let errors = errors_of(&text);
+    assert!(error_at(&errors, "sinks[1].partition_by[1]")
+        .message
+        .ends_with("its columns: session_start, session_end, duration, user_id, events"));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+#[test]
+fn file_sources_take_only_their_keys() {
+    let text = FEATURES.replace(
+        "kind = \"files\"\npath = \"./inbox\"",
+        "kind = \"files\"\npath = \"./inbox\"\ntopic = \"drops\"\npartitions = 2\nstarting_offsets = \"latest\"\non_gap = \"skip\"",
+    );
+    let errors = errors_of(&text);
+    for (key, written) in [
+        ("topic", "topic = \"drops\""),
+        ("partitions", "partitions = 2"),
+        ("starting_offsets", "starting_offsets = \"latest\""),
+        ("on_gap", "on_gap = \"skip\""),
+    ] {
+        let error = error_at(&errors, &format!("sources[1].{key}"));
+        assert_eq!(error.line, Some(line_containing(&text, written)));
+        assert_eq!(
+            error.message,
+            format!("\"{key}\" applies only to Kafka sources, and this one has kind = \"files\"; remove it")
+        );
+    }
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+
+    let text = FEATURES.replace("topic = \"clicks\"", "topic = \"clicks\"\npath = \"./x\"\nsettle = \"1s\"");
+    let errors = errors_of(&text);
+    assert_eq!(
+        error_at(&errors, "sources[0].path").message,
+        "\"path\" applies only to file sources; add kind = \"files\" to read a directory, or remove it"
+    );
+    assert!(error_at(&errors, "sources[0].settle")
+        .message
+        .starts_with("\"settle\" applies only to file sources"));
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+
+    let text = FEATURES.replace("path = \"./inbox\"\n", "");
+    let errors = errors_of(&text);
+    let header = line_containing(&text, "name = \"drops\"") - 1;
+    let error = error_at(&errors, "sources[1].path");
+    assert_eq!(
+        (error.line, error.message.as_str()),
+        (Some(header), "missing required key \"path\"; add path = ... to sources[1]")
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    // Two file sources have no topic to share; the generator needs a Kafka source.
+    let second = "\n[[sources]]\nname = \"more\"\nkind = \"files\"\npath = \"./more\"\nschema = { ts = \"timestamp\" }\nevent_time = { field = \"ts\" }\n";
+    let text = format!("{FEATURES}{second}\n[generator]\nsource = \"drops\"\n");
+    let errors = errors_of(&text);
+    let error = error_at(&errors, "generator.source");
+    assert_eq!(
+        error.message,
+        "the generator produces into a Kafka topic, but source \"drops\" reads files (kind = \"files\"); point it at a Kafka source"
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+
+    let errors = errors_of(&FEATURES.replace("kind = \"files\"", "kind = \"s3\""));
+    assert_eq!(
+        error_at(&errors, "sources[1].kind").message,
+        "unknown value \"s3\"; use one of \"kafka\", \"files\""
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+/// Many independent mistakes in the new constructs, each reported with its path and line.
+const NEW_MISTAKES: &str = r#"[pipeline]
+name = "p"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+schema = { user_id = "string", page = "string", latency_ms = "int", ts = "timestamp" }
+event_time = { field = "ts" }
+settle = "1s"
+on_error = "dead_letters"
+
+[[sources]]
+name = "drops"
+kind = "files"
+topic = "drops"
+schema = { ts = "timestamp" }
+event_time = { field = "ts" }
+
+[[queries]]
+name = "slides"
+from = "clicks"
+window = { sliding = "5m", slide = "10m" }
+aggregates = [
+  { name = "p", fn = "approx_percentile", field = "latency_ms" },
+  { name = "c", fn = "count", percentile = 0.5 },
+  { name = "q", fn = "approx_percentile", field = "latency_ms", percentile = 1.5 },
+]
+derive = [{ name = "p", expr = "p * 2" }, { expr = "1" }]
+sink = "out1"
+
+[[queries]]
+name = "sessions"
+from = "clicks"
+window = { session = "0s", offset = "1m" }
+aggregates = [{ name = "duration", fn = "count" }]
+sink = "out2"
+
+[[queries]]
+name = "forever"
+from = "clicks"
+window = { global = true, reset = "fortnight" }
+aggregates = [{ name = "n", fn = "count" }]
+output = "update"
+sink = "out3"
+
+[[queries]]
+name = "never"
+from = "clicks"
+window = { global = false }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out4"
+
+[[queries]]
+name = "appends"
+from = "clicks"
+window = { global = true }
+aggregates = [{ name = "n", fn = "count" }]
+output = "append"
+sink = "out5"
+
+[[queries]]
+name = "two"
+from = "clicks"
+window = { tumbling = "1m", session = "5m", reset = "day" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out6"
+
+[[queries]]
+name = "nokind"
+from = "clicks"
+window = { offset = "1m", size = "1m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out7"
+
+[[queries]]
+name = "offsets"
+from = "clicks"
+window = { sliding = "10m", slide = "5m", offset = "5m" }
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out8"
+
+[[sinks]]
+name = "out1"
+kind = "delta"
+path = "o1"
+partition_by = ["page"]
+target_file_size = "12 parsecs"
+compact_min_files = 1
+checkpoint_interval = 0
+vacuum_retention = "7 days"
+
+[[sinks]]
+name = "dead_letters"
+kind = "delta"
+path = "dl"
+partition_by = ["payload"]
+
+[[sinks]]
+name = "out2"
+kind = "delta"
+path = "o2"
+
+[[sinks]]
+name = "out3"
+kind = "delta"
+path = "o3"
+
+[[sinks]]
+name = "out4"
+kind = "delta"
+path = "o4"
+
+[[sinks]]
+name = "out5"
+kind = "delta"
+path = "o5"
+
+[[sinks]]
+name = "out6"
+kind = "delta"
+path = "o6"
+
+[[sinks]]
+name = "out7"
+kind = "delta"
+path = "o7"
+
+[[sinks]]
+name = "out8"
+kind = "delta"
+path = "o8"
+"#;
+
+#[test]
+fn reports_every_mistake_in_new_constructs_with_path_and_line() {
+    let errors = errors_of(NEW_MISTAKES);
+    let line = |needle| Some(line_containing(NEW_MISTAKES, needle));
+    let expect = |path: &str, at: Option<usize>, message: &str| {
+        let error = error_at(&errors, path);
+        assert_eq!(error.line, at, "line of {error}");
+        assert_eq!(error.message, message, "at {path}");
+    };
+
+    expect(
+        "sources[0].settle",
+        line("settle = \"1s\""),
+        "\"settle\" applies only to file sources; add kind = \"files\" to read a directory, or remove it",
+    );
+    expect(
+        "sources[1].topic",
+        line("topic = \"drops\""),
+        "\"topic\" applies only to Kafka sources, and this one has kind = \"files\"; remove it",
+    );
+    expect(
+        "sources[1].path",
+        Some(line_containing(NEW_MISTAKES, "name = \"drops\"") - 1),
+        "missing required key \"path\"; add path = ... to sources[1]",
+    );
+
+    expect(
+        "queries[0].window.slide",
+        line("slide = \"10m\""),
+        "the slide (10m) must not be longer than the window size (5m); for gaps between windows use a shorter size",
+    );
+    expect(
+        "queries[0].aggregates[0].percentile",
+        line("{ name = \"p\", fn = \"approx_percentile\""),
+        "fn \"approx_percentile\" needs the percentile to estimate; add percentile = 0.99 (a number between 0 and 1)",
+    );
+    expect(
+        "queries[0].aggregates[1].percentile",
+        line("percentile = 0.5"),
+        "percentile applies only to fn = \"approx_percentile\", not \"count\"; remove it",
+    );
+    expect(
+        "queries[0].aggregates[2].percentile",
+        line("percentile = 1.5"),
+        "must be a number between 0 and 1 (e.g. 0.99 for the 99th percentile), found 1.5",
+    );
+    let derive_line = line("derive = [");
+    expect(
+        "queries[0].derive[0].name",
+        derive_line,
+        "derived column name \"p\" clashes with the aggregate queries[0].aggregates[0]; output column names must be unique, so pick another name",
+    );
+    expect(
+        "queries[0].derive[1].name",
+        derive_line,
+        "missing required key \"name\"; add name = ... to queries[0].derive[1]",
+    );
+
+    expect("queries[1].window.session", line("session = \"0s\""), "the session gap must be greater than 0s");
+    expect(
+        "queries[1].window.offset",
+        line("session = \"0s\""),
+        "\"offset\" applies only to tumbling and sliding windows; remove it",
+    );
+    // The window's parameters are broken, but its kind still names its columns.
+    expect(
+        "queries[1].aggregates[0].name",
+        line("name = \"duration\""),
+        "aggregate name \"duration\" clashes with the window column \"duration\"; output column names must be unique, so pick another name",
+    );
+
+    expect(
+        "queries[2].window.reset",
+        line("\"fortnight\""),
+        "unknown value \"fortnight\"; use one of \"hour\", \"day\", \"week\", \"month\", \"year\"",
+    );
+    expect(
+        "queries[3].window.global",
+        line("global = false"),
+        "global = false does not make a window; remove it and use another kind, or set global = true",
+    );
+    expect(
+        "queries[4].output",
+        line("output = \"append\""),
+        "query \"appends\": a global window without reset never closes, so output = \"append\" would never write a row; \
+         set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)",
+    );
+    let two = line("session = \"5m\"");
+    expect(
+        "queries[5].window.session",
+        two,
+        "a window has one kind and this one is tumbling; remove session (or tumbling)",
+    );
+    expect("queries[5].window.reset", two, "\"reset\" applies only to global windows; remove it");
+    let no_kind = line("size = \"1m\"");
+    expect(
+        "queries[6].window",
+        no_kind,
+        "missing window kind; write one of tumbling = \"5m\", sliding = \"10m\" with slide = \"5m\", session = \"30m\" or global = true",
+    );
+    expect(
+        "queries[6].window.size",
+        no_kind,
+        "unknown key \"size\" in queries[6].window; allowed keys: tumbling, sliding, session, global",
+    );
+    expect(
+        "queries[7].window.offset",
+        line("offset = \"5m\""),
+        "the offset (5m) must be smaller than the slide (5m)",
+    );
+
+    expect(
+        "sinks[0].partition_by[0]",
+        line("partition_by = [\"page\"]"),
+        "sink \"out1\": partition_by column \"page\" is not an output column of query \"slides\"; its columns: window_start, window_end, p, c, q, p",
+    );
+    expect(
+        "sinks[0].target_file_size",
+        line("parsecs"),
+        "invalid size \"12 parsecs\": write a whole number followed by B, KB, MB, GB, KiB, MiB or GiB (e.g. \"128MiB\"), or an integer number of bytes",
+    );
+    expect("sinks[0].compact_min_files", line("compact_min_files"), "must be at least 2, found 1");
+    expect("sinks[0].checkpoint_interval", line("checkpoint_interval"), "must be at least 1, found 0");
+    expect(
+        "sinks[0].vacuum_retention",
+        line("vacuum_retention"),
+        "invalid duration \"7 days\": write a number followed by ms, s, m, h or d (e.g. \"10s\")",
+    );
+    expect(
+        "sinks[1].partition_by[0]",
+        line("partition_by = [\"payload\"]"),
+        "sink \"dead_letters\" holds dead letters, which can be partitioned only by \"reason\" (its columns: reason, topic, partition, offset, payload, error, routed_at)",
+    );
+
+    // Nothing else: every error above is expected, and none is repeated.
+    assert_eq!(errors.len(), 26, "{errors:#?}");
+    let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted);
 }
