@@ -320,7 +320,7 @@ mod tests {
         let r = store.recover().unwrap();
         assert_eq!(r.epoch, 0);
         let cfg = crate::config::parse_config(include_str!("../tests/data/minimal.toml")).unwrap();
-        let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
+        let op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
         let accs: Vec<crate::agg::Acc> = op.specs().iter().map(crate::agg::AggSpec::new_acc).collect();
         let mut state = Vec::new();
         crate::agg::encode_accs(&accs, &mut state);

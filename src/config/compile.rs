@@ -429,6 +429,17 @@ fn check_output_mode(q: &RawQuery, query_name: &str, at: &RawWindow, window: Win
                 ),
             );
         }
+        (OutputMode::Complete, true) if matches!(window, WindowConfig::Sliding { .. }) => {
+            let output = q.output.as_ref().expect("complete is written");
+            diag.report(
+                output.path.clone(),
+                output.line,
+                format!(
+                    "query \"{query_name}\": output = \"complete\" is not supported with sliding windows (a closed window would change when \
+                     its panes take later events for the windows still open); use output = \"update\": the table holds the same rows, upserted"
+                ),
+            );
+        }
         (OutputMode::Complete, true) => {
             let output = q.output.as_ref().expect("complete is written");
             let warning = ConfigError {
