@@ -4,6 +4,7 @@
 //! Modules in the order one event flows through them:
 //!
 //! - [`config`]    parse the TOML pipeline strictly, compile and check it (all errors at once)
+//! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: type-checked, compiled
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the click
 //!   generator and producer
@@ -24,6 +25,7 @@ pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod expr;
 pub mod shard;
 pub mod sink;
 pub mod source;
