@@ -4,6 +4,7 @@
 //! Modules in the order one event flows through them:
 //!
 //! - [`config`]    parse the TOML pipeline strictly, compile and check it (all errors at once)
+//! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: type-checked, compiled
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
 //!   source; the click generator and producer

@@ -15,6 +15,7 @@ use super::model::{
 };
 use super::raw::{RawConfig, RawGenerator, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
+use crate::expr::{Expr, ExprError};
 
 /// Columns of a dead-letter table, in order.
 const DEAD_LETTER_COLUMNS: [&str; 7] = ["reason", "topic", "partition", "offset", "payload", "error", "routed_at"];
@@ -465,38 +466,27 @@ struct Expressions<'a> {
 impl Expressions<'_> {
     /// Type-checks `text` (written as `key = "text"`) against `columns`; a condition must be
     /// boolean. Returns the expression's type, or `None` when it is broken (reported) or reads a
-    /// column whose type is unknown (not checked).
+    /// column whose type is unknown (not reported again: that column's own error says why).
     fn check(&self, text: &At<String>, key: &str, columns: &[Column], condition: bool) -> Option<FieldType> {
-        if columns.iter().any(|c| c.ty.is_none()) {
-            return None; // an input is broken; its own error says why
-        }
         let typed: Vec<(&str, FieldType)> = columns.iter().filter_map(|c| Some((c.name.as_str(), c.ty?))).collect();
-        let report = |problem: String| {
-            self.diag.report(
-                text.path.clone(),
-                text.line,
-                format!("query \"{}\": {key} = \"{}\": {problem}", self.query, text.value),
-            );
+        let compiled = if condition {
+            Expr::compile_predicate(&text.value, &typed)
+        } else {
+            Expr::compile(&text.value, &typed)
         };
-        match expression_type(&text.value, &typed) {
+        match compiled {
+            Ok(expr) => Some(expr.output_type()),
+            Err(ExprError::UnknownColumn { name, .. }) if columns.iter().any(|c| c.ty.is_none() && c.name.eq_ignore_ascii_case(&name)) => None,
             Err(problem) => {
-                report(problem);
+                self.diag.report(
+                    text.path.clone(),
+                    text.line,
+                    format!("query \"{}\": {key} = \"{}\": {problem}", self.query, text.value),
+                );
                 None
             }
-            Ok(ty) if condition && ty != FieldType::Bool => {
-                report(format!("a condition must be true or false (bool), but this expression is {}", ty.as_str()));
-                None
-            }
-            Ok(ty) => Some(ty),
         }
     }
-}
-
-/// Type of a SQL expression over `columns`, or what is wrong with it.
-fn expression_type(text: &str, columns: &[(&str, FieldType)]) -> Result<FieldType, String> {
-    // TODO(expr): replaced by crate::expr once it lands.
-    let _ = (text, columns);
-    Ok(FieldType::Bool)
 }
 
 /// Index of `field` in the schema, or reports that it is missing.

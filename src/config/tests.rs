@@ -1539,3 +1539,120 @@ fn reports_every_mistake_in_new_constructs_with_path_and_line() {
     sorted.sort();
     assert_eq!(lines, sorted);
 }
+
+const EXPRESSIONS: &str = r#"[pipeline]
+name = "p"
+
+[[sources]]
+name = "events"
+topic = "events"
+event_time = { field = "ts" }
+schema = { key = "string", value = "int", ts = "timestamp" }
+
+[[queries]]
+name = "ok"
+from = "events"
+where = "key LIKE 'a%' AND value BETWEEN 1 AND 10"
+window = { session = "1m" }
+group_by = ["key"]
+aggregates = [
+  { name = "n", fn = "count", filter = "value > 0" },
+  { name = "total", fn = "sum", field = "value" },
+  { name = "last_ts", fn = "last", field = "ts" },
+]
+derive = [
+  { name = "mean", expr = "total / n" },
+  { name = "slow", expr = "mean > 2.5 AND duration > 60" },
+  { name = "day", expr = "CAST(session_start AS DATE) || ' ' || key" },
+  { name = "lag_us", expr = "session_end - last_ts" },
+]
+output = "update"
+sink = "ok_out"
+
+[[queries]]
+name = "q"
+from = "events"
+where = "pag_url = 'x'"
+window = { tumbling = "1m" }
+aggregates = [
+  { name = "n", fn = "count", filter = "value + 1" },
+  { name = "m", fn = "count", filter = "n > 1" },
+  { name = "broken", fn = "sum", field = "nope" },
+]
+derive = [
+  { name = "a", expr = "b + 1" },
+  { name = "b", expr = "n * 2" },
+  { name = "c", expr = "b AND TRUE" },
+  { name = "d", expr = "broken + 1" },
+  { name = "e", expr = "window_start +" },
+]
+sink = "q_out"
+
+[[sinks]]
+name = "ok_out"
+kind = "delta"
+path = "ok"
+partition_by = ["day"]
+
+[[sinks]]
+name = "q_out"
+kind = "delta"
+path = "q"
+"#;
+
+#[test]
+fn expressions_are_type_checked_against_the_columns_they_read() {
+    let valid = EXPRESSIONS.split("[[queries]]\nname = \"q\"").next().unwrap().to_string() + "[[sinks]]\nname = \"ok_out\"\nkind = \"delta\"\npath = \"ok\"\n";
+    let config = parse_config(&valid).unwrap_or_else(|e| panic!("{e}"));
+    let query = &config.queries[0];
+    assert_eq!(query.filter.as_deref(), Some("key LIKE 'a%' AND value BETWEEN 1 AND 10"));
+    assert_eq!(query.derive.len(), 4);
+
+    let errors = errors_of(EXPRESSIONS);
+    let line = |needle| Some(line_containing(EXPRESSIONS, needle));
+    let expect = |path: &str, at: Option<usize>, start: &str| {
+        let error = error_at(&errors, path);
+        assert_eq!(error.line, at, "line of {error}");
+        assert!(error.message.starts_with(start), "{path}: {:?} should start with {start:?}", error.message);
+    };
+    expect(
+        "queries[1].where",
+        line("pag_url"),
+        "query \"q\": where = \"pag_url = 'x'\": unknown column \"pag_url\" (columns: key, value, ts)",
+    );
+    expect(
+        "queries[1].aggregates[0].filter",
+        line("\"value + 1\""),
+        "query \"q\": aggregate \"n\": filter = \"value + 1\": a filter must be a boolean condition, but `value + 1` is int",
+    );
+    // Filters read the source's fields, not the query's outputs.
+    expect(
+        "queries[1].aggregates[1].filter",
+        line("\"n > 1\""),
+        "query \"q\": aggregate \"m\": filter = \"n > 1\": unknown column \"n\" (columns: key, value, ts)",
+    );
+    expect(
+        "queries[1].aggregates[2].field",
+        line("\"nope\""),
+        "aggregate field \"nope\" is not in the schema of source \"events\"",
+    );
+    // Derived columns see only the columns before them.
+    expect(
+        "queries[1].derive[0].expr",
+        line("\"b + 1\""),
+        "query \"q\": derived column \"a\": expr = \"b + 1\": unknown column \"b\" (columns: window_start, window_end, n, m)",
+    );
+    expect(
+        "queries[1].derive[2].expr",
+        line("\"b AND TRUE\""),
+        "query \"q\": derived column \"c\": expr = \"b AND TRUE\": AND needs a boolean operand, but int \"b\" is not boolean",
+    );
+    expect(
+        "queries[1].derive[4].expr",
+        line("\"window_start +\""),
+        "query \"q\": derived column \"e\": expr = \"window_start +\": syntax error",
+    );
+    // "d" reads the broken aggregate, whose own error is enough; "c" is checked although the
+    // derived column "a" before it is broken.
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+}
