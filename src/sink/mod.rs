@@ -5,8 +5,6 @@
 //! store until the table holds them (pending output), and become Arrow only at commit time.
 
 pub mod delta;
-mod stub;
-pub use stub::TableOptions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
