@@ -19,7 +19,7 @@ use std::time::Instant;
 use flume::Receiver;
 
 use crate::shard::EpochReport;
-use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink};
+use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions};
 use crate::sink::{to_record_batch, SinkPlan, SinkRows};
 use crate::state::{EpochWrite, StateError, StateStore};
 use crate::telemetry::PipelineStats;
@@ -62,7 +62,7 @@ impl Committer {
     pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>) -> Result<Self, CommitError> {
         let mut sinks = Vec::new();
         for p in &plans {
-            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone())
+            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone(), &TableOptions::default())
                 .await
                 .map_err(|source| CommitError::Sink { sink: p.name.clone(), source })?;
             sinks.push(sink);

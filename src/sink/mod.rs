@@ -5,6 +5,7 @@
 //! store until the table holds them (pending output), and become Arrow only at commit time.
 
 pub mod delta;
+mod table_files;
 
 use std::path::PathBuf;
 use std::sync::Arc;
