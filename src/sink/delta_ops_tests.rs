@@ -245,6 +245,11 @@ async fn upserts_match_a_model_when_keys_move_between_partitions() {
         key_columns: &["key"],
     };
     upserts_match_the_model(layout, 3).await;
+    let layout = Layout {
+        partition_by: &["day"],
+        key_columns: &["key"],
+    };
+    upserts_match_the_model(layout, 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -254,6 +259,11 @@ async fn upserts_match_a_model_keyed_by_the_partition_column() {
         key_columns: &["day", "key"],
     };
     upserts_match_the_model(layout, 4).await;
+    let layout = Layout {
+        partition_by: &["day"],
+        key_columns: &["day", "key"],
+    };
+    upserts_match_the_model(layout, 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -336,6 +346,44 @@ async fn an_upsert_costs_the_files_it_touches_not_the_table() {
     assert!(rows.contains(&row("k7-2", "d", 100)) && rows.contains(&row("k3-0", "d", 7)));
     assert!(!rows.iter().any(|r| r.0 == "k9-4"));
     assert_eq!(sink.committed_epoch(APP).await.unwrap(), Some(33));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_index_catches_up_with_commits_by_another_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let opts = options(&["day"], 1 << 20, 0);
+    let key = strings(&["key"]);
+    let mut sink = DeltaTableSink::open_or_create(path, schema(), &opts).await.unwrap();
+    for epoch in 1..=4u64 {
+        let rows: Vec<Row> = (0..3).map(|i| row(&format!("k{epoch}-{i}"), "d1", i)).collect();
+        sink.upsert_epoch(APP, epoch, &key, vec![batch(&rows)], Vec::new()).await.unwrap();
+    }
+    // Another handle (a restarted daemon, an operator) compacts and appends.
+    let mut other = DeltaTableSink::open_or_create(path, schema(), &opts).await.unwrap();
+    let report = other.compact(2).await.unwrap().unwrap();
+    assert_eq!((report.files_removed, report.files_added), (4, 1));
+    other
+        .append_epoch("backfill", 1, vec![batch(&[row("b", "d2", 1), row("c", "d2", 2)])])
+        .await
+        .unwrap();
+
+    // The first handle's index sees the compacted and the appended file: it reads those two
+    // (to learn their keys), not the whole table, and the upsert replaces rows in both.
+    let read_before = sink.data_files_read();
+    sink.upsert_epoch(APP, 5, &key, vec![batch(&[row("k2-1", "d1", 50), row("b", "d1", 60)])], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(sink.data_files_read() - read_before, 2 + 2);
+    let mut expected: Vec<Row> = (1..=4)
+        .flat_map(|e| (0..3).map(move |i| row(&format!("k{e}-{i}"), "d1", i)))
+        .filter(|r| r.0 != "k2-1")
+        .chain([row("k2-1", "d1", 50), row("b", "d1", 60), row("c", "d2", 2)])
+        .collect();
+    expected.sort();
+    assert_eq!(table_rows(path, None).await, expected);
+    assert_eq!(sink.committed_epoch(APP).await.unwrap(), Some(5));
+    assert_eq!(sink.committed_epoch("backfill").await.unwrap(), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread")]
