@@ -481,6 +481,14 @@ impl DeltaTableSink {
         deletes: Vec<RecordBatch>,
     ) -> SinkResult<AppendOutcome> {
         let txn_version = txn_version(epoch)?;
+        match self.prepare_upsert(key_columns, &upserts, &deletes)? {
+            None => Ok(AppendOutcome::Skipped),
+            Some(upsert) => self.write_epoch(app_id, epoch, txn_version, EpochChange::Upsert(upsert)).await,
+        }
+    }
+
+    /// The new rows (last per key) and the changed keys of an upsert; `None` if it has no rows.
+    fn prepare_upsert(&self, key_columns: &[String], upserts: &[RecordBatch], deletes: &[RecordBatch]) -> SinkResult<Option<Upsert>> {
         let encoder = KeyEncoder::new(&self.schema, &self.options.partition_by, key_columns).map_err(|reason| DeltaSinkError::InvalidKeyColumns {
             path: self.path.clone(),
             columns: key_columns.join(", "),
@@ -491,11 +499,11 @@ impl DeltaTableSink {
             Some(index) if index.encoder.columns() == key_columns => index.encoder.clone(),
             _ => Arc::new(encoder),
         };
-        if upserts.iter().chain(&deletes).all(|b| b.num_rows() == 0) {
-            return Ok(AppendOutcome::Skipped);
+        if upserts.iter().chain(deletes).all(|b| b.num_rows() == 0) {
+            return Ok(None);
         }
 
-        let upserts = self.conform_all(&upserts)?;
+        let upserts = self.conform_all(upserts)?;
         let mut changed = HashSet::new();
         let rows = match upserts.first() {
             None => None,
@@ -515,8 +523,7 @@ impl DeltaTableSink {
         for batch in deletes.iter().filter(|b| b.num_rows() > 0) {
             changed.extend(encoder.encode(&self.path, batch)?);
         }
-        let change = EpochChange::Upsert(Upsert { encoder, rows, changed });
-        self.write_epoch(app_id, epoch, txn_version, change).await
+        Ok(Some(Upsert { encoder, rows, changed }))
     }
 
     /// The shared check-and-retry loop of every epoch write.
@@ -1455,6 +1462,41 @@ mod tests {
         assert!(matches!(err, DeltaSinkError::TableNotFound { .. }), "{err:?}");
         let err = read_committed_epoch(dir.path(), APP).await.unwrap_err();
         assert!(matches!(err, DeltaSinkError::TableNotFound { .. }), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_upsert_retried_on_a_newer_version_is_planned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let key = vec!["key".to_owned()];
+        let mut sink = DeltaTableSink::open_or_create(path, counts_schema(), &TableOptions::default()).await.unwrap();
+        sink.upsert_epoch(APP, 1, &key, vec![counts_batch(EPOCH_1)], Vec::new()).await.unwrap();
+        sink.upsert_epoch(APP, 2, &key, vec![counts_batch(&[("c", 1, 0)])], Vec::new()).await.unwrap();
+
+        // A first attempt plans against version 2 (its files are written, not committed)...
+        let upsert = sink.prepare_upsert(&key, &[counts_batch(&[("a", 9, 9)])], &[]).unwrap().unwrap();
+        let change = EpochChange::Upsert(upsert);
+        let EpochChange::Upsert(upsert) = &change else { unreachable!() };
+        let mut files = EpochFiles {
+            rewrite: Some(sink.plan_rewrite(2, upsert).await.unwrap()),
+            ..EpochFiles::default()
+        };
+        let stale: Vec<PathBuf> = files.rewrite.as_ref().unwrap().added.iter().map(|f| path.join(&f.add.path)).collect();
+        assert!(stale.iter().all(|p| p.exists()));
+
+        // ...then another handle compacts the files that plan removes.
+        let mut other = DeltaTableSink::open_or_create(path, counts_schema(), &TableOptions::default()).await.unwrap();
+        other.compact(2).await.unwrap().expect("two small files");
+
+        // The retry sees version 3: it plans again and deletes the first plan's files.
+        let outcome = sink.try_write_epoch(APP, 3, &change, &mut files).await.unwrap();
+        assert_eq!(outcome, AppendOutcome::Committed { version: 4 });
+        assert_eq!(files.rewrite.as_ref().unwrap().base_version, 3);
+        assert!(stale.iter().all(|p| !p.exists()), "{stale:?}");
+        assert_eq!(
+            rows(&read_table(path, None).await.unwrap()),
+            owned(&[("a", 9, 9), ("b", 5, 1_000_000), ("c", 1, 0)])
+        );
     }
 
     fn commit_failure(source: DeltaTableError) -> DeltaSinkError {
