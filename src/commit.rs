@@ -21,7 +21,6 @@ use flume::Receiver;
 use crate::shard::EpochReport;
 use crate::config::OutputMode;
 use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions};
-
 use crate::sink::{to_record_batch, SinkPlan, SinkRows};
 use crate::state::{EpochWrite, StateError, StateStore};
 use crate::telemetry::PipelineStats;

@@ -1,39 +1,62 @@
 //! Delta Lake table writer used by the committer, and a small reader for tests and
 //! `tidemark inspect`.
 //!
-//! Exactly-once rests on one rule: every epoch is appended as **one** Delta commit that
+//! Exactly-once rests on one rule: every epoch is written as **one** Delta commit that
 //! carries a `txn(app_id, epoch)` action, and before writing we read the highest `txn`
 //! version the table holds for our app id. An epoch at or below it has already landed (maybe
 //! by a run that crashed before recording it), so it is acknowledged and not written again.
 //! delta-rs's conflict checker only fences a *concurrent* writer with the same app id; it does
 //! not skip duplicates, which is why the check is ours.
 //!
-//! Data files are written once per epoch and their `add` actions reused across commit
-//! attempts, so a retried commit does not leave a second copy of the epoch's Parquet files.
+//! An epoch reaches the table in one of three ways, all through the same check-and-retry
+//! loop ([`DeltaTableSink::append_epoch`], [`DeltaTableSink::upsert_epoch`],
+//! [`DeltaTableSink::overwrite_epoch`]):
+//!
+//! * **append**: `add` actions for the epoch's rows;
+//! * **upsert** (a materialized view kept current without a query engine): copy-on-write.
+//!   An in-memory index says which data file holds each key; the files holding changed keys
+//!   are rewritten without them, together with the new rows, and the commit swaps them
+//!   (`remove` + `add`). Its cost follows the rows and files touched, not the table size;
+//! * **overwrite** (complete output mode): `remove` every active file, `add` the new ones.
+//!
+//! Data files of an append or overwrite are written once per epoch and their `add` actions
+//! reused across commit attempts, so a retried commit does not leave a second copy of the
+//! epoch's Parquet files. An upsert's files depend on the table version they were planned
+//! against; a retry on a newer version plans again and deletes the files of the old plan
+//! (the txn check has just shown that plan never landed).
+//!
+//! Maintenance: [`DeltaTableSink::compact`] bin-packs small files (an `OPTIMIZE` commit that
+//! changes no data), a checkpoint is written every `checkpoint_interval` versions, and
+//! [`DeltaTableSink::vacuum`] deletes files removed longer ago than a retention period.
 //!
 //! Every async fn here needs a tokio runtime on the calling thread (delta-rs uses
 //! `spawn_blocking`); the committer owns one.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::arrow::array::{ArrayRef, RecordBatch};
-use deltalake::arrow::compute::{cast_with_options, CastOptions};
+use deltalake::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use deltalake::arrow::compute::{cast_with_options, concat_batches, filter_record_batch, take_record_batch, CastOptions};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
-use deltalake::kernel::{Action, Add, DataType as DeltaDataType, StructType, Transaction};
-use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
-use deltalake::{DeltaTable, DeltaTableError, ObjectStore, ObjectStoreError};
+use deltalake::kernel::{Action, DataType as DeltaDataType, StructType, Transaction};
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError, ObjectStoreError};
 use url::Url;
 
-/// Attempts per epoch (the first try plus retries) before `append_epoch` gives up.
+use super::table_files::{keep_mask, last_row_per_key, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile};
+
+/// Attempts per epoch (the first try plus retries) before an epoch write gives up.
 const APPEND_ATTEMPTS: u32 = 4;
 /// Delay before the first retry; it quadruples on each further retry (100 ms, 400 ms, 1.6 s).
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
+/// [`DeltaTableSink::compact`] leaves a partition alone until it has this many small files.
+pub const DEFAULT_COMPACTION_MIN_FILES: usize = 4;
 
 pub type SinkResult<T> = Result<T, DeltaSinkError>;
 
@@ -55,6 +78,26 @@ pub enum DeltaSinkError {
         found: String,
     },
 
+    /// User configuration: the sink points at a table partitioned differently from what the
+    /// sink asks for.
+    #[error(
+        "the Delta table at {} is partitioned by ({found}); the sink asks for partitioning by \
+         ({expected}); point the sink at a new path or drop the table (the sink never \
+         rewrites an existing table's layout)",
+        path.display()
+    )]
+    PartitionMismatch {
+        path: PathBuf,
+        /// Partition columns asked for, comma separated, `none` if unpartitioned.
+        expected: String,
+        /// Partition columns of the existing table, likewise.
+        found: String,
+    },
+
+    /// User configuration: the table options do not fit the query's columns.
+    #[error("invalid options for the Delta table at {}: {reason}", path.display())]
+    InvalidOptions { path: PathBuf, reason: String },
+
     /// User configuration: the query produces a column type Delta Lake cannot store.
     #[error(
         "the query's output cannot be stored in the Delta table at {}: {reason}; \
@@ -70,6 +113,14 @@ pub enum DeltaSinkError {
         path.display()
     )]
     BatchSchema { path: PathBuf, reason: String },
+
+    /// Internal bug or configuration: an upsert's key columns are not usable.
+    #[error(
+        "cannot upsert into the Delta table at {} by key ({columns}): {reason}; key the view \
+         by columns the query outputs",
+        path.display()
+    )]
+    InvalidKeyColumns { path: PathBuf, columns: String, reason: String },
 
     /// Internal bug: Delta `txn` versions are i64.
     #[error("internal error: epoch {epoch} does not fit in a Delta txn version (i64)")]
@@ -116,14 +167,14 @@ pub enum DeltaSinkError {
         source: Box<DeltaTableError>,
     },
 
-    /// The reader only handles what this sink writes: unpartitioned tables without deletion
-    /// vectors.
+    /// The table uses something this sink does not write and cannot read or rewrite (deletion
+    /// vectors, data files missing columns).
     #[error("cannot read the Delta table at {}: {reason}", path.display())]
     UnsupportedTable { path: PathBuf, reason: String },
 
-    /// `append_epoch` retried a transient failure and ran out of attempts. Nothing was
-    /// committed for this epoch; appending it again later is safe.
-    #[error("gave up appending epoch {epoch} (app id `{app_id}`) after {attempts} attempts: {source}")]
+    /// An epoch write retried a transient failure and ran out of attempts. Nothing was
+    /// committed for this epoch; writing it again later is safe.
+    #[error("gave up writing epoch {epoch} (app id `{app_id}`) after {attempts} attempts: {source}")]
     RetriesExhausted {
         app_id: String,
         epoch: u64,
@@ -142,8 +193,11 @@ impl DeltaSinkError {
             DeltaSinkError::Delta { source, .. } => delta_error_is_transient(source),
             DeltaSinkError::RetriesExhausted { source, .. } => source.is_retryable(),
             DeltaSinkError::SchemaMismatch { .. }
+            | DeltaSinkError::PartitionMismatch { .. }
+            | DeltaSinkError::InvalidOptions { .. }
             | DeltaSinkError::UnsupportedSchema { .. }
             | DeltaSinkError::BatchSchema { .. }
+            | DeltaSinkError::InvalidKeyColumns { .. }
             | DeltaSinkError::EpochOutOfRange { .. }
             | DeltaSinkError::TableNotFound { .. }
             | DeltaSinkError::ConcurrentWriter { .. }
@@ -206,7 +260,31 @@ fn delta_error_is_transient(err: &DeltaTableError) -> bool {
     }
 }
 
-/// Result of [`DeltaTableSink::append_epoch`].
+/// How a table is laid out and maintained; given when the sink opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Partition columns of a new table, in directory nesting order (typically a date string
+    /// such as `window_date`). An existing table must already be partitioned exactly so.
+    pub partition_by: Vec<String>,
+    /// Data files are cut at about this size, and compaction packs small files up to it.
+    pub target_file_size_bytes: u64,
+    /// A checkpoint is written when a commit's version is a multiple of this; 0 never writes
+    /// one.
+    pub checkpoint_interval: u64,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        Self {
+            partition_by: Vec::new(),
+            target_file_size_bytes: 128 * 1024 * 1024,
+            checkpoint_interval: 10,
+        }
+    }
+}
+
+/// Result of an epoch write ([`DeltaTableSink::append_epoch`], [`DeltaTableSink::upsert_epoch`],
+/// [`DeltaTableSink::overwrite_epoch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
     /// The epoch is now in the table at this version.
@@ -214,17 +292,66 @@ pub enum AppendOutcome {
     /// The table already held this epoch (or a later one) for the app id; nothing was written.
     /// Also returned when an earlier attempt of this call landed before failing to report it.
     AlreadyCommitted,
-    /// The epoch had no rows; no commit was made.
+    /// The epoch changed nothing (no rows to append, no keys to upsert or delete, or an empty
+    /// result over an empty table); no commit was made.
     Skipped,
 }
 
-/// One Delta table that epochs are appended to.
+/// What [`DeltaTableSink::compact`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Table version of the compaction commit.
+    pub version: i64,
+    pub files_removed: usize,
+    pub files_added: usize,
+    pub bytes_removed: u64,
+    pub bytes_added: u64,
+}
+
+/// One epoch's change, as handed to the shared commit loop.
+enum EpochChange {
+    Append(Vec<RecordBatch>),
+    Overwrite(Vec<RecordBatch>),
+    Upsert(Upsert),
+}
+
+struct Upsert {
+    encoder: Arc<KeyEncoder>,
+    /// The new rows, one per key, in the table schema.
+    rows: Option<RecordBatch>,
+    /// Keys of the new rows and of the deleted ones: old rows with these keys go.
+    changed: HashSet<Key>,
+}
+
+/// Files written by earlier attempts of one epoch write, reused while still valid.
+#[derive(Default)]
+struct EpochFiles {
+    /// Append and overwrite: the epoch's rows, valid for any table version.
+    new_files: Option<Vec<NewFile>>,
+    /// Upsert: planned against one table version.
+    rewrite: Option<Rewrite>,
+}
+
+/// An upsert planned against `base_version`: remove the files holding changed keys, add their
+/// other rows plus the new rows.
+struct Rewrite {
+    base_version: i64,
+    removed: Vec<DataFile>,
+    added: Vec<NewFile>,
+}
+
+/// One Delta table that epochs are written to.
 pub struct DeltaTableSink {
     table: DeltaTable,
     /// Canonical local directory of the table.
     path: PathBuf,
     /// The table's columns as Arrow types; batches are conformed to this before writing.
     schema: SchemaRef,
+    options: TableOptions,
+    /// Key → data file, for upserts; built on the first upsert after opening.
+    index: Option<KeyIndex>,
+    /// Data files read so far (index building, rewrites, compaction).
+    files_read: AtomicU64,
 }
 
 impl std::fmt::Debug for DeltaTableSink {
@@ -232,16 +359,21 @@ impl std::fmt::Debug for DeltaTableSink {
         f.debug_struct("DeltaTableSink")
             .field("path", &self.path)
             .field("version", &self.version())
+            .field("options", &self.options)
             .finish()
     }
 }
 
 impl DeltaTableSink {
     /// Opens the table at `path` (a local directory; created if missing), creating the table
-    /// with `schema` if there is none yet. An existing table whose columns differ from `schema`
-    /// in name or type (nullability and column order are ignored) is
-    /// [`DeltaSinkError::SchemaMismatch`].
-    pub async fn open_or_create(path: &Path, schema: SchemaRef) -> SinkResult<Self> {
+    /// with `schema`, partitioned by `options.partition_by`, if there is none yet.
+    ///
+    /// An existing table whose columns differ from `schema` in name or type (nullability and
+    /// column order are ignored) is [`DeltaSinkError::SchemaMismatch`]; one partitioned
+    /// differently is [`DeltaSinkError::PartitionMismatch`]. An existing table is never
+    /// rewritten.
+    pub async fn open_or_create(path: &Path, schema: SchemaRef, options: &TableOptions) -> SinkResult<Self> {
+        check_options(path, &schema, options)?;
         std::fs::create_dir_all(path).map_err(|source| DeltaSinkError::Io {
             path: path.to_path_buf(),
             source,
@@ -252,11 +384,7 @@ impl DeltaTableSink {
             reason: err.to_string(),
         })?;
 
-        let delta_err = |operation, source| DeltaSinkError::Delta {
-            path: path.clone(),
-            operation,
-            source: Box::new(source),
-        };
+        let delta_err = |operation, source| delta_error(&path, operation, source);
         let mut table = DeltaTable::try_from_url(url).await.map_err(|e| delta_err("open", e))?;
         if table.version().is_none() {
             // `Ignore` turns a lost creation race into opening the winner's table, whose
@@ -264,6 +392,7 @@ impl DeltaTableSink {
             table = table
                 .create()
                 .with_columns(wanted.fields().cloned())
+                .with_partition_columns(options.partition_by.clone())
                 .with_save_mode(SaveMode::Ignore)
                 .await
                 .map_err(|e| delta_err("create table", e))?;
@@ -271,8 +400,24 @@ impl DeltaTableSink {
 
         let state = table.snapshot().map_err(|e| delta_err("open", e))?;
         check_columns(&path, &wanted, state.schema().as_ref())?;
+        let found = state.metadata().partition_columns();
+        if found != &options.partition_by {
+            let describe = |columns: &[String]| if columns.is_empty() { "none".to_owned() } else { columns.join(", ") };
+            return Err(DeltaSinkError::PartitionMismatch {
+                path,
+                expected: describe(&options.partition_by),
+                found: describe(found),
+            });
+        }
         let schema = state.snapshot().arrow_schema();
-        Ok(Self { table, path, schema })
+        Ok(Self {
+            table,
+            path,
+            schema,
+            options: options.clone(),
+            index: None,
+            files_read: AtomicU64::new(0),
+        })
     }
 
     /// Highest epoch committed to this table by `app_id` (its Delta `txn` version), read from
@@ -295,21 +440,98 @@ impl DeltaTableSink {
     /// Columns are matched to the table by name; a batch column whose Arrow type differs but
     /// maps to the same Delta type (e.g. `LargeUtf8` for `string`) is cast.
     pub async fn append_epoch(&mut self, app_id: &str, epoch: u64, batches: Vec<RecordBatch>) -> SinkResult<AppendOutcome> {
-        let txn_version = i64::try_from(epoch).map_err(|_| DeltaSinkError::EpochOutOfRange { epoch })?;
+        let txn_version = txn_version(epoch)?;
         if batches.iter().all(|b| b.num_rows() == 0) {
             return Ok(AppendOutcome::Skipped);
         }
-        let batches = batches
-            .iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| conform_batch(&self.path, &self.schema, b))
-            .collect::<SinkResult<Vec<_>>>()?;
+        let batches = self.conform_all(&batches)?;
+        self.write_epoch(app_id, epoch, txn_version, EpochChange::Append(batches)).await
+    }
 
-        // Files are written on the first attempt that gets that far and reused after.
-        let mut written_files: Option<Vec<Add>> = None;
+    /// Makes the table exactly `batches` (complete output mode) in one commit tagged
+    /// `txn(app_id, epoch)`: every active file is removed and the rows are added. An empty
+    /// result over a non-empty table still commits, leaving the table empty; over an empty
+    /// table it is [`AppendOutcome::Skipped`]. Replays and retries as in
+    /// [`Self::append_epoch`].
+    pub async fn overwrite_epoch(&mut self, app_id: &str, epoch: u64, batches: Vec<RecordBatch>) -> SinkResult<AppendOutcome> {
+        let txn_version = txn_version(epoch)?;
+        let batches = self.conform_all(&batches)?;
+        self.write_epoch(app_id, epoch, txn_version, EpochChange::Overwrite(batches)).await
+    }
+
+    /// Applies one epoch of a keyed view in one commit tagged `txn(app_id, epoch)`: afterwards
+    /// the table holds the old rows whose key (the values of `key_columns`) is in neither
+    /// `upserts` nor `deletes`, plus the `upserts` (the last row of each key, if a key repeats).
+    /// `deletes` batches need only the key columns.
+    ///
+    /// Copy-on-write: the files holding changed keys (found with an in-memory key index, built
+    /// by reading the key columns of every active file on the first upsert after opening) are
+    /// rewritten without those keys, together with the new rows, and the commit removes the
+    /// old files (`dataChange = true`) and adds the new ones. An epoch reads and writes only
+    /// the files it touches.
+    ///
+    /// Nothing to upsert or delete: [`AppendOutcome::Skipped`]. Replays and retries as in
+    /// [`Self::append_epoch`].
+    pub async fn upsert_epoch(
+        &mut self,
+        app_id: &str,
+        epoch: u64,
+        key_columns: &[String],
+        upserts: Vec<RecordBatch>,
+        deletes: Vec<RecordBatch>,
+    ) -> SinkResult<AppendOutcome> {
+        let txn_version = txn_version(epoch)?;
+        match self.prepare_upsert(key_columns, &upserts, &deletes)? {
+            None => Ok(AppendOutcome::Skipped),
+            Some(upsert) => self.write_epoch(app_id, epoch, txn_version, EpochChange::Upsert(upsert)).await,
+        }
+    }
+
+    /// The new rows (last per key) and the changed keys of an upsert; `None` if it has no rows.
+    fn prepare_upsert(&self, key_columns: &[String], upserts: &[RecordBatch], deletes: &[RecordBatch]) -> SinkResult<Option<Upsert>> {
+        let encoder = KeyEncoder::new(&self.schema, &self.options.partition_by, key_columns).map_err(|reason| DeltaSinkError::InvalidKeyColumns {
+            path: self.path.clone(),
+            columns: key_columns.join(", "),
+            reason,
+        })?;
+        let encoder = match &self.index {
+            // Equal columns encode alike; reusing the index's encoder saves building one.
+            Some(index) if index.encoder.columns() == key_columns => index.encoder.clone(),
+            _ => Arc::new(encoder),
+        };
+        if upserts.iter().chain(deletes).all(|b| b.num_rows() == 0) {
+            return Ok(None);
+        }
+
+        let upserts = self.conform_all(upserts)?;
+        let mut changed = HashSet::new();
+        let rows = match upserts.first() {
+            None => None,
+            Some(first) => {
+                let all = concat_batches(&first.schema(), &upserts).map_err(|source| self.arrow_err("upsert", source))?;
+                let keys = encoder.encode(&self.path, &all)?;
+                let last = last_row_per_key(&keys);
+                let rows = if last.len() == all.num_rows() {
+                    all
+                } else {
+                    take_record_batch(&all, &UInt32Array::from(last)).map_err(|source| self.arrow_err("upsert", source))?
+                };
+                changed.extend(keys);
+                Some(rows)
+            }
+        };
+        for batch in deletes.iter().filter(|b| b.num_rows() > 0) {
+            changed.extend(encoder.encode(&self.path, batch)?);
+        }
+        Ok(Some(Upsert { encoder, rows, changed }))
+    }
+
+    /// The shared check-and-retry loop of every epoch write.
+    async fn write_epoch(&mut self, app_id: &str, epoch: u64, txn_version: i64, change: EpochChange) -> SinkResult<AppendOutcome> {
+        let mut files = EpochFiles::default();
         let mut attempt = 1;
         loop {
-            match self.try_append(app_id, txn_version, &batches, &mut written_files).await {
+            match self.try_write_epoch(app_id, txn_version, &change, &mut files).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(err) if err.is_retryable() && attempt < APPEND_ATTEMPTS => {
                     let delay = RETRY_BASE_DELAY * 4u32.pow(attempt - 1);
@@ -320,7 +542,7 @@ impl DeltaTableSink {
                         attempt,
                         retry_in_ms = delay.as_millis() as u64,
                         error = %err,
-                        "Delta append failed; retrying"
+                        "Delta epoch write failed; retrying"
                     );
                     tokio::time::sleep(delay).await;
                     attempt += 1;
@@ -338,38 +560,237 @@ impl DeltaTableSink {
         }
     }
 
-    /// One attempt: refresh, re-check the txn version, write files if not yet written, commit.
-    async fn try_append(&mut self, app_id: &str, txn_version: i64, batches: &[RecordBatch], written_files: &mut Option<Vec<Add>>) -> SinkResult<AppendOutcome> {
+    /// One attempt: refresh, re-check the txn version, write (or reuse) the files, commit.
+    async fn try_write_epoch(&mut self, app_id: &str, txn_version: i64, change: &EpochChange, files: &mut EpochFiles) -> SinkResult<AppendOutcome> {
         self.refresh().await?;
         let committed = table_txn_version(&self.table, &self.path, app_id).await?;
         if committed.is_some_and(|v| v >= txn_version) {
             return Ok(AppendOutcome::AlreadyCommitted);
         }
+        let base_version = self.loaded_version()?;
+        let partition_by = (!self.options.partition_by.is_empty()).then(|| self.options.partition_by.clone());
 
-        let adds = match written_files {
-            Some(adds) => adds.clone(),
-            None => {
-                let adds = self.write_files(batches).await?;
-                *written_files = Some(adds.clone());
-                adds
+        let (removed, added, operation) = match change {
+            EpochChange::Append(batches) | EpochChange::Overwrite(batches) => {
+                if files.new_files.is_none() {
+                    let encoder = self.index.as_ref().map(|i| i.encoder.clone());
+                    files.new_files = Some(self.write_files(batches, encoder.as_deref()).await?);
+                }
+                let added = files.new_files.clone().unwrap_or_default();
+                match change {
+                    EpochChange::Overwrite(_) => {
+                        let removed = self.active_files()?;
+                        if removed.is_empty() && added.is_empty() {
+                            return Ok(AppendOutcome::Skipped);
+                        }
+                        let operation = DeltaOperation::Write {
+                            mode: SaveMode::Overwrite,
+                            partition_by,
+                            predicate: None,
+                        };
+                        (removed, added, operation)
+                    }
+                    _ => {
+                        let operation = DeltaOperation::Write {
+                            mode: SaveMode::Append,
+                            partition_by,
+                            predicate: None,
+                        };
+                        (Vec::new(), added, operation)
+                    }
+                }
+            }
+            EpochChange::Upsert(upsert) => {
+                if let Some(stale) = files.rewrite.take_if(|r| r.base_version != base_version) {
+                    // The txn check above proves no attempt with these files landed.
+                    self.delete_files(stale.added.iter().map(|f| f.add.path.as_str())).await;
+                }
+                if files.rewrite.is_none() {
+                    files.rewrite = Some(self.plan_rewrite(base_version, upsert).await?);
+                }
+                let rewrite = files.rewrite.as_ref().expect("planned above");
+                if rewrite.removed.is_empty() && rewrite.added.is_empty() {
+                    return Ok(AppendOutcome::Skipped);
+                }
+                let operation = DeltaOperation::Merge {
+                    predicate: None,
+                    merge_predicate: Some(format!("key ({})", upsert.encoder.columns().join(", "))),
+                    matched_predicates: vec![merge_clause("update"), merge_clause("delete")],
+                    not_matched_predicates: vec![merge_clause("insert")],
+                    not_matched_by_source_predicates: Vec::new(),
+                };
+                (rewrite.removed.clone(), rewrite.added.clone(), operation)
             }
         };
 
-        let properties = CommitProperties::default().with_application_transaction(Transaction::new(app_id, txn_version));
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: None,
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let actions = removed
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(true, now_ms)))
+            .chain(added.iter().map(|f| Action::Add(f.add.clone())))
+            .collect();
+        let version = self.commit(actions, operation, Some((app_id, txn_version))).await?;
+        self.after_commit(base_version, version, &removed, &added).await;
+        Ok(AppendOutcome::Committed { version })
+    }
+
+    /// Plans an upsert against the loaded version `base_version`: brings the key index up to
+    /// it, reads the files holding changed keys, and writes their other rows together with
+    /// the new rows.
+    async fn plan_rewrite(&mut self, base_version: i64, upsert: &Upsert) -> SinkResult<Rewrite> {
+        self.sync_index(&upsert.encoder).await?;
+        let touched = self.index.as_ref().expect("synced above").files_holding(&upsert.changed);
+        let mut rows: Vec<RecordBatch> = Vec::new();
+        for file in &touched {
+            for batch in self.reader().read(file, None).await? {
+                let keys = upsert.encoder.encode(&self.path, &batch)?;
+                let kept = filter_record_batch(&batch, &keep_mask(&keys, &upsert.changed)).map_err(|source| self.arrow_err("upsert", source))?;
+                rows.push(kept);
+            }
+        }
+        rows.extend(upsert.rows.iter().cloned());
+        let added = self.write_files(&rows, Some(&upsert.encoder)).await?;
+        Ok(Rewrite {
+            base_version,
+            removed: touched,
+            added,
+        })
+    }
+
+    /// Bin-packs small files: within each partition holding at least `min_files` (at least 2)
+    /// files smaller than half the target size, those files are rewritten as files of about
+    /// the target size. One `OPTIMIZE` commit removes and adds them with `dataChange = false`
+    /// and no `txn`: the content, the committed epochs and older versions (time travel) are
+    /// unchanged. `None` if no partition needed it.
+    ///
+    /// A concurrent writer removing one of the files fails the commit (retryable); the
+    /// files written for it are deleted again.
+    pub async fn compact(&mut self, min_files: usize) -> SinkResult<Option<CompactionReport>> {
+        self.refresh().await?;
+        let base_version = self.loaded_version()?;
+        let target = self.options.target_file_size_bytes;
+        let min_files = min_files.max(2);
+
+        let mut small_by_partition: BTreeMap<Vec<Option<String>>, Vec<DataFile>> = BTreeMap::new();
+        for file in self.active_files()? {
+            if (file.size_bytes.max(0) as u64) < target / 2 {
+                small_by_partition.entry(file.partition(&self.options.partition_by)).or_default().push(file);
+            }
+        }
+        let bins: Vec<Vec<DataFile>> = small_by_partition
+            .into_values()
+            .filter(|files| files.len() >= min_files)
+            .flat_map(|files| pack_bins(files, target))
+            .collect();
+        if bins.is_empty() {
+            return Ok(None);
+        }
+
+        let encoder = self.index.as_ref().map(|i| i.encoder.clone());
+        let mut added = self.write_bins(&bins, encoder.as_deref()).await?;
+        let removed: Vec<DataFile> = bins.into_iter().flatten().collect();
+        for file in &mut added {
+            file.add.data_change = false;
+        }
+
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let actions = removed
+            .iter()
+            .map(|f| Action::Remove(f.remove_action(false, now_ms)))
+            .chain(added.iter().map(|f| Action::Add(f.add.clone())))
+            .collect();
+        let operation = DeltaOperation::Optimize {
             predicate: None,
+            target_size: i64::try_from(target).unwrap_or(i64::MAX),
         };
+        let version = match self.commit(actions, operation, None).await {
+            Ok(version) => version,
+            Err(err) => {
+                self.discard_if_uncommitted(&added).await;
+                return Err(err);
+            }
+        };
+        self.after_commit(base_version, version, &removed, &added).await;
+        Ok(Some(CompactionReport {
+            version,
+            files_removed: removed.len(),
+            files_added: added.len(),
+            bytes_removed: removed.iter().map(|f| f.size_bytes.max(0) as u64).sum(),
+            bytes_added: added.iter().map(|f| f.add.size.max(0) as u64).sum(),
+        }))
+    }
+
+    /// Rewrites each bin of files as new files (not committed); on failure, deletes the ones
+    /// already written.
+    async fn write_bins(&self, bins: &[Vec<DataFile>], encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
+        let mut written = Vec::new();
+        for bin in bins {
+            match self.rewrite_files(bin, encoder).await {
+                Ok(files) => written.extend(files),
+                Err(err) => {
+                    self.delete_files(written.iter().map(|f: &NewFile| f.add.path.as_str())).await;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// Reads `files` whole and writes their rows as new files (not committed).
+    async fn rewrite_files(&self, files: &[DataFile], encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
+        let mut rows = Vec::new();
+        for file in files {
+            rows.extend(self.reader().read(file, None).await?);
+        }
+        self.write_files(&rows, encoder).await
+    }
+
+    /// Deletes data files that the current version does not reference and that were removed
+    /// from the table more than `retention` ago (delta-rs vacuum, lite mode: files never
+    /// committed are left alone). Returns how many files were deleted. Versions that still
+    /// need those files can no longer be read (time travel ends at the retention horizon).
+    ///
+    /// The table's `delta.deletedFileRetentionDuration` is not enforced: the caller chooses.
+    pub async fn vacuum(&mut self, retention: Duration) -> SinkResult<usize> {
+        self.refresh().await?;
+        let before = self.loaded_version()?;
+        let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let (table, metrics) = self
+            .table
+            .clone()
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_mode(VacuumMode::Lite)
+            .with_commit_properties(CommitProperties::default().with_create_checkpoint(false))
+            .await
+            .map_err(|e| self.delta_err("vacuum", e))?;
+        self.table = table;
+        let after = self.loaded_version()?;
+        self.maybe_checkpoint(before, after).await;
+        Ok(metrics.files_deleted.len())
+    }
+
+    /// Commits `actions` on the loaded version (delta-rs rebases onto newer versions when the
+    /// conflict checker allows) and loads the result. Checkpoints are ours
+    /// ([`Self::maybe_checkpoint`]), not delta-rs's.
+    async fn commit(&mut self, actions: Vec<Action>, operation: DeltaOperation, txn: Option<(&str, i64)>) -> SinkResult<i64> {
+        let mut properties = CommitProperties::default().with_create_checkpoint(false);
+        if let Some((app_id, version)) = txn {
+            properties = properties.with_application_transaction(Transaction::new(app_id, version));
+        }
         let snapshot = self.table.snapshot().map_err(|e| self.delta_err("commit", e))?;
         let finalized = CommitBuilder::from(properties)
-            .with_actions(adds.into_iter().map(Action::Add).collect())
+            .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
-            .map_err(|source| match &source {
-                DeltaTableError::Transaction {
-                    source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
-                } => DeltaSinkError::ConcurrentWriter {
+            .map_err(|source| match (&source, txn) {
+                (
+                    DeltaTableError::Transaction {
+                        source: TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction),
+                    },
+                    Some((app_id, _)),
+                ) => DeltaSinkError::ConcurrentWriter {
                     path: self.path.clone(),
                     app_id: app_id.to_owned(),
                     source: Box::new(source),
@@ -378,17 +799,132 @@ impl DeltaTableSink {
             })?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
-        Ok(AppendOutcome::Committed { version })
+        Ok(version)
     }
 
-    /// Writes the batches as Parquet data files (not yet part of the table) and returns their
-    /// `add` actions.
-    async fn write_files(&self, batches: &[RecordBatch]) -> SinkResult<Vec<Add>> {
-        let mut writer = RecordBatchWriter::for_table(&self.table).map_err(|e| self.delta_err("write", e))?;
-        for batch in batches {
-            writer.write(batch.clone()).await.map_err(|e| self.delta_err("write", e))?;
+    /// Keeps the key index current with our own commit (when nobody committed between its
+    /// version and ours; otherwise the next upsert catches it up from the log), and writes a
+    /// checkpoint when one is due.
+    async fn after_commit(&mut self, base_version: i64, version: i64, removed: &[DataFile], added: &[NewFile]) {
+        if let Some(index) = &mut self.index {
+            let follows = index.version == Some(base_version) && version == base_version + 1;
+            if follows && added.iter().all(|f| f.keys.is_some()) {
+                for file in removed {
+                    index.remove_file(&file.path);
+                }
+                for file in added {
+                    index.insert_file(DataFile::from_add(&file.add), file.keys.clone().unwrap_or_default());
+                }
+                index.version = Some(version);
+            }
         }
-        writer.flush().await.map_err(|e| self.delta_err("write", e))
+        self.maybe_checkpoint(base_version, version).await;
+    }
+
+    /// Writes a checkpoint of the loaded version `after` if the versions since `before`
+    /// reached a multiple of the checkpoint interval. A failure is logged, not returned: the
+    /// commit stands, and the next interval writes a checkpoint again.
+    async fn maybe_checkpoint(&self, before: i64, after: i64) {
+        let Ok(interval) = i64::try_from(self.options.checkpoint_interval) else {
+            return;
+        };
+        if interval == 0 || after.div_euclid(interval) == before.div_euclid(interval) {
+            return;
+        }
+        if let Err(error) = deltalake::checkpoints::create_checkpoint(&self.table, None).await {
+            tracing::warn!(
+                table = %self.path.display(),
+                version = after,
+                %error,
+                "writing a Delta checkpoint failed; readers replay more log files until the next one"
+            );
+        }
+    }
+
+    /// Brings the key index for `encoder`'s columns to the loaded version: built from every
+    /// active file the first time, afterwards by dropping files no longer active and reading
+    /// the keys of files it has not seen (commits by other writers, or ours it could not
+    /// follow).
+    async fn sync_index(&mut self, encoder: &Arc<KeyEncoder>) -> SinkResult<()> {
+        let version = self.loaded_version()?;
+        let mut index = match self.index.take() {
+            Some(index) if index.encoder.columns() == encoder.columns() => index,
+            _ => KeyIndex::new(encoder.clone()),
+        };
+        if index.version != Some(version) {
+            let active = self.active_files()?;
+            let active_paths: HashSet<&str> = active.iter().map(|f| f.path.as_str()).collect();
+            index.retain_files(|path| active_paths.contains(path));
+            let unseen: Vec<DataFile> = active.iter().filter(|f| !index.contains_file(&f.path)).cloned().collect();
+            for file in unseen {
+                let keys = self.reader().read_keys(&file, &index.encoder).await?;
+                index.insert_file(file, keys);
+            }
+            index.version = Some(version);
+        }
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// Deletes files written for a commit that failed, unless the commit landed after all
+    /// (an error can come after the log entry was written).
+    async fn discard_if_uncommitted(&mut self, files: &[NewFile]) {
+        if self.refresh().await.is_err() {
+            return;
+        }
+        let Ok(active) = self.active_files() else { return };
+        let active: HashSet<&str> = active.iter().map(|f| f.path.as_str()).collect();
+        let orphans: Vec<&str> = files.iter().map(|f| f.add.path.as_str()).filter(|p| !active.contains(p)).collect();
+        self.delete_files(orphans.into_iter()).await;
+    }
+
+    /// Best-effort deletion of data files that are not part of the table.
+    async fn delete_files<'a>(&self, paths: impl Iterator<Item = &'a str>) {
+        let store = self.table.object_store();
+        for path in paths {
+            let object = deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path));
+            if let Err(error) = store.delete(&object).await {
+                tracing::debug!(table = %self.path.display(), file = path, %error, "could not delete an uncommitted data file");
+            }
+        }
+    }
+
+    /// Writes rows (in the table schema) as data files near the target size.
+    async fn write_files(&self, batches: &[RecordBatch], encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
+        write_data_files(
+            &self.table,
+            &self.path,
+            &self.options.partition_by,
+            batches,
+            self.options.target_file_size_bytes,
+            encoder,
+        )
+        .await
+    }
+
+    fn reader(&self) -> FileReader<'_> {
+        FileReader {
+            table_path: &self.path,
+            store: self.table.object_store(),
+            schema: &self.schema,
+            partition_columns: &self.options.partition_by,
+            files_read: &self.files_read,
+        }
+    }
+
+    /// The active data files of the loaded version.
+    fn active_files(&self) -> SinkResult<Vec<DataFile>> {
+        let state = self.table.snapshot().map_err(|e| self.delta_err("read", e))?;
+        state.log_data().into_iter().map(|view| DataFile::from_view(&self.path, &view)).collect()
+    }
+
+    /// Non-empty batches, conformed to the table schema.
+    fn conform_all(&self, batches: &[RecordBatch]) -> SinkResult<Vec<RecordBatch>> {
+        batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| conform_batch(&self.path, &self.schema, b))
+            .collect()
     }
 
     /// Brings the table state up to the newest version: incrementally when possible, with a
@@ -408,12 +944,16 @@ impl DeltaTableSink {
         self.table.update_state().await.map_err(|e| self.delta_err("refresh", e))
     }
 
+    fn loaded_version(&self) -> SinkResult<i64> {
+        self.table.version().ok_or_else(|| self.delta_err("refresh", DeltaTableError::NotInitialized))
+    }
+
     fn delta_err(&self, operation: &'static str, source: DeltaTableError) -> DeltaSinkError {
-        DeltaSinkError::Delta {
-            path: self.path.clone(),
-            operation,
-            source: Box::new(source),
-        }
+        delta_error(&self.path, operation, source)
+    }
+
+    fn arrow_err(&self, operation: &'static str, source: deltalake::arrow::error::ArrowError) -> DeltaSinkError {
+        delta_error(&self.path, operation, DeltaTableError::Arrow { source })
     }
 
     /// Canonical local directory of the table.
@@ -430,49 +970,41 @@ impl DeltaTableSink {
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
+
+    /// The options the table was opened with.
+    pub fn options(&self) -> &TableOptions {
+        &self.options
+    }
+
+    /// Data files this sink has read since it was opened (index building, upsert rewrites,
+    /// compaction): the I/O an upsert costs beyond writing.
+    pub fn data_files_read(&self) -> u64 {
+        self.files_read.load(Ordering::Relaxed)
+    }
 }
 
-/// Reads every row of the table's newest version (or `version`) by reading its active Parquet
-/// files directly. Handles what this sink writes: unpartitioned tables without deletion
-/// vectors. Files are decoded on the calling task; meant for tests and `tidemark inspect`, not
-/// for large tables.
+/// Reads every row of the table's newest version (or `version`, for time travel) by reading
+/// its active Parquet files directly; partition columns are rebuilt from each file's partition
+/// values. Tables with deletion vectors are refused (this sink never writes them). Files are
+/// decoded on the calling task; meant for tests and `tidemark inspect`, not for large tables.
 pub async fn read_table(path: &Path, version: Option<i64>) -> SinkResult<Vec<RecordBatch>> {
     let table = open_existing(path, version).await?;
     let path = canonical_path(path)?;
-    let delta_err = |operation, source| DeltaSinkError::Delta {
-        path: path.clone(),
-        operation,
-        source: Box::new(source),
-    };
-    let state = table.snapshot().map_err(|e| delta_err("read", e))?;
-    if !state.metadata().partition_columns().is_empty() {
-        return Err(DeltaSinkError::UnsupportedTable {
-            path: path.clone(),
-            reason: "the table is partitioned".into(),
-        });
-    }
+    let state = table.snapshot().map_err(|e| delta_error(&path, "read", e))?;
     let schema = state.snapshot().arrow_schema();
-    let store = table.object_store();
-
+    let partition_columns = state.metadata().partition_columns().clone();
+    let files_read = AtomicU64::new(0);
+    let reader = FileReader {
+        table_path: &path,
+        store: table.object_store(),
+        schema: &schema,
+        partition_columns: &partition_columns,
+        files_read: &files_read,
+    };
     let mut batches = Vec::new();
-    for file in state.log_data() {
-        if file.deletion_vector_descriptor().is_some() {
-            return Err(DeltaSinkError::UnsupportedTable {
-                path: path.clone(),
-                reason: format!("data file {} has a deletion vector", file.path()),
-            });
-        }
-        let file_path = deltalake::Path::parse(file.path().as_ref()).unwrap_or_else(|_| deltalake::Path::from(file.path().as_ref()));
-        let store_err = |source| delta_err("read", DeltaTableError::ObjectStore { source });
-        let object = store.get(&file_path).await.map_err(store_err)?;
-        let bytes = object.bytes().await.map_err(store_err)?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|builder| builder.build())
-            .map_err(|source| delta_err("read", DeltaTableError::Parquet { source }))?;
-        for batch in reader {
-            let batch = batch.map_err(|source| delta_err("read", DeltaTableError::Arrow { source }))?;
-            batches.push(conform_batch(&path, &schema, &batch)?);
-        }
+    for view in state.log_data() {
+        let file = DataFile::from_view(&path, &view)?;
+        batches.extend(reader.read(&file, None).await?);
     }
     Ok(batches)
 }
@@ -496,6 +1028,76 @@ pub fn dead_letter_schema() -> SchemaRef {
         Field::new("error", DataType::Utf8, false),
         Field::new("routed_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
     ]))
+}
+
+fn txn_version(epoch: u64) -> SinkResult<i64> {
+    i64::try_from(epoch).map_err(|_| DeltaSinkError::EpochOutOfRange { epoch })
+}
+
+fn delta_error(path: &Path, operation: &'static str, source: DeltaTableError) -> DeltaSinkError {
+    DeltaSinkError::Delta {
+        path: path.to_path_buf(),
+        operation,
+        source: Box::new(source),
+    }
+}
+
+fn merge_clause(action_type: &str) -> MergePredicate {
+    MergePredicate {
+        action_type: action_type.to_owned(),
+        predicate: None,
+    }
+}
+
+/// Groups `files` (all smaller than half of `target_bytes`) into bins of about `target_bytes`,
+/// smallest files first; a bin of one file would only copy it and is dropped.
+fn pack_bins(mut files: Vec<DataFile>, target_bytes: u64) -> Vec<Vec<DataFile>> {
+    files.sort_by(|a, b| a.size_bytes.cmp(&b.size_bytes).then_with(|| a.path.cmp(&b.path)));
+    let mut bins: Vec<Vec<DataFile>> = Vec::new();
+    let mut current: Vec<DataFile> = Vec::new();
+    let mut current_bytes = 0u64;
+    for file in files {
+        let size = file.size_bytes.max(0) as u64;
+        if !current.is_empty() && current_bytes + size > target_bytes {
+            bins.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += size;
+        current.push(file);
+    }
+    bins.push(current);
+    bins.retain(|bin| bin.len() >= 2);
+    bins
+}
+
+/// `InvalidOptions` unless the partition columns are distinct columns of `schema` that leave
+/// at least one data column, and the target size is positive.
+fn check_options(path: &Path, schema: &SchemaRef, options: &TableOptions) -> SinkResult<()> {
+    let invalid = |reason: String| DeltaSinkError::InvalidOptions {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let columns = || schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
+    for (i, column) in options.partition_by.iter().enumerate() {
+        if schema.field_with_name(column).is_err() {
+            return Err(invalid(format!(
+                "partition column `{column}` is not a column of the query's output ({}); partition by one of those",
+                columns()
+            )));
+        }
+        if options.partition_by[..i].contains(column) {
+            return Err(invalid(format!("partition column `{column}` is listed twice")));
+        }
+    }
+    if !options.partition_by.is_empty() && options.partition_by.len() == schema.fields().len() {
+        return Err(invalid(
+            "every column is a partition column; Delta needs at least one column stored in the data files".into(),
+        ));
+    }
+    if options.target_file_size_bytes == 0 {
+        return Err(invalid("target_file_size_bytes is 0; use a size such as 128 MiB".into()));
+    }
+    Ok(())
 }
 
 fn canonical_path(path: &Path) -> SinkResult<PathBuf> {
@@ -574,7 +1176,7 @@ fn check_columns(path: &Path, wanted: &StructType, found: &StructType) -> SinkRe
 
 /// Rebuilds `batch` with exactly `schema`'s fields (matched by name, in the schema's order),
 /// casting columns whose Arrow type differs but maps to the same Delta type.
-fn conform_batch(path: &Path, schema: &SchemaRef, batch: &RecordBatch) -> SinkResult<RecordBatch> {
+pub(crate) fn conform_batch(path: &Path, schema: &SchemaRef, batch: &RecordBatch) -> SinkResult<RecordBatch> {
     if batch.schema() == *schema {
         return Ok(batch.clone());
     }
@@ -676,7 +1278,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/counts");
 
-        let mut sink = DeltaTableSink::open_or_create(&path, counts_schema()).await.unwrap();
+        let mut sink = DeltaTableSink::open_or_create(&path, counts_schema(), &TableOptions::default()).await.unwrap();
         assert_eq!(sink.version(), Some(0));
         assert_eq!(sink.committed_epoch(APP).await.unwrap(), None);
 
@@ -704,7 +1306,7 @@ mod tests {
 
         drop(sink);
         assert_eq!(read_committed_epoch(&path, APP).await.unwrap(), Some(2));
-        let mut reopened = DeltaTableSink::open_or_create(&path, counts_schema()).await.unwrap();
+        let mut reopened = DeltaTableSink::open_or_create(&path, counts_schema(), &TableOptions::default()).await.unwrap();
         assert_eq!(reopened.version(), Some(2));
         assert_eq!(reopened.committed_epoch(APP).await.unwrap(), Some(2));
         // An older epoch after restart is also recognised.
@@ -718,8 +1320,12 @@ mod tests {
         // Models a restarted daemon racing the old one's last commit: the second handle's
         // state predates the commit, and the txn check must still see it.
         let dir = tempfile::tempdir().unwrap();
-        let mut first = DeltaTableSink::open_or_create(dir.path(), counts_schema()).await.unwrap();
-        let mut second = DeltaTableSink::open_or_create(dir.path(), counts_schema()).await.unwrap();
+        let mut first = DeltaTableSink::open_or_create(dir.path(), counts_schema(), &TableOptions::default())
+            .await
+            .unwrap();
+        let mut second = DeltaTableSink::open_or_create(dir.path(), counts_schema(), &TableOptions::default())
+            .await
+            .unwrap();
         assert_eq!(
             first.append_epoch(APP, 1, vec![counts_batch(EPOCH_1)]).await.unwrap(),
             AppendOutcome::Committed { version: 1 }
@@ -742,7 +1348,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn empty_epoch_is_skipped_without_a_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = DeltaTableSink::open_or_create(dir.path(), counts_schema()).await.unwrap();
+        let mut sink = DeltaTableSink::open_or_create(dir.path(), counts_schema(), &TableOptions::default())
+            .await
+            .unwrap();
         let before = sink.version();
         assert_eq!(sink.append_epoch(APP, 1, vec![counts_batch(&[])]).await.unwrap(), AppendOutcome::Skipped);
         assert_eq!(sink.append_epoch(APP, 1, Vec::new()).await.unwrap(), AppendOutcome::Skipped);
@@ -754,13 +1362,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn reopening_with_other_columns_is_a_schema_mismatch() {
         let dir = tempfile::tempdir().unwrap();
-        DeltaTableSink::open_or_create(dir.path(), counts_schema()).await.unwrap();
+        DeltaTableSink::open_or_create(dir.path(), counts_schema(), &TableOptions::default())
+            .await
+            .unwrap();
 
         let other = Arc::new(Schema::new(vec![
             Field::new("key", DataType::Utf8, false),
             Field::new("total", DataType::Float64, false),
         ]));
-        let err = DeltaTableSink::open_or_create(dir.path(), other).await.unwrap_err();
+        let err = DeltaTableSink::open_or_create(dir.path(), other, &TableOptions::default()).await.unwrap_err();
         assert!(!err.is_retryable());
         let DeltaSinkError::SchemaMismatch { expected, found, .. } = &err else {
             panic!("expected SchemaMismatch, got {err:?}");
@@ -778,14 +1388,16 @@ mod tests {
             Field::new("count", DataType::Int64, true),
             Field::new("key", DataType::Utf8, true),
         ]));
-        let sink = DeltaTableSink::open_or_create(dir.path(), relaxed).await.unwrap();
+        let sink = DeltaTableSink::open_or_create(dir.path(), relaxed, &TableOptions::default()).await.unwrap();
         assert_eq!(sink.schema(), counts_schema());
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn batches_are_matched_by_name_and_cast_to_the_table_types() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = DeltaTableSink::open_or_create(dir.path(), counts_schema()).await.unwrap();
+        let mut sink = DeltaTableSink::open_or_create(dir.path(), counts_schema(), &TableOptions::default())
+            .await
+            .unwrap();
         // Columns reordered, LargeUtf8 for utf8, nullable fields.
         let schema = Arc::new(Schema::new(vec![
             Field::new("count", DataType::Int64, true),
@@ -819,7 +1431,9 @@ mod tests {
     async fn dead_letter_table_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let schema = dead_letter_schema();
-        let mut sink = DeltaTableSink::open_or_create(dir.path(), schema.clone()).await.unwrap();
+        let mut sink = DeltaTableSink::open_or_create(dir.path(), schema.clone(), &TableOptions::default())
+            .await
+            .unwrap();
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
@@ -848,6 +1462,41 @@ mod tests {
         assert!(matches!(err, DeltaSinkError::TableNotFound { .. }), "{err:?}");
         let err = read_committed_epoch(dir.path(), APP).await.unwrap_err();
         assert!(matches!(err, DeltaSinkError::TableNotFound { .. }), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_upsert_retried_on_a_newer_version_is_planned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let key = vec!["key".to_owned()];
+        let mut sink = DeltaTableSink::open_or_create(path, counts_schema(), &TableOptions::default()).await.unwrap();
+        sink.upsert_epoch(APP, 1, &key, vec![counts_batch(EPOCH_1)], Vec::new()).await.unwrap();
+        sink.upsert_epoch(APP, 2, &key, vec![counts_batch(&[("c", 1, 0)])], Vec::new()).await.unwrap();
+
+        // A first attempt plans against version 2 (its files are written, not committed)...
+        let upsert = sink.prepare_upsert(&key, &[counts_batch(&[("a", 9, 9)])], &[]).unwrap().unwrap();
+        let change = EpochChange::Upsert(upsert);
+        let EpochChange::Upsert(upsert) = &change else { unreachable!() };
+        let mut files = EpochFiles {
+            rewrite: Some(sink.plan_rewrite(2, upsert).await.unwrap()),
+            ..EpochFiles::default()
+        };
+        let stale: Vec<PathBuf> = files.rewrite.as_ref().unwrap().added.iter().map(|f| path.join(&f.add.path)).collect();
+        assert!(stale.iter().all(|p| p.exists()));
+
+        // ...then another handle compacts the files that plan removes.
+        let mut other = DeltaTableSink::open_or_create(path, counts_schema(), &TableOptions::default()).await.unwrap();
+        other.compact(2).await.unwrap().expect("two small files");
+
+        // The retry sees version 3: it plans again and deletes the first plan's files.
+        let outcome = sink.try_write_epoch(APP, 3, &change, &mut files).await.unwrap();
+        assert_eq!(outcome, AppendOutcome::Committed { version: 4 });
+        assert_eq!(files.rewrite.as_ref().unwrap().base_version, 3);
+        assert!(stale.iter().all(|p| !p.exists()), "{stale:?}");
+        assert_eq!(
+            rows(&read_table(path, None).await.unwrap()),
+            owned(&[("a", 9, 9), ("b", 5, 1_000_000), ("c", 1, 0)])
+        );
     }
 
     fn commit_failure(source: DeltaTableError) -> DeltaSinkError {

@@ -5,6 +5,9 @@
 //! store until the table holds them (pending output), and become Arrow only at commit time.
 
 pub mod delta;
+#[cfg(test)]
+mod delta_ops_tests;
+mod table_files;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,594 @@
+//! Data files of a Delta table as [`super::delta::DeltaTableSink`] handles them: reading one
+//! back with its partition columns, writing rows as files of about a target size, and the
+//! key → file index that lets an upsert rewrite only the files holding the changed keys.
+//!
+//! Paths are kept as delta-rs holds them in memory (`Add::path`, `LogicalFileView::path`):
+//! already decoded from the log's URL encoding, i.e. object store paths relative to the table
+//! root. delta-rs encodes them again when it writes the log.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, UInt32Array};
+use deltalake::arrow::compute::{cast_with_options, concat_batches, take_record_batch, CastOptions};
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use deltalake::arrow::row::{RowConverter, SortField};
+use deltalake::kernel::scalars::ScalarExt;
+use deltalake::kernel::{Add, LogicalFileView, Remove};
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::parquet::arrow::ProjectionMask;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError, ObjectStore};
+
+use super::delta::{conform_batch, DeltaSinkError, SinkResult};
+
+/// The values of a row's key columns, in a byte form that compares like the values
+/// (Arrow's row format), so keys of any column types can be hashed.
+pub(crate) type Key = Arc<[u8]>;
+
+/// One data file of the table, with what its `add` action says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DataFile {
+    /// Relative to the table root, decoded.
+    pub path: String,
+    pub size_bytes: i64,
+    /// Partition column → value as the `add` action serializes it (`None` for null).
+    pub partition_values: HashMap<String, Option<String>>,
+}
+
+impl DataFile {
+    /// The active file `view` describes. Files with deletion vectors are refused: this sink
+    /// never writes them, and reading one as plain Parquet would resurrect deleted rows.
+    pub fn from_view(table_path: &Path, view: &LogicalFileView) -> SinkResult<Self> {
+        if view.deletion_vector_descriptor().is_some() {
+            return Err(DeltaSinkError::UnsupportedTable {
+                path: table_path.to_path_buf(),
+                reason: format!("data file {} has a deletion vector", view.path()),
+            });
+        }
+        // Serialized the way delta-rs fills `Add::partition_values`, so files read from the log
+        // and files this sink just wrote describe their partitions alike.
+        let partition_values = view
+            .partition_values()
+            .map(|values| {
+                values
+                    .fields()
+                    .iter()
+                    .zip(values.values())
+                    .map(|(field, value)| (field.name().to_string(), (!value.is_null()).then(|| value.serialize())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            path: view.path().into_owned(),
+            size_bytes: view.size(),
+            partition_values,
+        })
+    }
+
+    pub fn from_add(add: &Add) -> Self {
+        Self {
+            path: add.path.clone(),
+            size_bytes: add.size,
+            partition_values: add.partition_values.clone(),
+        }
+    }
+
+    /// The `remove` action that retires this file, stamped `deletion_timestamp_ms` (vacuum's
+    /// retention counts from it).
+    pub fn remove_action(&self, data_change: bool, deletion_timestamp_ms: i64) -> Remove {
+        Remove {
+            path: self.path.clone(),
+            data_change,
+            deletion_timestamp: Some(deletion_timestamp_ms),
+            extended_file_metadata: Some(true),
+            partition_values: Some(self.partition_values.clone()),
+            size: Some(self.size_bytes),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+        }
+    }
+
+    /// The file's partition values in `partition_columns` order: files with equal ones share a
+    /// partition directory.
+    pub fn partition(&self, partition_columns: &[String]) -> Vec<Option<String>> {
+        partition_columns.iter().map(|c| self.partition_values.get(c).cloned().flatten()).collect()
+    }
+}
+
+/// A data file written but maybe not yet committed, and the keys of its rows when a key index
+/// is kept (so the index can take the file in without reading it back).
+#[derive(Debug, Clone)]
+pub(crate) struct NewFile {
+    pub add: Add,
+    pub keys: Option<Vec<Key>>,
+}
+
+/// Where the table's files live, what they hold, and a count of the data files read (tests
+/// use it to check that an upsert reads only the files it touches).
+pub(crate) struct FileReader<'a> {
+    pub table_path: &'a Path,
+    pub store: Arc<dyn ObjectStore>,
+    pub schema: &'a SchemaRef,
+    pub partition_columns: &'a [String],
+    pub files_read: &'a AtomicU64,
+}
+
+impl FileReader<'_> {
+    fn read_err(&self, source: DeltaTableError) -> DeltaSinkError {
+        DeltaSinkError::Delta {
+            path: self.table_path.to_path_buf(),
+            operation: "read",
+            source: Box::new(source),
+        }
+    }
+
+    /// Reads `file` as batches of the table schema, or only of `columns` (in that order).
+    /// Partition columns are not in the Parquet file: they come from the `add` action's
+    /// partition values, cast from their serialized form to the column's type.
+    pub async fn read(&self, file: &DataFile, columns: Option<&[String]>) -> SinkResult<Vec<RecordBatch>> {
+        let out_schema: SchemaRef = match columns {
+            None => self.schema.clone(),
+            Some(names) => Arc::new(Schema::new(
+                names
+                    .iter()
+                    .map(|n| {
+                        self.schema.field_with_name(n).cloned().map_err(|_| DeltaSinkError::BatchSchema {
+                            path: self.table_path.to_path_buf(),
+                            reason: format!("column `{n}` is not in the table"),
+                        })
+                    })
+                    .collect::<SinkResult<Vec<Field>>>()?,
+            )),
+        };
+        let is_partition = |name: &str| self.partition_columns.iter().any(|p| p == name);
+
+        let object_path = deltalake::Path::parse(&file.path).unwrap_or_else(|_| deltalake::Path::from(file.path.as_str()));
+        let store_err = |source| self.read_err(DeltaTableError::ObjectStore { source });
+        let bytes = self.store.get(&object_path).await.map_err(store_err)?.bytes().await.map_err(store_err)?;
+        self.files_read.fetch_add(1, Ordering::Relaxed);
+
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|source| self.read_err(DeltaTableError::Parquet { source }))?;
+        let file_schema = builder.schema().clone();
+        let mut roots = Vec::new();
+        for field in out_schema.fields().iter().filter(|f| !is_partition(f.name())) {
+            let index = file_schema.index_of(field.name()).map_err(|_| DeltaSinkError::UnsupportedTable {
+                path: self.table_path.to_path_buf(),
+                reason: format!("data file {} has no column `{}`", file.path, field.name()),
+            })?;
+            roots.push(index);
+        }
+        if roots.is_empty() {
+            // Only partition columns wanted: read one column anyway, for the row count.
+            roots.push(0);
+        }
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+        let reader = builder
+            .with_projection(mask)
+            .build()
+            .map_err(|source| self.read_err(DeltaTableError::Parquet { source }))?;
+
+        let mut batches = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|source| self.read_err(DeltaTableError::Arrow { source }))?;
+            let mut fields = Vec::with_capacity(out_schema.fields().len());
+            let mut arrays = Vec::with_capacity(out_schema.fields().len());
+            for field in out_schema.fields() {
+                let array = if is_partition(field.name()) {
+                    let value = file.partition_values.get(field.name()).cloned().flatten();
+                    partition_column(field, value.as_deref(), batch.num_rows()).map_err(|err| DeltaSinkError::UnsupportedTable {
+                        path: self.table_path.to_path_buf(),
+                        reason: format!("partition value {value:?} of column `{}` in data file {}: {err}", field.name(), file.path),
+                    })?
+                } else {
+                    batch.column_by_name(field.name()).cloned().expect("projected above")
+                };
+                fields.push(Field::new(field.name(), array.data_type().clone(), true));
+                arrays.push(array);
+            }
+            let read = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|source| self.read_err(DeltaTableError::Arrow { source }))?;
+            batches.push(conform_batch(self.table_path, &out_schema, &read)?);
+        }
+        Ok(batches)
+    }
+
+    /// The keys of every row of `file`, reading only the key columns.
+    pub async fn read_keys(&self, file: &DataFile, encoder: &KeyEncoder) -> SinkResult<Vec<Key>> {
+        let mut keys = Vec::new();
+        for batch in self.read(file, Some(encoder.columns())).await? {
+            keys.extend(encoder.encode(self.table_path, &batch)?);
+        }
+        Ok(keys)
+    }
+}
+
+/// A column of `rows` copies of a partition value, parsed into the column's type.
+fn partition_column(field: &Field, value: Option<&str>, rows: usize) -> Result<ArrayRef, deltalake::arrow::error::ArrowError> {
+    let strings: ArrayRef = Arc::new(StringArray::from(vec![value; rows]));
+    let options = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    cast_with_options(&strings, field.data_type(), &options)
+}
+
+/// Turns the values of the key columns into [`Key`]s.
+#[derive(Debug)]
+pub(crate) struct KeyEncoder {
+    columns: Vec<String>,
+    schema: SchemaRef,
+    /// Per key column: a string partition column, where Delta stores `""` as null.
+    empty_is_null: Vec<bool>,
+    converter: RowConverter,
+}
+
+impl KeyEncoder {
+    /// An encoder for `key_columns` of a table with `schema` partitioned by
+    /// `partition_columns`; `Err` names what is wrong with the key columns.
+    pub fn new(schema: &SchemaRef, partition_columns: &[String], key_columns: &[String]) -> Result<Self, String> {
+        if key_columns.is_empty() {
+            return Err("no key columns were given".into());
+        }
+        let mut fields = Vec::with_capacity(key_columns.len());
+        for (i, name) in key_columns.iter().enumerate() {
+            if key_columns[..i].contains(name) {
+                return Err(format!("key column `{name}` is listed twice"));
+            }
+            let field = schema.field_with_name(name).map_err(|_| format!("`{name}` is not a column of the table"))?;
+            fields.push(field.clone());
+        }
+        let converter = RowConverter::new(fields.iter().map(|f| SortField::new(f.data_type().clone())).collect())
+            .map_err(|err| format!("the key columns cannot be compared: {err}"))?;
+        let empty_is_null = fields
+            .iter()
+            .map(|f| f.data_type() == &DataType::Utf8 && partition_columns.contains(f.name()))
+            .collect();
+        Ok(Self {
+            columns: key_columns.to_vec(),
+            schema: Arc::new(Schema::new(fields)),
+            empty_is_null,
+            converter,
+        })
+    }
+
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    /// The key of every row of `batch`, which must have the key columns (matched by name; a
+    /// type that maps to the same Delta type is cast). Other columns are ignored.
+    pub fn encode(&self, table_path: &Path, batch: &RecordBatch) -> SinkResult<Vec<Key>> {
+        let mismatch = |reason: String| DeltaSinkError::BatchSchema {
+            path: table_path.to_path_buf(),
+            reason,
+        };
+        let mut fields = Vec::with_capacity(self.columns.len());
+        let mut arrays = Vec::with_capacity(self.columns.len());
+        for name in &self.columns {
+            let array = batch
+                .column_by_name(name)
+                .ok_or_else(|| mismatch(format!("key column `{name}` is missing from a batch")))?;
+            fields.push(Field::new(name, array.data_type().clone(), true));
+            arrays.push(array.clone());
+        }
+        let keys = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|err| mismatch(err.to_string()))?;
+        let keys = conform_batch(table_path, &self.schema, &keys)?;
+        // Delta has no empty string partition value: `""` is written as null and reads back
+        // as null, so the key of a row must not depend on whether it was read or just written.
+        let columns: Vec<ArrayRef> = keys
+            .columns()
+            .iter()
+            .zip(&self.empty_is_null)
+            .map(|(column, &empty_is_null)| match column.as_any().downcast_ref::<StringArray>() {
+                Some(strings) if empty_is_null && strings.iter().any(|v| v == Some("")) => {
+                    Arc::new(strings.iter().map(|v| v.filter(|s| !s.is_empty())).collect::<StringArray>()) as ArrayRef
+                }
+                _ => column.clone(),
+            })
+            .collect();
+        let rows = self.converter.convert_columns(&columns).map_err(|err| mismatch(err.to_string()))?;
+        Ok((0..rows.num_rows()).map(|i| Key::from(rows.row(i).as_ref())).collect())
+    }
+}
+
+/// Which active data file holds each key, for one set of key columns, as of one table version.
+/// Built by reading the key columns of every active file (once, on the first upsert after
+/// opening), then kept current from the files each commit adds and removes.
+#[derive(Debug)]
+pub(crate) struct KeyIndex {
+    pub encoder: Arc<KeyEncoder>,
+    /// The table version whose active files the index describes; `None` until built.
+    pub version: Option<i64>,
+    files: HashMap<Arc<str>, (DataFile, Vec<Key>)>,
+    /// Usually one file per key; more when rows were appended without an upsert.
+    key_files: HashMap<Key, Vec<Arc<str>>>,
+}
+
+impl KeyIndex {
+    pub fn new(encoder: Arc<KeyEncoder>) -> Self {
+        Self {
+            encoder,
+            version: None,
+            files: HashMap::new(),
+            key_files: HashMap::new(),
+        }
+    }
+
+    pub fn contains_file(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+
+    #[cfg(test)]
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn insert_file(&mut self, file: DataFile, keys: Vec<Key>) {
+        // Files are immutable; announcing one twice replaces the first entry.
+        self.remove_file(&file.path);
+        let path: Arc<str> = Arc::from(file.path.as_str());
+        for key in &keys {
+            let files = self.key_files.entry(key.clone()).or_default();
+            if !files.contains(&path) {
+                files.push(path.clone());
+            }
+        }
+        self.files.insert(path, (file, keys));
+    }
+
+    pub fn remove_file(&mut self, path: &str) {
+        let Some((_, keys)) = self.files.remove(path) else { return };
+        for key in keys {
+            if let Some(files) = self.key_files.get_mut(&key) {
+                files.retain(|p| p.as_ref() != path);
+                if files.is_empty() {
+                    self.key_files.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Drops the files `keep` rejects.
+    pub fn retain_files(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let gone: Vec<Arc<str>> = self.files.keys().filter(|p| !keep(p)).cloned().collect();
+        for path in gone {
+            self.remove_file(&path);
+        }
+    }
+
+    /// The files holding any of `keys`, each once, in path order.
+    pub fn files_holding<'a>(&self, keys: impl IntoIterator<Item = &'a Key>) -> Vec<DataFile> {
+        let mut paths: Vec<&Arc<str>> = keys.into_iter().filter_map(|k| self.key_files.get(k)).flatten().collect();
+        paths.sort();
+        paths.dedup();
+        paths.into_iter().map(|p| self.files[p].0.clone()).collect()
+    }
+}
+
+/// Writes `batches` (already in the table schema) as Parquet data files of about
+/// `target_size_bytes` each, one or more per partition. Nothing is committed.
+///
+/// `RecordBatchWriter` writes one file per partition per flush and has no size limit, so rows
+/// are fed to it in slices of one partition and it is flushed once its buffer reaches the
+/// target. The writer's buffer size is its estimate of the encoded file, so files land near,
+/// not exactly at, the target.
+pub(crate) async fn write_data_files(
+    table: &DeltaTable,
+    table_path: &Path,
+    partition_columns: &[String],
+    batches: &[RecordBatch],
+    target_size_bytes: u64,
+    encoder: Option<&KeyEncoder>,
+) -> SinkResult<Vec<NewFile>> {
+    let write_err = |source: DeltaTableError| DeltaSinkError::Delta {
+        path: table_path.to_path_buf(),
+        operation: "write",
+        source: Box::new(source),
+    };
+    let arrow_err = |source| write_err(DeltaTableError::Arrow { source });
+    let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+    let Some(first) = batches.first() else { return Ok(Vec::new()) };
+    let all = concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?;
+
+    let target = target_size_bytes.max(1) as f64;
+    let mut writer = RecordBatchWriter::for_table(table).map_err(write_err)?;
+    let mut files = Vec::new();
+    // File size / buffer size at the last flush: the buffer counts the open row group at its
+    // estimated, uncompressed size, so files come out smaller than the buffer was.
+    let mut size_per_buffered_byte = 1.0;
+    for group in split_by_partition(&all, partition_columns).map_err(arrow_err)? {
+        let rows = group.num_rows();
+        // Slices of about 1/16 of the target keep the cut close to it. Arrow's in-memory size
+        // overestimates the encoded size, so the first slices are smaller; after the first
+        // file, the real bytes per row of this data set the slice size.
+        let mut bytes_per_row = (group.get_array_memory_size() as f64 / rows as f64).max(1.0);
+        let mut file_start = 0;
+        let mut offset = 0;
+        while offset < rows {
+            let slice_rows = ((target / bytes_per_row / 16.0) as usize).clamp(16, 1 << 16).min(rows - offset);
+            writer.write(group.slice(offset, slice_rows)).await.map_err(write_err)?;
+            offset += slice_rows;
+            let last = offset == rows;
+            // Cut when one more slice would overshoot the target by more than stopping now
+            // falls short of it.
+            let buffered = writer.buffer_len() as f64;
+            if last || buffered * size_per_buffered_byte + slice_rows as f64 * bytes_per_row / 2.0 >= target {
+                let file_rows = group.slice(file_start, offset - file_start);
+                let adds = writer.flush().await.map_err(write_err)?;
+                if let [add] = adds.as_slice() {
+                    bytes_per_row = (add.size as f64 / file_rows.num_rows() as f64).max(1.0);
+                    if !last && buffered > 0.0 {
+                        size_per_buffered_byte = (add.size as f64 / buffered).clamp(0.05, 1.0);
+                    }
+                }
+                // One partition per flush gives one file; should the writer ever split it, the
+                // files' keys are unknown and the index re-reads them.
+                let keys = match (encoder, adds.len()) {
+                    (Some(encoder), 1) => Some(encoder.encode(table_path, &file_rows)?),
+                    _ => None,
+                };
+                files.extend(adds.into_iter().map(|add| NewFile { add, keys: keys.clone() }));
+                file_start = offset;
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Splits `batch` into one batch per distinct combination of partition values (in order of
+/// first appearance).
+fn split_by_partition(batch: &RecordBatch, partition_columns: &[String]) -> Result<Vec<RecordBatch>, deltalake::arrow::error::ArrowError> {
+    if partition_columns.is_empty() {
+        return Ok(vec![batch.clone()]);
+    }
+    let columns: Vec<ArrayRef> = partition_columns
+        .iter()
+        .map(|c| {
+            batch
+                .column_by_name(c)
+                .cloned()
+                .ok_or_else(|| deltalake::arrow::error::ArrowError::SchemaError(format!("partition column `{c}` is missing")))
+        })
+        .collect::<Result<_, _>>()?;
+    let converter = RowConverter::new(columns.iter().map(|c| SortField::new(c.data_type().clone())).collect())?;
+    let rows = converter.convert_columns(&columns)?;
+    let mut group_of: HashMap<&[u8], usize> = HashMap::new();
+    let mut groups: Vec<Vec<u32>> = Vec::new();
+    for i in 0..rows.num_rows() {
+        let next = groups.len();
+        let group = *group_of.entry(rows.row(i).data()).or_insert(next);
+        if group == next {
+            groups.push(Vec::new());
+        }
+        groups[group].push(i as u32);
+    }
+    if groups.len() == 1 {
+        return Ok(vec![batch.clone()]);
+    }
+    groups.into_iter().map(|rows| take_record_batch(batch, &UInt32Array::from(rows))).collect()
+}
+
+/// The rows of `batch` whose key is not in `drop`, as a boolean mask for `filter_record_batch`.
+pub(crate) fn keep_mask(keys: &[Key], drop: &HashSet<Key>) -> deltalake::arrow::array::BooleanArray {
+    keys.iter().map(|k| Some(!drop.contains(k))).collect()
+}
+
+/// Indices of the last row of each key, in row order ("last write wins" within one batch).
+pub(crate) fn last_row_per_key(keys: &[Key]) -> Vec<u32> {
+    let mut seen = HashSet::with_capacity(keys.len());
+    let mut keep: Vec<u32> = (0..keys.len()).rev().filter(|&i| seen.insert(&keys[i])).map(|i| i as u32).collect();
+    keep.reverse();
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::array::Int64Array;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("day", DataType::Utf8, false),
+            Field::new("id", DataType::Int64, false),
+            Field::new("n", DataType::Int64, true),
+        ]))
+    }
+
+    fn batch(rows: &[(&str, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_compare_by_value_across_arrow_types() {
+        let encoder = KeyEncoder::new(&schema(), &[], &["day".into(), "id".into()]).unwrap();
+        let keys = encoder.encode(Path::new("/t"), &batch(&[("a", 1, 0), ("a", 2, 0), ("a", 1, 9)])).unwrap();
+        assert_eq!(keys[0], keys[2]);
+        assert_ne!(keys[0], keys[1]);
+        // A key-only batch with LargeUtf8 encodes to the same keys.
+        let key_only = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("day", DataType::LargeUtf8, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![1])),
+                Arc::new(deltalake::arrow::array::LargeStringArray::from(vec!["a"])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(encoder.encode(Path::new("/t"), &key_only).unwrap(), vec![keys[0].clone()]);
+
+        let wrong = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)])),
+            vec![Arc::new(Int64Array::from(vec![1]))],
+        )
+        .unwrap();
+        let err = encoder.encode(Path::new("/t"), &wrong).unwrap_err();
+        assert!(err.to_string().contains("key column `day` is missing"), "{err}");
+
+        assert!(KeyEncoder::new(&schema(), &[], &[]).unwrap_err().contains("no key columns"));
+        assert!(KeyEncoder::new(&schema(), &[], &["nope".into()])
+            .unwrap_err()
+            .contains("`nope` is not a column"));
+        assert!(KeyEncoder::new(&schema(), &[], &["id".into(), "id".into()]).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn last_row_of_each_key_wins() {
+        let encoder = KeyEncoder::new(&schema(), &[], &["id".into()]).unwrap();
+        let keys = encoder
+            .encode(Path::new("/t"), &batch(&[("a", 1, 0), ("a", 2, 0), ("a", 1, 9), ("a", 3, 0)]))
+            .unwrap();
+        assert_eq!(last_row_per_key(&keys), vec![1, 2, 3]);
+        let drop: HashSet<Key> = [keys[1].clone()].into();
+        let mask = keep_mask(&keys, &drop);
+        assert_eq!(mask.iter().collect::<Vec<_>>(), vec![Some(true), Some(false), Some(true), Some(true)]);
+    }
+
+    #[test]
+    fn rows_are_split_by_partition_in_first_seen_order() {
+        let rows = [("b", 1, 0), ("a", 2, 0), ("b", 3, 0), ("c", 4, 0), ("a", 5, 0)];
+        let groups = split_by_partition(&batch(&rows), &["day".into()]).unwrap();
+        let ids: Vec<Vec<i64>> = groups
+            .iter()
+            .map(|g| g.column(1).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec())
+            .collect();
+        assert_eq!(ids, vec![vec![1, 3], vec![2, 5], vec![4]]);
+        assert_eq!(split_by_partition(&batch(&rows), &[]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_index_follows_files_in_and_out() {
+        let encoder = Arc::new(KeyEncoder::new(&schema(), &[], &["id".into()]).unwrap());
+        let keys = encoder.encode(Path::new("/t"), &batch(&[("a", 1, 0), ("a", 2, 0), ("a", 3, 0)])).unwrap();
+        let file = |path: &str| DataFile {
+            path: path.into(),
+            size_bytes: 1,
+            partition_values: HashMap::new(),
+        };
+        let mut index = KeyIndex::new(encoder);
+        index.insert_file(file("f1"), vec![keys[0].clone(), keys[1].clone()]);
+        index.insert_file(file("f2"), vec![keys[1].clone(), keys[2].clone()]);
+        let paths = |files: Vec<DataFile>| files.into_iter().map(|f| f.path).collect::<Vec<_>>();
+        assert_eq!(paths(index.files_holding([&keys[1]])), vec!["f1", "f2"]);
+        assert_eq!(paths(index.files_holding([&keys[0], &keys[2]])), vec!["f1", "f2"]);
+        index.remove_file("f1");
+        assert_eq!(paths(index.files_holding([&keys[0], &keys[1]])), vec!["f2"]);
+        index.retain_files(|p| p != "f2");
+        assert!(index.files_holding(&keys).is_empty());
+        assert_eq!(index.file_count(), 0);
+        assert!(index.key_files.is_empty());
+    }
+}
