@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use flume::Receiver;
 
-use crate::shard::EpochReport;
 use crate::config::OutputMode;
+use crate::shard::EpochReport;
 use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions};
 use crate::sink::{to_record_batch, SinkPlan, SinkRows};
 use crate::state::{EpochWrite, StateError, StateStore};
@@ -173,7 +173,9 @@ impl Committer {
                 };
                 let upserts = batch(&SinkRows::Windows(upserts))?;
                 let deletes = batch(&SinkRows::Windows(retracts))?;
-                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes]).await.map_err(sink_err)?
+                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes])
+                    .await
+                    .map_err(sink_err)?
             }
             (OutputMode::Complete, _) => sink.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
             _ => sink.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
@@ -260,7 +262,10 @@ impl Committer {
                 .flat_map(|r| r.changes.iter().enumerate().map(move |(q, c)| (r.shard, q, c)))
                 .collect(),
             positions: reports.iter().flat_map(|r| r.positions.iter()).collect(),
-            file_positions: reports.iter().flat_map(|r| r.file_positions.iter().map(|(s, p)| (s.as_str(), p.clone()))).collect(),
+            file_positions: reports
+                .iter()
+                .flat_map(|r| r.file_positions.iter().map(|(s, p)| (s.as_str(), p.clone())))
+                .collect(),
             pending,
         };
         self.store.write_epoch(&write)?;

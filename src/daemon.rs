@@ -183,7 +183,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
         let flushed_epoch = recovered.epoch;
         let group_client = if kafka_sources {
-            crate::source::consumer_config(&config, &bootstrap).create::<rdkafka::consumer::BaseConsumer>().map(Some)
+            crate::source::consumer_config(&config, &bootstrap)
+                .create::<rdkafka::consumer::BaseConsumer>()
+                .map(Some)
         } else {
             Ok(None)
         };

@@ -25,13 +25,13 @@ use rdkafka::message::Message;
 
 use crate::config::{Config, GapPolicy};
 use crate::decode::{DeadLetterReason, SourceDecoder};
+use crate::expr::Expr;
 use crate::sink::{DeadLetter, SinkRows};
 use crate::source::files::{FilePosition, FileSource, FileSourceOptions};
 use crate::source::{assignment_list, consumer_config, resolve_start, SourceError, SourcePartition};
 use crate::state::{PartitionPosition, Recovered, StateError, StateStore};
 use crate::telemetry::{reason_index, ShardStats};
 use crate::time::format_micros;
-use crate::expr::Expr;
 use crate::value::{shard_for_key, EventTime};
 use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
 use crate::window::{input_kind, InSlot, InputKind, OperatorChanges, OutputRow, WindowOperator};
@@ -463,7 +463,12 @@ impl Shard {
 
     fn shard_watermark(&self) -> EventTime {
         let now = Instant::now();
-        combine_min(self.parts.iter().map(|p| p.clock.watermark(now)).chain(self.files.iter().map(|f| f.clock.watermark(now))))
+        combine_min(
+            self.parts
+                .iter()
+                .map(|p| p.clock.watermark(now))
+                .chain(self.files.iter().map(|f| f.clock.watermark(now))),
+        )
     }
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {

@@ -325,7 +325,11 @@ mod tests {
         let mut state = Vec::new();
         crate::agg::encode_accs(&accs, &mut state);
         let changes = OperatorChanges {
-            puts: vec![(10, b"k1".to_vec(), state.clone()), (20, b"k2".to_vec(), state.clone()), (30, b"k3".to_vec(), state)],
+            puts: vec![
+                (10, b"k1".to_vec(), state.clone()),
+                (20, b"k2".to_vec(), state.clone()),
+                (30, b"k3".to_vec(), state),
+            ],
             ..Default::default()
         };
         let pos = PartitionPosition {

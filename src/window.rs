@@ -77,7 +77,9 @@ pub fn agg_spec(a: &AggregateConfig, source: &SourceConfig) -> AggSpec {
         AggFn::StddevPop => AggFunc::Stddev { sample: false },
         AggFn::CountDistinct => AggFunc::CountDistinct,
         AggFn::ApproxCountDistinct => AggFunc::ApproxCountDistinct,
-        AggFn::ApproxPercentile => AggFunc::ApproxPercentile { p: a.percentile.unwrap_or(0.5) },
+        AggFn::ApproxPercentile => AggFunc::ApproxPercentile {
+            p: a.percentile.unwrap_or(0.5),
+        },
         AggFn::First => AggFunc::First,
         AggFn::Last => AggFunc::Last,
     };
@@ -525,7 +527,9 @@ impl BucketOperator {
                     };
                     loop {
                         // Skip to the first window holding the next pane with data.
-                        let Some((&first, _)) = self.open.range(s.max(EventTime::MIN / 2)..).next() else { break };
+                        let Some((&first, _)) = self.open.range(s.max(EventTime::MIN / 2)..).next() else {
+                            break;
+                        };
                         let first_window = align(first.saturating_sub(size), slide, offset) + slide;
                         s = s.max(first_window);
                         if s > last {

@@ -400,7 +400,12 @@ path = "{dlq}"
     let cut = body.len() / 2;
     std::fs::write(&growing, &body[..cut]).unwrap();
     crash_after(&mut rng, 1_500);
-    std::fs::OpenOptions::new().append(true).open(&growing).unwrap().write_all(&body[cut..]).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&growing)
+        .unwrap()
+        .write_all(&body[cut..])
+        .unwrap();
     // The rest arrive while the daemon keeps getting killed.
     for (i, chunk) in chunks.iter().enumerate().skip(5) {
         drop_file(i, chunk);
@@ -415,7 +420,9 @@ path = "{dlq}"
         .filter(|s| matches!(s.event.kind, tidemark::source::generator::EventKind::Valid))
         .map(|s| {
             let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
-            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).unwrap().timestamp_micros()
+            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_micros()
         })
         .max()
         .unwrap();
@@ -425,7 +432,11 @@ path = "{dlq}"
     while as_rows(&read_views(&dir.path().join("views"))) != expected || read_dead_letters(&dir.path().join("dlq")) != expected_dlq {
         if Instant::now() > deadline {
             let got = as_rows(&read_views(&dir.path().join("views")));
-            let diff: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).map(|(k, v)| (k, v, got.get(k))).collect();
+            let diff: Vec<_> = expected
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .map(|(k, v)| (k, v, got.get(k)))
+                .collect();
             let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
             let dlq = read_dead_letters(&dir.path().join("dlq"));
             panic!(

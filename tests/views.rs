@@ -69,7 +69,9 @@ fn valid(events: &[Sent]) -> Vec<(i64, String, String, String)> {
         .filter(|s| matches!(s.event.kind, EventKind::Valid))
         .map(|s| {
             let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
-            let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).unwrap().timestamp_micros();
+            let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_micros();
             let s = |k: &str| v[k].as_str().unwrap().to_string();
             (t, s("user_id"), s("page_url"), s("action"))
         })
@@ -96,6 +98,32 @@ fn int_col(b: &RecordBatch, name: &str, i: usize) -> i64 {
 fn float_col(b: &RecordBatch, name: &str, i: usize) -> Option<f64> {
     let c = b.column_by_name(name).unwrap().as_primitive::<Float64Type>();
     (!c.is_null(i)).then(|| c.value(i))
+}
+
+/// Waits until `read()` equals `expected`; on timeout, panics with what differs.
+fn wait_equal<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(what: &str, expected: &BTreeMap<K, V>, mut read: impl FnMut() -> BTreeMap<K, V>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = read();
+        if &got == expected {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let wrong: Vec<_> = expected
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .map(|(k, v)| (k, v, got.get(k)))
+                .take(10)
+                .collect();
+            let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).take(10).collect();
+            panic!(
+                "timed out waiting for {what}: {} rows vs {} expected; (key, expected, got): {wrong:?}; unexpected keys: {extra:?}",
+                got.len(),
+                expected.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn start(toml: &str) -> tidemark::daemon::RunningPipeline {
@@ -145,15 +173,32 @@ derive = [
 ]
 output = "update"
 "#;
-    let toml = pipeline("view", broker.bootstrap_servers(), dir.path(), query, r#"partition_by = ["window_date"]
-compact_every = 5
-compact_min_files = 3"#);
-    let events = plan(11, 0, 8_000, 0.002, 0.002);
+    let toml = pipeline(
+        "view",
+        broker.bootstrap_servers(),
+        dir.path(),
+        query,
+        r#"partition_by = ["window_date"]
+compact_every = 3
+compact_min_files = 2"#,
+    )
+    // The dead-letter table is append-only with small commits: compaction has work there.
+    .replace(
+        &format!("path = \"{}\"", dir.path().join("dlq").display()),
+        &format!("path = \"{}\"\ncompact_every = 3\ncompact_min_files = 2", dir.path().join("dlq").display()),
+    );
     let running = start(&toml);
-    // In two halves, so the view is updated across many epochs while windows are open.
-    produce(broker.bootstrap_servers(), &events[..4_000]);
-    std::thread::sleep(Duration::from_millis(600));
-    produce(broker.bootstrap_servers(), &events[4_000..]);
+    // In two phases, so the view is updated across many epochs while windows are open. Very-late
+    // events come only in phase 2: before the first watermark nothing is late.
+    let mut events = plan(11, 0, 4_000, 0.0, 0.002);
+    produce(broker.bootstrap_servers(), &events);
+    wait_for("a watermark", Duration::from_secs(30), || running.stats().watermark.is_some());
+    let phase2 = plan(12, 4_000, 4_000, 0.005, 0.002);
+    for chunk in phase2.chunks(400) {
+        produce(broker.bootstrap_servers(), chunk);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    events.extend(phase2);
 
     // Oracle: every window of every accepted event (update mode writes open windows too).
     let mut groups: BTreeMap<(i64, String), (i64, BTreeSet<String>, i64)> = BTreeMap::new();
@@ -179,30 +224,40 @@ compact_min_files = 3"#);
         })
         .collect();
     let out = dir.path().join("out");
-    wait_for("the view to equal the oracle", Duration::from_secs(90), || read_page_stats(&out, None) == expected);
+    wait_equal("the view to equal the oracle", &expected, || read_page_stats(&out, None));
     running.stop().unwrap();
     assert_eq!(read_page_stats(&out, None), expected);
 
-    // Every committed version is readable and holds one row per key (read_page_stats asserts it);
-    // compaction ran (dataChange = false) without changing the content of its version.
-    let versions = std::fs::read_dir(out.join("_delta_log"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json")?.parse::<i64>().ok())
-        .max()
-        .unwrap();
-    assert!(versions > 5, "expected many upsert commits, found {versions}");
-    let mut compactions = 0;
+    // Every committed version is readable and holds one row per key (read_page_stats asserts it).
+    let last_version = |table: &Path| {
+        std::fs::read_dir(table.join("_delta_log"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json")?.parse::<i64>().ok())
+            .max()
+            .unwrap()
+    };
+    let versions = last_version(&out);
+    assert!(versions >= 3, "expected several upsert commits, found {versions}");
     for v in 1..=versions {
-        let log = std::fs::read_to_string(out.join(format!("_delta_log/{v:020}.json"))).unwrap();
-        let rows = read_page_stats(&out, Some(v));
+        read_page_stats(&out, Some(v));
+    }
+    // Compaction of the append-only dead-letter table: one commit with dataChange = false that
+    // leaves the content of its version unchanged, older versions still readable.
+    let dlq = dir.path().join("dlq");
+    let mut compactions = 0;
+    for v in 1..=last_version(&dlq) {
+        let log = std::fs::read_to_string(dlq.join(format!("_delta_log/{v:020}.json"))).unwrap();
         if log.contains("\"dataChange\":false") {
             compactions += 1;
-            assert_eq!(rows, read_page_stats(&out, Some(v - 1)), "compaction at version {v} changed the content");
+            let rows = |version| read(&dlq, Some(version)).iter().map(|b| b.num_rows()).sum::<usize>();
+            assert_eq!(rows(v), rows(v - 1), "compaction at version {v} changed the row count");
         }
     }
-    assert!(compactions > 0, "no compaction commit found");
+    assert!(compactions > 0, "no compaction commit in the dead-letter table");
     // Partitioned by the derived date.
-    assert!(std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("window_date=")));
+    assert!(std::fs::read_dir(&out)
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("window_date=")));
     // Late and malformed events are dead letters, as for append mode; a late event the query's
     // `where` excludes would not have counted anyway and is not one.
     let expected_dead: Vec<(String, Vec<u8>)> = common::expected_dead_letters(&events)
@@ -358,7 +413,9 @@ output = "complete"
         let mut got = BTreeMap::new();
         for b in read(&cdir.join("out"), version) {
             for i in 0..b.num_rows() {
-                assert!(got.insert(str_col(&b, "page_url", i), (int_col(&b, "events", i), str_col(&b, "last_action", i))).is_none());
+                assert!(got
+                    .insert(str_col(&b, "page_url", i), (int_col(&b, "events", i), str_col(&b, "last_action", i)))
+                    .is_none());
             }
         }
         got
@@ -386,7 +443,9 @@ output = "update"
         for b in read(&ddir.join("out"), None) {
             for i in 0..b.num_rows() {
                 assert_eq!(time_col(&b, "window_end", i) - time_col(&b, "window_start", i), 3_600_000_000);
-                assert!(got.insert((time_col(&b, "window_start", i), str_col(&b, "page_url", i)), int_col(&b, "events", i)).is_none());
+                assert!(got
+                    .insert((time_col(&b, "window_start", i), str_col(&b, "page_url", i)), int_col(&b, "events", i))
+                    .is_none());
             }
         }
         got
@@ -414,7 +473,12 @@ allowed_lateness = "30s"
     let toml = pipeline("late", broker.bootstrap_servers(), dir.path(), query, "");
     let running = start(&toml);
     let t0 = 1_795_392_000_000i64; // ms
-    let ev = |ms: i64| format!(r#"{{"user_id":"u","page_url":"/p","action":"view","timestamp":"{}"}}"#, chrono::DateTime::from_timestamp_millis(t0 + ms).unwrap().to_rfc3339());
+    let ev = |ms: i64| {
+        format!(
+            r#"{{"user_id":"u","page_url":"/p","action":"view","timestamp":"{}"}}"#,
+            chrono::DateTime::from_timestamp_millis(t0 + ms).unwrap().to_rfc3339()
+        )
+    };
     let send = |ms: i64| {
         let p = tidemark::source::producer::EventProducer::connect(broker.bootstrap_servers()).unwrap();
         p.send(TOPIC, Some(0), b"u", ev(ms).as_bytes()).unwrap();
@@ -435,12 +499,17 @@ allowed_lateness = "30s"
     send(60_000); // watermark → 57 s ≥ 10 s + 30 s: window [0, 10s) closed for good
     std::thread::sleep(Duration::from_millis(800));
     send(3_000); // beyond the bound
-    wait_for("the late dead letter", Duration::from_secs(30), || !common::read_dead_letters(&dir.path().join("dlq")).is_empty());
+    wait_for("the late dead letter", Duration::from_secs(30), || {
+        !common::read_dead_letters(&dir.path().join("dlq")).is_empty()
+    });
     running.stop().unwrap();
     assert_eq!(count_of(0), Some(2));
     let dl = read(&dir.path().join("dlq"), None);
     let b = &dl[0];
     assert_eq!(str_col(b, "reason", 0), "late");
     let error = str_col(b, "error", 0);
-    assert!(error.contains("window [2026-11-23T00:00:00") && error.contains("allowed_lateness 30s"), "{error}");
+    assert!(
+        error.contains("window [2026-11-23T00:00:00") && error.contains("allowed_lateness 30s"),
+        "{error}"
+    );
 }

@@ -138,7 +138,14 @@ fn windows_of(t: i64, size: i64, slide: i64) -> Vec<i64> {
 
 /// Runs `events` in chunks through a sliding-window operator; returns (emitted rows per epoch,
 /// the model's rows per window, the model's closed windows in emission order).
-fn run_sliding(events: &[Event], cuts: &[i64], size: i64, slide: i64, lateness: i64, mode: OutputMode) -> (Vec<Vec<OutputRow>>, BTreeMap<(i64, Vec<u8>), ModelAgg>, i64) {
+fn run_sliding(
+    events: &[Event],
+    cuts: &[i64],
+    size: i64,
+    slide: i64,
+    lateness: i64,
+    mode: OutputMode,
+) -> (Vec<Vec<OutputRow>>, BTreeMap<(i64, Vec<u8>), ModelAgg>, i64) {
     let mut op = WindowOperator::Buckets(panes_operator(size, slide, lateness, mode));
     let mut model: BTreeMap<(i64, Vec<u8>), ModelAgg> = BTreeMap::new();
     let mut wm = i64::MIN;
@@ -389,7 +396,11 @@ fn merged_sessions_are_retracted_and_deleted_from_state() {
     // The session stored and emitted under start 30 is retracted; start 0 is re-emitted.
     let retracted: Vec<i64> = rows.iter().filter(|r| r.retract).map(|r| r.window_start).collect();
     assert_eq!(retracted, vec![30]);
-    let live: Vec<(i64, i64, Value)> = rows.iter().filter(|r| !r.retract).map(|r| (r.window_start, r.window_end, r.values[0].clone())).collect();
+    let live: Vec<(i64, i64, Value)> = rows
+        .iter()
+        .filter(|r| !r.retract)
+        .map(|r| (r.window_start, r.window_end, r.values[0].clone()))
+        .collect();
     assert_eq!(live, vec![(0, 40, Value::Int(5))]);
     let changes = op.take_changes();
     assert_eq!(changes.deletes, vec![(30, key(0))]);
