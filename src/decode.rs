@@ -374,6 +374,30 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     }
 }
 
+/// The last row a [`SourceDecoder`] decoded, as an expression input; columns are schema fields.
+pub struct DecodedRow<'a> {
+    decoder: &'a SourceDecoder,
+    payload: &'a [u8],
+}
+
+impl crate::expr::Row for DecodedRow<'_> {
+    fn get(&self, column: usize) -> crate::expr::Val<'_> {
+        use crate::expr::Val;
+        match self.decoder.slots.get(column) {
+            Some(Slot::Str { owned, start, end }) => {
+                let bytes = self.decoder.str_bytes(self.payload, *owned, *start, *end);
+                // serde_json hands out valid UTF-8; the fallback only guards against misuse.
+                Val::Str(std::borrow::Cow::Borrowed(std::str::from_utf8(bytes).unwrap_or_default()))
+            }
+            Some(Slot::Int(v)) => Val::Int(*v),
+            Some(Slot::Float(v)) => Val::Float(*v),
+            Some(Slot::Bool(v)) => Val::Bool(*v),
+            Some(Slot::Time(v)) => Val::Time(*v),
+            _ => Val::Null,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,29 +490,5 @@ path = "/tmp/x"
         }
         // A good row after bad ones decodes cleanly (no state leaks between rows).
         assert!(d.decode(br#"{"user_id":"u","page_url":"/a","n":3,"x":1,"ok":true,"timestamp":1}"#).is_ok());
-    }
-}
-
-/// The last row a [`SourceDecoder`] decoded, as an expression input; columns are schema fields.
-pub struct DecodedRow<'a> {
-    decoder: &'a SourceDecoder,
-    payload: &'a [u8],
-}
-
-impl crate::expr::Row for DecodedRow<'_> {
-    fn get(&self, column: usize) -> crate::expr::Val<'_> {
-        use crate::expr::Val;
-        match self.decoder.slots.get(column) {
-            Some(Slot::Str { owned, start, end }) => {
-                let bytes = self.decoder.str_bytes(self.payload, *owned, *start, *end);
-                // serde_json hands out valid UTF-8; the fallback only guards against misuse.
-                Val::Str(std::borrow::Cow::Borrowed(std::str::from_utf8(bytes).unwrap_or_default()))
-            }
-            Some(Slot::Int(v)) => Val::Int(*v),
-            Some(Slot::Float(v)) => Val::Float(*v),
-            Some(Slot::Bool(v)) => Val::Bool(*v),
-            Some(Slot::Time(v)) => Val::Time(*v),
-            _ => Val::Null,
-        }
     }
 }

@@ -525,11 +525,8 @@ impl BucketOperator {
                         Some(c) => c + slide,
                         None => EventTime::MIN,
                     };
-                    loop {
-                        // Skip to the first window holding the next pane with data.
-                        let Some((&first, _)) = self.open.range(s.max(EventTime::MIN / 2)..).next() else {
-                            break;
-                        };
+                    // Skip to the first window holding the next pane with data.
+                    while let Some((&first, _)) = self.open.range(s.max(EventTime::MIN / 2)..).next() {
                         let first_window = align(first.saturating_sub(size), slide, offset) + slide;
                         s = s.max(first_window);
                         if s > last {

@@ -126,6 +126,9 @@ fn wait_equal<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(what: &s
     }
 }
 
+/// (start, end, [(event time, page)]) of one model session.
+type Session = (i64, i64, Vec<(i64, String)>);
+
 fn start(toml: &str) -> tidemark::daemon::RunningPipeline {
     tidemark::daemon::start(parse_config(toml).expect("valid pipeline"), Arc::new(AtomicBool::new(false))).expect("start")
 }
@@ -345,7 +348,7 @@ aggregates = [
     let mut expected: BTreeMap<(String, i64), (i64, i64, i64, String)> = BTreeMap::new();
     for (user, mut evs) in per_user {
         evs.sort();
-        let mut sessions: Vec<(i64, i64, Vec<(i64, String)>)> = Vec::new();
+        let mut sessions: Vec<Session> = Vec::new();
         for (t, page) in evs {
             match sessions.last_mut() {
                 Some((_, end, list)) if t < *end => {

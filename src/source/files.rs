@@ -304,7 +304,7 @@ impl Watch {
 
 enum Stream {
     Plain(BufReader<File>),
-    Gzip(BufReader<MultiGzDecoder<File>>),
+    Gzip(Box<BufReader<MultiGzDecoder<File>>>),
 }
 
 impl Stream {
@@ -726,7 +726,7 @@ fn open_stream(cur: &mut Current, options: &FileSourceOptions, buffer_bytes: usi
         reader.consume(n);
         left -= n as u64;
     }
-    cur.stream = Some(Stream::Gzip(reader));
+    cur.stream = Some(Stream::Gzip(Box::new(reader)));
     Ok(Open::Ready)
 }
 

@@ -108,6 +108,9 @@ impl ModelAgg {
 
 type Event = (i64, u8, i64);
 
+/// Rows emitted per epoch, the model's rows per (window, key), and the final watermark.
+type SlidingRun = (Vec<Vec<OutputRow>>, BTreeMap<(i64, Vec<u8>), ModelAgg>, i64);
+
 fn panes_operator(size: i64, slide: i64, lateness: i64, mode: OutputMode) -> BucketOperator {
     BucketOperator {
         common: common(lateness, mode),
@@ -138,14 +141,7 @@ fn windows_of(t: i64, size: i64, slide: i64) -> Vec<i64> {
 
 /// Runs `events` in chunks through a sliding-window operator; returns (emitted rows per epoch,
 /// the model's rows per window, the model's closed windows in emission order).
-fn run_sliding(
-    events: &[Event],
-    cuts: &[i64],
-    size: i64,
-    slide: i64,
-    lateness: i64,
-    mode: OutputMode,
-) -> (Vec<Vec<OutputRow>>, BTreeMap<(i64, Vec<u8>), ModelAgg>, i64) {
+fn run_sliding(events: &[Event], cuts: &[i64], size: i64, slide: i64, lateness: i64, mode: OutputMode) -> SlidingRun {
     let mut op = WindowOperator::Buckets(panes_operator(size, slide, lateness, mode));
     let mut model: BTreeMap<(i64, Vec<u8>), ModelAgg> = BTreeMap::new();
     let mut wm = i64::MIN;
