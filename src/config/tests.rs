@@ -1117,11 +1117,16 @@ fn complete_output_warns_when_windows_close() {
         )]
     );
 
-    for window in [
-        "{ tumbling = \"1m\" }",
-        "{ sliding = \"1m\", slide = \"30s\" }",
-        "{ global = true, reset = \"hour\" }",
-    ] {
+    // Sliding windows refuse complete output altogether.
+    let sliding = MINIMAL
+        .replace("{ tumbling = \"1m\" }", "{ sliding = \"1m\", slide = \"30s\" }")
+        .replace("sink = \"out\"", "output = \"complete\"\nsink = \"out\"");
+    let err = parse_config(&sliding).unwrap_err().to_string();
+    assert!(
+        err.contains("output = \"complete\" is not supported with sliding windows") && err.contains("use output = \"update\""),
+        "{err}"
+    );
+    for window in ["{ tumbling = \"1m\" }", "{ global = true, reset = \"hour\" }"] {
         let text = MINIMAL
             .replace("{ tumbling = \"1m\" }", window)
             .replace("sink = \"out\"", "output = \"complete\"\nsink = \"out\"");
