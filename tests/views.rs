@@ -497,10 +497,15 @@ allowed_lateness = "30s"
     send(1_000); // window [0, 10s)
     send(25_000); // watermark → 22 s: window [0,10s) ended but is open for 30 s more
     wait_for("first window", Duration::from_secs(30), || count_of(0) == Some(1));
+    wait_for("the watermark to pass the window's end", Duration::from_secs(30), || {
+        running.stats().watermark.is_some_and(|w| w >= (t0 + 22_000) * 1000)
+    });
     send(2_000); // late by 20 s, within allowed_lateness: corrected row upserted
     wait_for("the corrected row", Duration::from_secs(30), || count_of(0) == Some(2));
     send(60_000); // watermark → 57 s ≥ 10 s + 30 s: window [0, 10s) closed for good
-    std::thread::sleep(Duration::from_millis(800));
+    wait_for("the watermark to pass the allowed lateness", Duration::from_secs(30), || {
+        running.stats().watermark.is_some_and(|w| w >= (t0 + 57_000) * 1000)
+    });
     send(3_000); // beyond the bound
     wait_for("the late dead letter", Duration::from_secs(30), || {
         !common::read_dead_letters(&dir.path().join("dlq")).is_empty()
