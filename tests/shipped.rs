@@ -1,0 +1,294 @@
+//! The shipped seed pipelines in `config/`, run as shipped (only the broker address, state and
+//! table paths redirected to a temp dir) on events made here, each table compared with an
+//! oracle computed here: click analytics (update), rolling metrics (sliding, append), user
+//! sessions (append), daily totals (update), and the file-drop pipeline.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{DataType, Float64Type, TimestampMicrosecondType};
+use deltalake::arrow::util::display::array_value_to_string;
+use tidemark::broker::EmbeddedBroker;
+use tidemark::config::{load_config, Bootstrap, Config};
+use tidemark::source::producer::EventProducer;
+
+/// 2026-11-23T00:00:00Z in ms.
+const T0: i64 = 1_795_392_000_000;
+
+fn shipped(name: &str, dir: &Path, bootstrap: Option<&str>) -> Config {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+    let mut cfg = load_config(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    cfg.pipeline.state_dir = dir.join("state");
+    cfg.pipeline.commit_interval = Duration::from_millis(200);
+    cfg.pipeline.shards = 2;
+    if let Some(b) = bootstrap {
+        cfg.kafka.bootstrap_servers = Bootstrap::Servers(b.to_string());
+    }
+    cfg.generator = None;
+    for s in &mut cfg.sinks {
+        s.path = dir.join(&s.name);
+    }
+    for s in &mut cfg.sources {
+        if let Some(files) = &mut s.files {
+            files.path = dir.join("inbox");
+        }
+    }
+    cfg
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn produce(bootstrap: &str, topic: &str, events: &[serde_json::Value]) {
+    let p = EventProducer::connect(bootstrap).unwrap();
+    for e in events {
+        p.send(topic, Some(0), b"k", e.to_string().as_bytes()).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Every row of a table as column → displayed value.
+fn rows(table: &Path) -> Vec<BTreeMap<String, String>> {
+    if !table.join("_delta_log").exists() {
+        return Vec::new();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let batches: Vec<RecordBatch> = rt.block_on(tidemark::sink::delta::read_table(table, None)).unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            let mut row = BTreeMap::new();
+            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+                let v = if c.is_null(i) {
+                    "NULL".to_string()
+                } else {
+                    match c.data_type() {
+                        DataType::Timestamp(..) => c.as_primitive::<TimestampMicrosecondType>().value(i).to_string(),
+                        DataType::Float64 => c.as_primitive::<Float64Type>().value(i).to_string(),
+                        _ => array_value_to_string(c, i).unwrap(),
+                    }
+                };
+                row.insert(f.name().clone(), v);
+            }
+            out.push(row);
+        }
+    }
+    out
+}
+
+/// Rows keyed by `key` columns, values the other listed columns; panics on a duplicate key.
+fn keyed(table: &Path, key: &[&str], values: &[&str]) -> BTreeMap<Vec<String>, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for r in rows(table) {
+        let k: Vec<String> = key.iter().map(|c| r[*c].clone()).collect();
+        let v: Vec<String> = values.iter().map(|c| r[*c].clone()).collect();
+        assert!(out.insert(k.clone(), v).is_none(), "two rows for {k:?} in {}", table.display());
+    }
+    out
+}
+
+/// A timestamp cell as `rows` shows it: µs since the epoch.
+fn ts(us: i64) -> String {
+    us.to_string()
+}
+
+fn run_until(cfg: Config, what: &str, mut done: impl FnMut() -> bool) {
+    let running = tidemark::daemon::start(cfg, Arc::new(AtomicBool::new(false))).expect("start");
+    common::wait_for(what, Duration::from_secs(90), &mut done);
+    running.stop().unwrap();
+}
+
+/// Click events: (ms, user, page, action).
+fn clicks(n: i64, step_ms: i64) -> Vec<(i64, String, String, &'static str)> {
+    let actions = ["view", "view", "click", "scroll", "view", "click", "purchase"];
+    (0..n)
+        .map(|i| {
+            let jitter = (i * 7919) % 1500; // disorder under the pipelines' watermark delays
+            (T0 + i * step_ms - jitter, format!("u{}", (i * 31) % 97), format!("/p{}", (i * 17) % 7), actions[(i % 7) as usize])
+        })
+        .collect()
+}
+
+fn click_json(e: &(i64, String, String, &str)) -> serde_json::Value {
+    serde_json::json!({ "user_id": e.1, "page_url": e.2, "action": e.3, "timestamp": rfc3339(e.0) })
+}
+
+#[test]
+fn click_analytics_and_daily_totals_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[("click-events".to_string(), 1)]).unwrap();
+    let events = clicks(3_000, 400); // 20 minutes
+    produce(broker.bootstrap_servers(), "click-events", &events.iter().map(click_json).collect::<Vec<_>>());
+
+    // Click analytics: update mode, so every window of the accepted events is in the table.
+    let mut g: BTreeMap<(i64, String), (i64, BTreeSet<String>, i64)> = BTreeMap::new();
+    for (t, user, page, action) in events.iter().filter(|e| e.3 == "view" || e.3 == "click") {
+        let w = (t * 1000).div_euclid(300_000_000) * 300_000_000;
+        let e = g.entry((w, page.clone())).or_default();
+        e.1.insert(user.clone());
+        if *action == "view" {
+            e.0 += 1
+        } else {
+            e.2 += 1
+        }
+    }
+    let expected: BTreeMap<Vec<String>, Vec<String>> = g
+        .into_iter()
+        .map(|((w, page), (views, users, clicks))| {
+            let ctr = if views == 0 { "NULL".to_string() } else { (clicks as f64 / views as f64).to_string() };
+            let date = chrono::DateTime::from_timestamp_micros(w).unwrap().format("%Y-%m-%d").to_string();
+            (vec![ts(w), page], vec![views.to_string(), users.len().to_string(), clicks.to_string(), ctr, date])
+        })
+        .collect();
+    let cdir = dir.path().join("click");
+    let table = cdir.join("page_stats_5min");
+    let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users", "clicks", "click_through_rate", "window_date"]);
+    run_until(shipped("click_analytics.toml", &cdir, Some(broker.bootstrap_servers())), "click analytics", || read() == expected);
+    assert_eq!(read(), expected);
+
+    // Daily totals over events spread across three days.
+    let events = clicks(3_000, 90_000);
+    let broker = EmbeddedBroker::start(&[("click-events".to_string(), 1)]).unwrap();
+    produce(broker.bootstrap_servers(), "click-events", &events.iter().map(click_json).collect::<Vec<_>>());
+    let mut g: BTreeMap<(i64, String), (i64, i64, BTreeSet<String>)> = BTreeMap::new();
+    for (t, user, page, action) in &events {
+        let day = (t * 1000).div_euclid(86_400_000_000) * 86_400_000_000;
+        let e = g.entry((day, page.clone())).or_default();
+        e.0 += 1;
+        e.1 += (*action == "view") as i64;
+        e.2.insert(user.clone());
+    }
+    let expected: BTreeMap<Vec<String>, Vec<String>> = g
+        .into_iter()
+        .map(|((d, page), (n, views, users))| (vec![ts(d), page], vec![ts(d + 86_400_000_000), n.to_string(), views.to_string(), users.len().to_string()]))
+        .collect();
+    assert!(expected.len() > 14);
+    let ddir = dir.path().join("daily");
+    let table = ddir.join("daily_page_totals");
+    let read = || keyed(&table, &["window_start", "page_url"], &["window_end", "events", "views", "unique_users"]);
+    run_until(shipped("daily_totals.toml", &ddir, Some(broker.bootstrap_servers())), "daily totals", || read() == expected);
+    assert_eq!(read(), expected);
+}
+
+#[test]
+fn rolling_metrics_and_user_sessions_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rolling metrics: one device event per second for an hour.
+    let broker = EmbeddedBroker::start(&[("device-events".to_string(), 1)]).unwrap();
+    let events: Vec<(i64, String, String, f64)> = (0..3_600i64)
+        .map(|i| (T0 + i * 1_000 - (i * 7919) % 20_000, format!("d{}", i % 5), format!("s{}", (i * 13) % 11), (i % 40) as f64 / 8.0))
+        .collect();
+    let json: Vec<_> = events.iter().map(|e| serde_json::json!({ "device_id": e.1, "session_id": e.2, "click_rate": e.3, "ts": rfc3339(e.0) })).collect();
+    produce(broker.bootstrap_servers(), "device-events", &json);
+    let watermark = (events.iter().map(|e| e.0).max().unwrap() - 30_000) * 1000;
+    let mut g: BTreeMap<(i64, String), (i64, f64, BTreeSet<String>)> = BTreeMap::new();
+    for (t, device, session, rate) in &events {
+        let last = (t * 1000).div_euclid(300_000_000) * 300_000_000;
+        for s in [last - 300_000_000, last] {
+            if s + 600_000_000 <= watermark {
+                let e = g.entry((s, device.clone())).or_default();
+                e.0 += 1;
+                e.1 += rate;
+                e.2.insert(session.clone());
+            }
+        }
+    }
+    let rdir = dir.path().join("rolling");
+    let table = rdir.join("device_metrics_10m");
+    let read = || keyed(&table, &["window_start", "device_id"], &["events", "avg_click_rate", "distinct_sessions"]);
+    let expected_len = g.len();
+    run_until(shipped("rolling_metrics.toml", &rdir, Some(broker.bootstrap_servers())), "rolling metrics", || read().len() >= expected_len);
+    let got = read();
+    assert_eq!(got.len(), expected_len);
+    for ((s, device), (n, sum, sessions)) in g {
+        let row = &got[&vec![ts(s), device.clone()]];
+        assert_eq!(row[0], n.to_string(), "{s} {device}");
+        let avg: f64 = row[1].parse().unwrap();
+        assert!((avg - sum / n as f64).abs() < 1e-9, "{s} {device}: avg {avg} vs {}", sum / n as f64);
+        assert_eq!(row[2], sessions.len().to_string());
+    }
+
+    // User sessions: each user visits in bursts 45 minutes apart; a last event far ahead
+    // moves the watermark past every session.
+    let broker = EmbeddedBroker::start(&[("click-events".to_string(), 1)]).unwrap();
+    let mut events = Vec::new();
+    for u in 0..20i64 {
+        for burst in 0..3i64 {
+            for j in 0..(2 + (u + burst) % 4) {
+                let t = T0 + u * 11_000 + burst * 45 * 60_000 + j * 4 * 60_000;
+                events.push((t, format!("u{u}"), format!("/p{}", (u + j) % 5), "view"));
+            }
+        }
+    }
+    events.sort();
+    let mut all = events.clone();
+    all.push((T0 + 6 * 3_600_000, "clock".to_string(), "/".to_string(), "view"));
+    produce(broker.bootstrap_servers(), "click-events", &all.iter().map(click_json).collect::<Vec<_>>());
+    let gap = 30 * 60_000;
+    let mut expected: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+    for u in 0..20 {
+        let user = format!("u{u}");
+        let mine: Vec<_> = events.iter().filter(|e| e.1 == user).collect();
+        let mut sessions: Vec<Vec<&(i64, String, String, &str)>> = Vec::new();
+        for e in mine {
+            match sessions.last_mut() {
+                Some(s) if e.0 < s.last().unwrap().0 + gap => s.push(e),
+                _ => sessions.push(vec![e]),
+            }
+        }
+        for s in sessions {
+            let (start, end) = (s[0].0, s.last().unwrap().0 + gap);
+            let pages: BTreeSet<&String> = s.iter().map(|e| &e.2).collect();
+            expected.insert(
+                vec![user.clone(), ts(start * 1000)],
+                vec![ts(end * 1000), ((end - start) as f64 / 1000.0).to_string(), s.len().to_string(), pages.len().to_string(), s[0].2.clone(), s.last().unwrap().2.clone()],
+            );
+        }
+    }
+    assert_eq!(expected.len(), 60);
+    let sdir = dir.path().join("sessions");
+    let table = sdir.join("user_sessions");
+    let read = || {
+        let mut m = keyed(&table, &["user_id", "session_start"], &["session_end", "duration", "events", "pages_visited", "landing_page", "exit_page"]);
+        m.retain(|k, _| k[0] != "clock");
+        m
+    };
+    run_until(shipped("user_sessions.toml", &sdir, Some(broker.bootstrap_servers())), "user sessions", || read() == expected);
+    assert_eq!(read(), expected);
+}
+
+#[test]
+fn file_drop_pipeline_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("inbox")).unwrap();
+    let events = clicks(2_000, 500);
+    let lines: String = events.iter().map(|e| click_json(e).to_string() + "\n").collect();
+    let cut = lines[..lines.len() / 2].rfind('\n').unwrap() + 1;
+    std::fs::write(dir.path().join("inbox/clicks-1.jsonl"), &lines[..cut]).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, lines[cut..].as_bytes()).unwrap();
+    std::fs::write(dir.path().join("inbox/clicks-2.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    let watermark = (events.iter().map(|e| e.0).max().unwrap() - 10_000) * 1000;
+    let mut g: BTreeMap<(i64, String), (i64, BTreeSet<String>)> = BTreeMap::new();
+    for (t, user, page, action) in &events {
+        let w = (t * 1000).div_euclid(300_000_000) * 300_000_000;
+        if w + 300_000_000 <= watermark {
+            let e = g.entry((w, page.clone())).or_default();
+            e.0 += (*action == "view") as i64;
+            e.1.insert(user.clone());
+        }
+    }
+    let expected: BTreeMap<Vec<String>, Vec<String>> = g.into_iter().map(|((w, p), (v, u))| (vec![ts(w), p], vec![v.to_string(), u.len().to_string()])).collect();
+    assert!(expected.len() > 10);
+    let table = dir.path().join("page_views_5min");
+    let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users"]);
+    run_until(shipped("file_drop.toml", dir.path(), None), "file-drop pipeline", || read() == expected);
+    assert_eq!(read(), expected);
+}
