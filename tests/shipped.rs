@@ -43,7 +43,9 @@ fn shipped(name: &str, dir: &Path, bootstrap: Option<&str>) -> Config {
 }
 
 fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn produce(bootstrap: &str, topic: &str, events: &[serde_json::Value]) {
@@ -111,7 +113,12 @@ fn clicks(n: i64, step_ms: i64) -> Vec<(i64, String, String, &'static str)> {
     (0..n)
         .map(|i| {
             let jitter = (i * 7919) % 1500; // disorder under the pipelines' watermark delays
-            (T0 + i * step_ms - jitter, format!("u{}", (i * 31) % 97), format!("/p{}", (i * 17) % 7), actions[(i % 7) as usize])
+            (
+                T0 + i * step_ms - jitter,
+                format!("u{}", (i * 31) % 97),
+                format!("/p{}", (i * 17) % 7),
+                actions[(i % 7) as usize],
+            )
         })
         .collect()
 }
@@ -142,15 +149,32 @@ fn click_analytics_and_daily_totals_as_shipped() {
     let expected: BTreeMap<Vec<String>, Vec<String>> = g
         .into_iter()
         .map(|((w, page), (views, users, clicks))| {
-            let ctr = if views == 0 { "NULL".to_string() } else { (clicks as f64 / views as f64).to_string() };
+            let ctr = if views == 0 {
+                "NULL".to_string()
+            } else {
+                (clicks as f64 / views as f64).to_string()
+            };
             let date = chrono::DateTime::from_timestamp_micros(w).unwrap().format("%Y-%m-%d").to_string();
-            (vec![ts(w), page], vec![views.to_string(), users.len().to_string(), clicks.to_string(), ctr, date])
+            (
+                vec![ts(w), page],
+                vec![views.to_string(), users.len().to_string(), clicks.to_string(), ctr, date],
+            )
         })
         .collect();
     let cdir = dir.path().join("click");
     let table = cdir.join("page_stats_5min");
-    let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users", "clicks", "click_through_rate", "window_date"]);
-    run_until(shipped("click_analytics.toml", &cdir, Some(broker.bootstrap_servers())), "click analytics", || read() == expected);
+    let read = || {
+        keyed(
+            &table,
+            &["window_start", "page_url"],
+            &["views", "unique_users", "clicks", "click_through_rate", "window_date"],
+        )
+    };
+    run_until(
+        shipped("click_analytics.toml", &cdir, Some(broker.bootstrap_servers())),
+        "click analytics",
+        || read() == expected,
+    );
     assert_eq!(read(), expected);
 
     // Daily totals over events spread across three days.
@@ -167,13 +191,20 @@ fn click_analytics_and_daily_totals_as_shipped() {
     }
     let expected: BTreeMap<Vec<String>, Vec<String>> = g
         .into_iter()
-        .map(|((d, page), (n, views, users))| (vec![ts(d), page], vec![ts(d + 86_400_000_000), n.to_string(), views.to_string(), users.len().to_string()]))
+        .map(|((d, page), (n, views, users))| {
+            (
+                vec![ts(d), page],
+                vec![ts(d + 86_400_000_000), n.to_string(), views.to_string(), users.len().to_string()],
+            )
+        })
         .collect();
     assert!(expected.len() > 14);
     let ddir = dir.path().join("daily");
     let table = ddir.join("daily_page_totals");
     let read = || keyed(&table, &["window_start", "page_url"], &["window_end", "events", "views", "unique_users"]);
-    run_until(shipped("daily_totals.toml", &ddir, Some(broker.bootstrap_servers())), "daily totals", || read() == expected);
+    run_until(shipped("daily_totals.toml", &ddir, Some(broker.bootstrap_servers())), "daily totals", || {
+        read() == expected
+    });
     assert_eq!(read(), expected);
 }
 
@@ -183,9 +214,19 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
     // Rolling metrics: one device event per second for an hour.
     let broker = EmbeddedBroker::start(&[("device-events".to_string(), 1)]).unwrap();
     let events: Vec<(i64, String, String, f64)> = (0..3_600i64)
-        .map(|i| (T0 + i * 1_000 - (i * 7919) % 20_000, format!("d{}", i % 5), format!("s{}", (i * 13) % 11), (i % 40) as f64 / 8.0))
+        .map(|i| {
+            (
+                T0 + i * 1_000 - (i * 7919) % 20_000,
+                format!("d{}", i % 5),
+                format!("s{}", (i * 13) % 11),
+                (i % 40) as f64 / 8.0,
+            )
+        })
         .collect();
-    let json: Vec<_> = events.iter().map(|e| serde_json::json!({ "device_id": e.1, "session_id": e.2, "click_rate": e.3, "ts": rfc3339(e.0) })).collect();
+    let json: Vec<_> = events
+        .iter()
+        .map(|e| serde_json::json!({ "device_id": e.1, "session_id": e.2, "click_rate": e.3, "ts": rfc3339(e.0) }))
+        .collect();
     produce(broker.bootstrap_servers(), "device-events", &json);
     let watermark = (events.iter().map(|e| e.0).max().unwrap() - 30_000) * 1000;
     let mut g: BTreeMap<(i64, String), (i64, f64, BTreeSet<String>)> = BTreeMap::new();
@@ -204,7 +245,11 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
     let table = rdir.join("device_metrics_10m");
     let read = || keyed(&table, &["window_start", "device_id"], &["events", "avg_click_rate", "distinct_sessions"]);
     let expected_len = g.len();
-    run_until(shipped("rolling_metrics.toml", &rdir, Some(broker.bootstrap_servers())), "rolling metrics", || read().len() >= expected_len);
+    run_until(
+        shipped("rolling_metrics.toml", &rdir, Some(broker.bootstrap_servers())),
+        "rolling metrics",
+        || read().len() >= expected_len,
+    );
     let got = read();
     assert_eq!(got.len(), expected_len);
     for ((s, device), (n, sum, sessions)) in g {
@@ -248,19 +293,32 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
             let pages: BTreeSet<&String> = s.iter().map(|e| &e.2).collect();
             expected.insert(
                 vec![user.clone(), ts(start * 1000)],
-                vec![ts(end * 1000), ((end - start) as f64 / 1000.0).to_string(), s.len().to_string(), pages.len().to_string(), s[0].2.clone(), s.last().unwrap().2.clone()],
+                vec![
+                    ts(end * 1000),
+                    ((end - start) as f64 / 1000.0).to_string(),
+                    s.len().to_string(),
+                    pages.len().to_string(),
+                    s[0].2.clone(),
+                    s.last().unwrap().2.clone(),
+                ],
             );
         }
     }
-    assert_eq!(expected.len(), 60);
+    assert!(expected.len() > 40); // some bursts are under 30 minutes apart and form one session
     let sdir = dir.path().join("sessions");
     let table = sdir.join("user_sessions");
     let read = || {
-        let mut m = keyed(&table, &["user_id", "session_start"], &["session_end", "duration", "events", "pages_visited", "landing_page", "exit_page"]);
+        let mut m = keyed(
+            &table,
+            &["user_id", "session_start"],
+            &["session_end", "duration", "events", "pages_visited", "landing_page", "exit_page"],
+        );
         m.retain(|k, _| k[0] != "clock");
         m
     };
-    run_until(shipped("user_sessions.toml", &sdir, Some(broker.bootstrap_servers())), "user sessions", || read() == expected);
+    run_until(shipped("user_sessions.toml", &sdir, Some(broker.bootstrap_servers())), "user sessions", || {
+        read() == expected
+    });
     assert_eq!(read(), expected);
 }
 
@@ -285,7 +343,10 @@ fn file_drop_pipeline_as_shipped() {
             e.1.insert(user.clone());
         }
     }
-    let expected: BTreeMap<Vec<String>, Vec<String>> = g.into_iter().map(|((w, p), (v, u))| (vec![ts(w), p], vec![v.to_string(), u.len().to_string()])).collect();
+    let expected: BTreeMap<Vec<String>, Vec<String>> = g
+        .into_iter()
+        .map(|((w, p), (v, u))| (vec![ts(w), p], vec![v.to_string(), u.len().to_string()]))
+        .collect();
     assert!(expected.len() > 10);
     let table = dir.path().join("page_views_5min");
     let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users"]);
