@@ -331,7 +331,7 @@ fn file_drop_pipeline_as_shipped() {
     let cut = lines[..lines.len() / 2].rfind('\n').unwrap() + 1;
     std::fs::write(dir.path().join("inbox/clicks-1.jsonl"), &lines[..cut]).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, lines[cut..].as_bytes()).unwrap();
+    std::io::Write::write_all(&mut gz, &lines.as_bytes()[cut..]).unwrap();
     std::fs::write(dir.path().join("inbox/clicks-2.jsonl.gz"), gz.finish().unwrap()).unwrap();
     let watermark = (events.iter().map(|e| e.0).max().unwrap() - 10_000) * 1000;
     let mut g: BTreeMap<(i64, String), (i64, BTreeSet<String>)> = BTreeMap::new();

@@ -135,6 +135,33 @@ fn start(toml: &str) -> tidemark::daemon::RunningPipeline {
 
 type PageStats = BTreeMap<(i64, String), (i64, i64, i64, Option<f64>, String)>;
 
+/// The click-analytics view over `events`: every 5 s window of every accepted view or click
+/// (update mode writes open windows too).
+fn oracle(events: &[Sent]) -> PageStats {
+    let mut groups: BTreeMap<(i64, String), (i64, BTreeSet<String>, i64)> = BTreeMap::new();
+    for (t, user, page, action) in valid(events) {
+        if action != "view" && action != "click" {
+            continue;
+        }
+        let start = t.div_euclid(5_000_000) * 5_000_000;
+        let g = groups.entry((start, page)).or_default();
+        g.1.insert(user);
+        if action == "view" {
+            g.0 += 1;
+        } else {
+            g.2 += 1;
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(k, (views, users, clicks))| {
+            let ctr = (views != 0).then(|| clicks as f64 / views as f64);
+            let date = chrono::DateTime::from_timestamp_micros(k.0).unwrap().format("%Y-%m-%d").to_string();
+            (k, (views, users.len() as i64, clicks, ctr, date))
+        })
+        .collect()
+}
+
 fn read_page_stats(dir: &Path, version: Option<i64>) -> PageStats {
     let mut out = PageStats::new();
     for b in read(dir, version) {
@@ -191,43 +218,20 @@ compact_min_files = 2"#,
         &format!("path = \"{}\"\ncompact_every = 3\ncompact_min_files = 2", dir.path().join("dlq").display()),
     );
     let running = start(&toml);
-    // In two phases, so the view is updated across many epochs while windows are open. Very-late
-    // events come only in phase 2: before the first watermark nothing is late.
+    let out = dir.path().join("out");
+    // In stages, so the view is updated across many epochs while windows are open; after each
+    // stage is committed the table equals the oracle over all events so far. Very-late events
+    // come only after the first watermark: before it nothing is late.
     let mut events = plan(11, 0, 4_000, 0.0, 0.002);
     produce(broker.bootstrap_servers(), &events);
-    wait_for("a watermark", Duration::from_secs(30), || running.stats().watermark.is_some());
+    wait_equal("the view after stage 1", &oracle(&events), || read_page_stats(&out, None));
     let phase2 = plan(12, 4_000, 4_000, 0.005, 0.002);
-    for chunk in phase2.chunks(400) {
+    for (i, chunk) in phase2.chunks(800).enumerate() {
         produce(broker.bootstrap_servers(), chunk);
-        std::thread::sleep(Duration::from_millis(300));
+        events.extend_from_slice(chunk);
+        wait_equal(&format!("the view after stage {}", i + 2), &oracle(&events), || read_page_stats(&out, None));
     }
-    events.extend(phase2);
-
-    // Oracle: every window of every accepted event (update mode writes open windows too).
-    let mut groups: BTreeMap<(i64, String), (i64, BTreeSet<String>, i64)> = BTreeMap::new();
-    for (t, user, page, action) in valid(&events) {
-        if action != "view" && action != "click" {
-            continue;
-        }
-        let start = t.div_euclid(5_000_000) * 5_000_000;
-        let g = groups.entry((start, page)).or_default();
-        g.1.insert(user);
-        if action == "view" {
-            g.0 += 1;
-        } else {
-            g.2 += 1;
-        }
-    }
-    let expected: PageStats = groups
-        .into_iter()
-        .map(|(k, (views, users, clicks))| {
-            let ctr = (views != 0).then(|| clicks as f64 / views as f64);
-            let date = chrono::DateTime::from_timestamp_micros(k.0).unwrap().format("%Y-%m-%d").to_string();
-            (k, (views, users.len() as i64, clicks, ctr, date))
-        })
-        .collect();
-    let out = dir.path().join("out");
-    wait_equal("the view to equal the oracle", &expected, || read_page_stats(&out, None));
+    let expected = oracle(&events);
     running.stop().unwrap();
     assert_eq!(read_page_stats(&out, None), expected);
 
