@@ -184,20 +184,20 @@ pub fn push_timestamp_field(out: &mut Vec<u8>, shape: Shape, event_time_ms: i64)
     }
 }
 
-/// Appends `,"name":"<prefix><n>"` as `shape` says for the family's checked field: absent for
-/// `WithoutField`, `,"name":<n>` for `NumericField`.
-pub fn push_checked_field(out: &mut Vec<u8>, shape: Shape, name: &str, prefix: &str, n: u64) {
+/// Appends the family's checked field as `shape` says: `,"name":"…"` (the string written by
+/// `write_string`), absent for `WithoutField`, the bare number `,"name":<number>` for
+/// `NumericField`.
+pub fn push_checked_field(out: &mut Vec<u8>, shape: Shape, name: &str, number: u64, write_string: impl FnOnce(&mut Vec<u8>)) {
     match shape {
         Shape::WithoutField => {}
         Shape::NumericField => {
             push_key(out, name);
-            push_u64(out, n);
+            push_u64(out, number);
         }
         _ => {
             push_key(out, name);
             out.push(b'"');
-            out.extend_from_slice(prefix.as_bytes());
-            push_u64(out, n);
+            write_string(out);
             out.push(b'"');
         }
     }
