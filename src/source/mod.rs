@@ -9,6 +9,7 @@
 pub mod envelope;
 pub mod families;
 pub mod generator;
+pub mod loadgen;
 pub mod producer;
 
 use std::time::Duration;
