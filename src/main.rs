@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use tidemark::config::{load_config, parse_duration, Bootstrap};
+use tidemark::source::families::{Family, FamilyGenerator, FamilySettings};
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::source::loadgen::{run_loadgen, LoadSettings, Rate};
 use tidemark::source::producer::{run_generator, EventProducer};
 
 #[derive(Parser)]
@@ -81,10 +83,59 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         malformed_share: f64,
     },
+    /// Load-test a broker: produce one event family at a target rate or flat out, report the rate achieved.
+    Loadgen {
+        /// Bootstrap servers, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: String,
+        /// Event family: click, sensor, purchase or nexmark.
+        #[arg(long)]
+        family: Family,
+        /// Topic (default: <family>-events, e.g. nexmark-events).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Events per second, or `max` for as fast as the broker takes them.
+        #[arg(long, default_value = "max")]
+        rate: Rate,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long, e.g. 30s (with neither --count nor --duration: until interrupted).
+        #[arg(long, value_parser = duration_arg)]
+        duration: Option<Duration>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark).
+        #[arg(long, default_value_t = 1000)]
+        keys: u32,
+        /// Maximum event-time disorder, e.g. 2s.
+        #[arg(long, default_value = "0s", value_parser = duration_arg)]
+        disorder: Duration,
+        /// Share of very-late events (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        late_share: f64,
+        /// How far behind very-late events are, e.g. 1h.
+        #[arg(long, default_value = "1h", value_parser = duration_arg)]
+        late_by: Duration,
+        /// Share of malformed events (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        malformed_share: f64,
+        /// Print the achieved rate this often.
+        #[arg(long, default_value = "5s", value_parser = duration_arg)]
+        report_every: Duration,
+    },
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
+}
+
+fn check_shares(late_share: f64, malformed_share: f64) -> bool {
+    let ok = (0.0..=1.0).contains(&late_share) && (0.0..=1.0).contains(&malformed_share);
+    if !ok {
+        eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+    }
+    ok
 }
 
 fn shutdown_flag() -> Arc<AtomicBool> {
@@ -216,8 +267,7 @@ fn main() -> ExitCode {
             late_by,
             malformed_share,
         } => {
-            if !(0.0..=1.0).contains(&late_share) || !(0.0..=1.0).contains(&malformed_share) {
-                eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+            if !check_shares(late_share, malformed_share) {
                 return ExitCode::FAILURE;
             }
             let producer = match EventProducer::connect(&brokers) {
@@ -248,6 +298,81 @@ fn main() -> ExitCode {
                         r.elapsed.as_secs_f64(),
                         r.produced as f64 / r.elapsed.as_secs_f64().max(1e-9)
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Loadgen {
+            brokers,
+            family,
+            topic,
+            rate,
+            count,
+            duration,
+            seed,
+            keys,
+            disorder,
+            late_share,
+            late_by,
+            malformed_share,
+            report_every,
+        } => {
+            if !check_shares(late_share, malformed_share) {
+                return ExitCode::FAILURE;
+            }
+            let topic = topic.unwrap_or_else(|| family.default_topic().to_owned());
+            let producer = match EventProducer::connect(&brokers) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut generator = FamilyGenerator::new(
+                family,
+                &FamilySettings {
+                    seed,
+                    keys,
+                    disorder_ms: disorder.as_millis() as i64,
+                    late_share,
+                    late_by_ms: late_by.as_millis() as i64,
+                    malformed_share,
+                },
+            );
+            let settings = LoadSettings {
+                rate,
+                count,
+                duration,
+                report_every,
+            };
+            let shutdown = shutdown_flag();
+            let progress = |p: &tidemark::source::loadgen::LoadProgress| {
+                println!(
+                    "loadgen: {family} {} events in {:.1} s, now {:.0} events/s, overall {:.0} events/s ({:.1} MB/s), {} delivery failures",
+                    p.produced,
+                    p.elapsed.as_secs_f64(),
+                    p.recent_rate,
+                    p.produced as f64 / p.elapsed.as_secs_f64().max(1e-9),
+                    p.bytes as f64 / 1e6 / p.elapsed.as_secs_f64().max(1e-9),
+                    p.delivery_failures
+                );
+            };
+            match run_loadgen(&producer, &topic, &mut generator, &settings, &shutdown, progress) {
+                Ok(report) => {
+                    println!("{}", report.summary_line());
+                    if report.failed > 0 {
+                        eprintln!(
+                            "error: {} of {} events were not delivered to `{topic}` (first error: {}); check the topic and the broker",
+                            report.failed,
+                            report.produced,
+                            report.first_error.as_deref().unwrap_or("unknown")
+                        );
+                        return ExitCode::FAILURE;
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
