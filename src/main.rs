@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use tidemark::config::{load_config, parse_duration, Bootstrap};
 use tidemark::source::families::{Family, FamilyGenerator, FamilySettings};
@@ -70,18 +70,8 @@ enum Command {
         users: u32,
         #[arg(long, default_value_t = 50)]
         pages: u32,
-        /// Maximum event-time disorder, e.g. 2s.
-        #[arg(long, default_value = "0s", value_parser = duration_arg)]
-        disorder: Duration,
-        /// Share of very-late events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        late_share: f64,
-        /// How far behind very-late events are, e.g. 1h.
-        #[arg(long, default_value = "1h", value_parser = duration_arg)]
-        late_by: Duration,
-        /// Share of malformed events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        malformed_share: f64,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
     },
     /// Load-test a broker: produce one event family at a target rate or flat out, report the rate achieved.
     Loadgen {
@@ -108,34 +98,52 @@ enum Command {
         /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark).
         #[arg(long, default_value_t = 1000)]
         keys: u32,
-        /// Maximum event-time disorder, e.g. 2s.
-        #[arg(long, default_value = "0s", value_parser = duration_arg)]
-        disorder: Duration,
-        /// Share of very-late events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        late_share: f64,
-        /// How far behind very-late events are, e.g. 1h.
-        #[arg(long, default_value = "1h", value_parser = duration_arg)]
-        late_by: Duration,
-        /// Share of malformed events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        malformed_share: f64,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
         /// Print the achieved rate this often.
         #[arg(long, default_value = "5s", value_parser = duration_arg)]
         report_every: Duration,
     },
 }
 
-fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
+/// How events arrive (disorder, very-late and malformed shares), shared by `generate` and `loadgen`.
+#[derive(Args)]
+struct EnvelopeArgs {
+    /// Maximum event-time disorder, e.g. 2s.
+    #[arg(long, default_value = "0s", value_parser = duration_arg)]
+    disorder: Duration,
+    /// Share of very-late events (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    late_share: f64,
+    /// How far behind very-late events are, e.g. 1h.
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    late_by: Duration,
+    /// Share of malformed events (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_share: f64,
 }
 
-fn check_shares(late_share: f64, malformed_share: f64) -> bool {
-    let ok = (0.0..=1.0).contains(&late_share) && (0.0..=1.0).contains(&malformed_share);
-    if !ok {
-        eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+impl EnvelopeArgs {
+    /// The shares are between 0 and 1, or an error is printed.
+    fn check(&self) -> bool {
+        let ok = (0.0..=1.0).contains(&self.late_share) && (0.0..=1.0).contains(&self.malformed_share);
+        if !ok {
+            eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+        }
+        ok
     }
-    ok
+
+    fn disorder_ms(&self) -> i64 {
+        self.disorder.as_millis() as i64
+    }
+
+    fn late_by_ms(&self) -> i64 {
+        self.late_by.as_millis() as i64
+    }
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
 }
 
 fn shutdown_flag() -> Arc<AtomicBool> {
@@ -262,12 +270,9 @@ fn main() -> ExitCode {
             seed,
             users,
             pages,
-            disorder,
-            late_share,
-            late_by,
-            malformed_share,
+            envelope,
         } => {
-            if !check_shares(late_share, malformed_share) {
+            if !envelope.check() {
                 return ExitCode::FAILURE;
             }
             let producer = match EventProducer::connect(&brokers) {
@@ -281,10 +286,10 @@ fn main() -> ExitCode {
                 seed,
                 users,
                 pages,
-                disorder_ms: disorder.as_millis() as i64,
-                late_share,
-                late_by_ms: late_by.as_millis() as i64,
-                malformed_share,
+                disorder_ms: envelope.disorder_ms(),
+                late_share: envelope.late_share,
+                late_by_ms: envelope.late_by_ms(),
+                malformed_share: envelope.malformed_share,
             });
             let shutdown = shutdown_flag();
             match run_generator(&producer, &topic, &mut generator, rate, count, &shutdown) {
@@ -315,13 +320,10 @@ fn main() -> ExitCode {
             duration,
             seed,
             keys,
-            disorder,
-            late_share,
-            late_by,
-            malformed_share,
+            envelope,
             report_every,
         } => {
-            if !check_shares(late_share, malformed_share) {
+            if !envelope.check() {
                 return ExitCode::FAILURE;
             }
             let topic = topic.unwrap_or_else(|| family.default_topic().to_owned());
@@ -337,10 +339,10 @@ fn main() -> ExitCode {
                 &FamilySettings {
                     seed,
                     keys,
-                    disorder_ms: disorder.as_millis() as i64,
-                    late_share,
-                    late_by_ms: late_by.as_millis() as i64,
-                    malformed_share,
+                    disorder_ms: envelope.disorder_ms(),
+                    late_share: envelope.late_share,
+                    late_by_ms: envelope.late_by_ms(),
+                    malformed_share: envelope.malformed_share,
                 },
             );
             let settings = LoadSettings {
