@@ -7,7 +7,7 @@
 //! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: type-checked, compiled
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
-//!   source; the click generator and producer
+//!   source; the click generator, the load generator's event families and the producer
 //! - [`decode`]    bytes → typed row; bad records become dead letters
 //! - [`expr`]      SQL expressions (`where`, aggregate filters, derived columns): parse, type-check, evaluate
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use tidemark::config::{load_config, parse_duration, Bootstrap};
+use tidemark::source::families::{Family, FamilyGenerator, FamilySettings};
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::source::loadgen::{run_loadgen, LoadSettings, Rate};
 use tidemark::source::producer::{run_generator, EventProducer};
 
 #[derive(Parser)]
@@ -68,19 +70,76 @@ enum Command {
         users: u32,
         #[arg(long, default_value_t = 50)]
         pages: u32,
-        /// Maximum event-time disorder, e.g. 2s.
-        #[arg(long, default_value = "0s", value_parser = duration_arg)]
-        disorder: Duration,
-        /// Share of very-late events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        late_share: f64,
-        /// How far behind very-late events are, e.g. 1h.
-        #[arg(long, default_value = "1h", value_parser = duration_arg)]
-        late_by: Duration,
-        /// Share of malformed events (0..1).
-        #[arg(long, default_value_t = 0.0)]
-        malformed_share: f64,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
     },
+    /// Load-test a broker: produce one event family at a target rate or flat out, report the rate achieved.
+    Loadgen {
+        /// Bootstrap servers, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: String,
+        /// Event family: click, sensor, purchase or nexmark.
+        #[arg(long)]
+        family: Family,
+        /// Topic (default: <family>-events, e.g. nexmark-events).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Events per second, or `max` for as fast as the broker takes them.
+        #[arg(long, default_value = "max")]
+        rate: Rate,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long, e.g. 30s (with neither --count nor --duration: until interrupted).
+        #[arg(long, value_parser = duration_arg)]
+        duration: Option<Duration>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark).
+        #[arg(long, default_value_t = 1000)]
+        keys: u32,
+        #[command(flatten)]
+        envelope: EnvelopeArgs,
+        /// Print the achieved rate this often.
+        #[arg(long, default_value = "5s", value_parser = duration_arg)]
+        report_every: Duration,
+    },
+}
+
+/// How events arrive (disorder, very-late and malformed shares), shared by `generate` and `loadgen`.
+#[derive(Args)]
+struct EnvelopeArgs {
+    /// Maximum event-time disorder, e.g. 2s.
+    #[arg(long, default_value = "0s", value_parser = duration_arg)]
+    disorder: Duration,
+    /// Share of very-late events (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    late_share: f64,
+    /// How far behind very-late events are, e.g. 1h.
+    #[arg(long, default_value = "1h", value_parser = duration_arg)]
+    late_by: Duration,
+    /// Share of malformed events (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_share: f64,
+}
+
+impl EnvelopeArgs {
+    /// The shares are between 0 and 1, or an error is printed.
+    fn check(&self) -> bool {
+        let ok = (0.0..=1.0).contains(&self.late_share) && (0.0..=1.0).contains(&self.malformed_share);
+        if !ok {
+            eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+        }
+        ok
+    }
+
+    fn disorder_ms(&self) -> i64 {
+        self.disorder.as_millis() as i64
+    }
+
+    fn late_by_ms(&self) -> i64 {
+        self.late_by.as_millis() as i64
+    }
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
@@ -211,13 +270,9 @@ fn main() -> ExitCode {
             seed,
             users,
             pages,
-            disorder,
-            late_share,
-            late_by,
-            malformed_share,
+            envelope,
         } => {
-            if !(0.0..=1.0).contains(&late_share) || !(0.0..=1.0).contains(&malformed_share) {
-                eprintln!("error: --late-share and --malformed-share must be between 0 and 1");
+            if !envelope.check() {
                 return ExitCode::FAILURE;
             }
             let producer = match EventProducer::connect(&brokers) {
@@ -231,10 +286,10 @@ fn main() -> ExitCode {
                 seed,
                 users,
                 pages,
-                disorder_ms: disorder.as_millis() as i64,
-                late_share,
-                late_by_ms: late_by.as_millis() as i64,
-                malformed_share,
+                disorder_ms: envelope.disorder_ms(),
+                late_share: envelope.late_share,
+                late_by_ms: envelope.late_by_ms(),
+                malformed_share: envelope.malformed_share,
             });
             let shutdown = shutdown_flag();
             match run_generator(&producer, &topic, &mut generator, rate, count, &shutdown) {
@@ -248,6 +303,78 @@ fn main() -> ExitCode {
                         r.elapsed.as_secs_f64(),
                         r.produced as f64 / r.elapsed.as_secs_f64().max(1e-9)
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Loadgen {
+            brokers,
+            family,
+            topic,
+            rate,
+            count,
+            duration,
+            seed,
+            keys,
+            envelope,
+            report_every,
+        } => {
+            if !envelope.check() {
+                return ExitCode::FAILURE;
+            }
+            let topic = topic.unwrap_or_else(|| family.default_topic().to_owned());
+            let producer = match EventProducer::connect(&brokers) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut generator = FamilyGenerator::new(
+                family,
+                &FamilySettings {
+                    seed,
+                    keys,
+                    disorder_ms: envelope.disorder_ms(),
+                    late_share: envelope.late_share,
+                    late_by_ms: envelope.late_by_ms(),
+                    malformed_share: envelope.malformed_share,
+                },
+            );
+            let settings = LoadSettings {
+                rate,
+                count,
+                duration,
+                report_every,
+            };
+            let shutdown = shutdown_flag();
+            let progress = |p: &tidemark::source::loadgen::LoadProgress| {
+                println!(
+                    "loadgen: {family} {} events in {:.1} s, now {:.0} events/s, overall {:.0} events/s ({:.1} MB/s), {} delivery failures",
+                    p.produced,
+                    p.elapsed.as_secs_f64(),
+                    p.recent_rate,
+                    p.produced as f64 / p.elapsed.as_secs_f64().max(1e-9),
+                    p.bytes as f64 / 1e6 / p.elapsed.as_secs_f64().max(1e-9),
+                    p.delivery_failures
+                );
+            };
+            match run_loadgen(&producer, &topic, &mut generator, &settings, &shutdown, progress) {
+                Ok(report) => {
+                    println!("{}", report.summary_line());
+                    if report.failed > 0 {
+                        eprintln!(
+                            "error: {} of {} events were not delivered to `{topic}` (first error: {}); check the topic and the broker",
+                            report.failed,
+                            report.produced,
+                            report.first_error.as_deref().unwrap_or("unknown")
+                        );
+                        return ExitCode::FAILURE;
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -16,6 +16,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::envelope::{clamp_share, mix64, push_i64, push_timestamp_field, push_u64, Envelope, Shape};
+pub use super::envelope::{EventKind, GeneratedEvent, MalformedKind};
+
 /// What to generate. Out-of-range values are clamped by [`ClickGenerator::new`]: shares to
 /// `[0, 1]` (and `late_share` to what `malformed_share` leaves), times to `>= 0`, counts to
 /// `>= 1`.
@@ -51,59 +54,13 @@ impl Default for ClickGeneratorSettings {
     }
 }
 
-/// What kind of event was generated, i.e. what a correct pipeline should do with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum EventKind {
-    /// Well-formed, event time within `disorder_ms` of the base time.
-    #[default]
-    Valid,
-    /// Well-formed but `late_by_ms` (plus jitter) behind the base time.
-    VeryLate,
-    /// Not a valid click event; see the [`MalformedKind`].
-    Malformed(MalformedKind),
-}
-
-/// How a malformed payload is broken. The generator cycles through them in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MalformedKind {
-    /// A truncated JSON object, e.g. `{"user_id":"u1","page_url":"/pro`.
-    NotJson,
-    /// Valid JSON without `"timestamp"` or (alternating) without `"page_url"`.
-    MissingField,
-    /// `"page_url"` is a number: `"page_url":17`.
-    WrongType,
-    /// `"timestamp":"yesterday"`.
-    BadTimestamp,
-}
-
-const MALFORMED_CYCLE: [MalformedKind; 4] = [
-    MalformedKind::NotJson,
-    MalformedKind::MissingField,
-    MalformedKind::WrongType,
-    MalformedKind::BadTimestamp,
-];
-
-/// One generated event. The buffers are reused by [`ClickGenerator::next_event_into`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GeneratedEvent {
-    /// The message value (JSON, or broken JSON for malformed events).
-    pub payload: Vec<u8>,
-    /// The message key: the user id, e.g. `u123`.
-    pub key: Vec<u8>,
-    pub kind: EventKind,
-    /// The event time the payload carries (for malformed events: the one it would carry).
-    pub event_time_ms: i64,
-    /// Position in this generator's sequence, from 0.
-    pub seq: u64,
-}
-
 /// Deterministic click-event generator; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct ClickGenerator {
     settings: ClickGeneratorSettings,
     rng: ChaCha8Rng,
+    envelope: Envelope,
     next_seq: u64,
-    malformed_count: u64,
 }
 
 /// Weighted actions, as cumulative percentages: views are the common case.
@@ -124,9 +81,9 @@ impl ClickGenerator {
         settings.late_share = clamp_share(settings.late_share).min(1.0 - settings.malformed_share);
         ClickGenerator {
             rng: ChaCha8Rng::seed_from_u64(settings.seed),
+            envelope: Envelope::new(settings.disorder_ms, settings.late_share, settings.late_by_ms, settings.malformed_share),
             settings,
             next_seq: 0,
-            malformed_count: 0,
         }
     }
 
@@ -149,32 +106,19 @@ impl ClickGenerator {
         let s = &self.settings;
         // Draw every random value, in a fixed order, before branching on them: the stream
         // position then depends only on how many events were generated.
-        let kind_draw: f64 = self.rng.random();
+        let kind_draw = self.envelope.draw_kind(&mut self.rng);
         let user = self.rng.random_range(0..s.users);
         let page = self.rng.random_range(0..s.pages);
         let action_draw = self.rng.random_range(0..100u32);
-        let jitter_ms = self.rng.random_range(0..=s.disorder_ms);
-
-        let kind = if kind_draw < s.malformed_share {
-            let malformed = MALFORMED_CYCLE[(self.malformed_count % 4) as usize];
-            self.malformed_count += 1;
-            EventKind::Malformed(malformed)
-        } else if kind_draw < s.malformed_share + s.late_share {
-            EventKind::VeryLate
-        } else {
-            EventKind::Valid
-        };
-        let event_time_ms = match kind {
-            EventKind::VeryLate => base_time_ms.saturating_sub(s.late_by_ms).saturating_sub(jitter_ms),
-            _ => base_time_ms.saturating_sub(jitter_ms),
-        };
+        let jitter_ms = self.envelope.draw_jitter_ms(&mut self.rng);
+        let arrival = self.envelope.arrive(kind_draw, jitter_ms, base_time_ms);
 
         let user_traits = mix64(s.seed ^ u64::from(user));
         let fields = ClickFields {
             user,
             page,
             action: pick_weighted(&ACTIONS, action_draw),
-            event_time_ms,
+            event_time_ms: arrival.event_time_ms,
             session: base_time_ms.div_euclid(SESSION_SPAN_MS),
             device: pick_weighted(&DEVICES, (user_traits % 100) as u32),
             geo: GEOS[((user_traits >> 32) % GEOS.len() as u64) as usize],
@@ -184,37 +128,10 @@ impl ClickGenerator {
         event.key.push(b'u');
         push_u64(&mut event.key, u64::from(user));
         event.payload.clear();
-        match kind {
-            EventKind::Valid | EventKind::VeryLate => fields.write(&mut event.payload, Shape::Valid),
-            EventKind::Malformed(MalformedKind::NotJson) => {
-                fields.write(&mut event.payload, Shape::Valid);
-                // Any proper prefix of a JSON object lacks its closing brace, so is invalid.
-                let cut = event.payload.len() / 2;
-                event.payload.truncate(cut);
-            }
-            EventKind::Malformed(MalformedKind::MissingField) => {
-                let shape = if (self.malformed_count / 4) % 2 == 1 {
-                    Shape::WithoutTimestamp
-                } else {
-                    Shape::WithoutPageUrl
-                };
-                fields.write(&mut event.payload, shape);
-            }
-            EventKind::Malformed(MalformedKind::WrongType) => fields.write(&mut event.payload, Shape::NumericPageUrl),
-            EventKind::Malformed(MalformedKind::BadTimestamp) => fields.write(&mut event.payload, Shape::WordTimestamp),
-        }
-        event.kind = kind;
-        event.event_time_ms = event_time_ms;
+        fields.write(&mut event.payload, arrival.shape);
+        arrival.finish(event);
         event.seq = self.next_seq;
         self.next_seq += 1;
-    }
-}
-
-fn clamp_share(share: f64) -> f64 {
-    if share.is_nan() {
-        0.0
-    } else {
-        share.clamp(0.0, 1.0)
     }
 }
 
@@ -224,23 +141,6 @@ fn pick_weighted(table: &[(&'static str, u32)], draw: u32) -> &'static str {
         .iter()
         .find(|(_, cumulative)| draw < *cumulative)
         .map_or(table[table.len() - 1].0, |(name, _)| name)
-}
-
-/// SplitMix64 finalizer: stable per-user traits (device, geo) without per-user state.
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Valid,
-    WithoutTimestamp,
-    WithoutPageUrl,
-    NumericPageUrl,
-    WordTimestamp,
 }
 
 struct ClickFields {
@@ -261,8 +161,8 @@ impl ClickFields {
         push_u64(out, u64::from(self.user));
         out.push(b'"');
         match shape {
-            Shape::WithoutPageUrl => {}
-            Shape::NumericPageUrl => {
+            Shape::WithoutField => {}
+            Shape::NumericField => {
                 out.extend_from_slice(b",\"page_url\":");
                 push_u64(out, u64::from(self.page));
             }
@@ -275,15 +175,7 @@ impl ClickFields {
         out.extend_from_slice(b",\"action\":\"");
         out.extend_from_slice(self.action.as_bytes());
         out.push(b'"');
-        match shape {
-            Shape::WithoutTimestamp => {}
-            Shape::WordTimestamp => out.extend_from_slice(b",\"timestamp\":\"yesterday\""),
-            _ => {
-                out.extend_from_slice(b",\"timestamp\":\"");
-                push_rfc3339_millis(out, self.event_time_ms);
-                out.push(b'"');
-            }
-        }
+        push_timestamp_field(out, shape, self.event_time_ms);
         out.extend_from_slice(b",\"session_id\":\"s-u");
         push_u64(out, u64::from(self.user));
         out.push(b'-');
@@ -294,81 +186,6 @@ impl ClickFields {
         out.extend_from_slice(self.geo.as_bytes());
         out.extend_from_slice(b"\"}");
     }
-}
-
-/// Appends the decimal digits of `n`.
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
-}
-
-fn push_i64(out: &mut Vec<u8>, n: i64) {
-    if n < 0 {
-        out.push(b'-');
-    }
-    push_u64(out, n.unsigned_abs());
-}
-
-/// Appends exactly `width` digits of `n` (zero-padded; `n` must fit).
-fn push_padded(out: &mut Vec<u8>, n: u32, width: usize) {
-    let mut digits = [b'0'; 4];
-    let mut rest = n;
-    for slot in digits[..width].iter_mut().rev() {
-        *slot = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    out.extend_from_slice(&digits[..width]);
-}
-
-/// Earliest and latest instants with a four-digit year, which RFC 3339 requires.
-const MIN_RFC3339_MS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00.000Z
-const MAX_RFC3339_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
-
-/// Appends `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), clamped to the
-/// years 0000..=9999.
-pub(crate) fn push_rfc3339_millis(out: &mut Vec<u8>, ms: i64) {
-    let ms = ms.clamp(MIN_RFC3339_MS, MAX_RFC3339_MS);
-    let days = ms.div_euclid(86_400_000);
-    let ms_of_day = ms.rem_euclid(86_400_000) as u32;
-    let (year, month, day) = civil_from_days(days);
-    push_padded(out, year as u32, 4);
-    out.push(b'-');
-    push_padded(out, month, 2);
-    out.push(b'-');
-    push_padded(out, day, 2);
-    out.push(b'T');
-    push_padded(out, ms_of_day / 3_600_000, 2);
-    out.push(b':');
-    push_padded(out, ms_of_day / 60_000 % 60, 2);
-    out.push(b':');
-    push_padded(out, ms_of_day / 1_000 % 60, 2);
-    out.push(b'.');
-    push_padded(out, ms_of_day % 1_000, 3);
-    out.push(b'Z');
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097); // [0, 146096]
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153; // March = 0
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -575,41 +392,6 @@ mod tests {
             assert_eq!(traits.entry(user).or_insert_with(|| value.clone()), &value);
         }
         assert_eq!(traits.len(), 20);
-    }
-
-    #[test]
-    fn rfc3339_formatting_matches_chrono() {
-        let samples = [
-            0,
-            1,
-            999,
-            -1,
-            -86_400_001,
-            START_MS + 123,
-            951_782_400_000,    // 2000-02-29
-            4_107_542_399_999,  // 2100-02-28T23:59:59.999
-            -2_208_988_800_000, // 1900-01-01
-            MIN_RFC3339_MS,
-            MAX_RFC3339_MS,
-        ];
-        let mut x = 0x1234_5678_9abc_def0_u64;
-        let random = (0..10_000).map(|_| {
-            x = mix64(x);
-            (x % (MAX_RFC3339_MS - MIN_RFC3339_MS) as u64) as i64 + MIN_RFC3339_MS
-        });
-        for ms in samples.into_iter().chain(random) {
-            let mut out = Vec::new();
-            push_rfc3339_millis(&mut out, ms);
-            let ours = String::from_utf8(out).unwrap();
-            let expected = chrono::DateTime::from_timestamp_millis(ms)
-                .unwrap()
-                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-                .to_string();
-            assert_eq!(ours, expected, "ms={ms}");
-        }
-        let mut out = Vec::new();
-        push_rfc3339_millis(&mut out, i64::MAX);
-        assert_eq!(out, b"9999-12-31T23:59:59.999Z");
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! flushed epoch; Kafka's group offsets are not the truth. A stored offset the broker no
 //! longer has is a *gap*: reported with the lost range, and fatal unless `on_gap = "skip"`.
 
+pub mod envelope;
+pub mod families;
 pub mod generator;
+pub mod loadgen;
 pub mod producer;
 
 use std::time::Duration;

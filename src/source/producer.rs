@@ -17,7 +17,7 @@ use super::generator::{ClickGenerator, EventKind, GeneratedEvent};
 /// How long [`EventProducer::connect`] waits for the broker to answer a metadata request.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`run_generator`] waits for outstanding deliveries before returning.
-const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serve delivery reports every this many sends, so they never pile up unread.
 const POLL_EVERY_SENDS: u64 = 256;
 /// How long to wait for room when librdkafka's local queue is full.
@@ -193,6 +193,11 @@ impl EventProducer {
         self.producer.context().delivered.load(Ordering::Relaxed)
     }
 
+    /// Serve delivery reports (and wait up to `timeout` for one); frees local queue slots.
+    pub fn poll(&self, timeout: Duration) {
+        self.producer.poll(timeout);
+    }
+
     /// Delivery failures not yet reported by [`flush`](Self::flush).
     pub fn unreported_failures(&self) -> u64 {
         self.producer.context().failed.load(Ordering::Relaxed)
@@ -273,7 +278,7 @@ pub fn run_generator(
     Ok(report)
 }
 
-fn wall_clock_ms() -> i64 {
+pub(crate) fn wall_clock_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
