@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, BenchmarkGroup, Criterion, Throughput};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -421,4 +421,29 @@ fn exchange(c: &mut Criterion) {
 }
 
 criterion_group!(benches, decode, window_update, sketches, exchange);
-criterion_main!(benches);
+
+/// `criterion_main!`, except that libtest's `--test-threads` (which `cargo test --all-targets --
+/// --test-threads=2` hands every test binary, and criterion's argument parser rejects) is
+/// dropped by running this binary again without it.
+fn main() {
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--test-threads") => {
+                args.next();
+                dropped = true;
+            }
+            Some(a) if a.starts_with("--test-threads=") => dropped = true,
+            _ => kept.push(arg),
+        }
+    }
+    if dropped {
+        let exe = std::env::current_exe().expect("path of this bench binary");
+        let status = std::process::Command::new(exe).args(kept).status().expect("re-run this bench binary");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
