@@ -75,7 +75,11 @@ struct Rec {
 }
 
 impl ExchangeBatch {
-    fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[InSlot], blob: &[u8]) {
+    /// Appends one projected record bound for a peer shard. `inputs` may reference `blob` with
+    /// `InSlot::Bytes`; the ranges are rebased onto the batch's own byte buffer. Public so the
+    /// micro-benchmarks (`benches/micro.rs`) can measure the exchange path; the shard loop is
+    /// its only other caller.
+    pub fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[InSlot], blob: &[u8]) {
         self.keys.extend_from_slice(key);
         let base = self.blob.len() as u32;
         self.blob.extend_from_slice(blob);
