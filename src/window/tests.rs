@@ -108,8 +108,9 @@ impl ModelAgg {
 
 type Event = (i64, u8, i64);
 
-/// Rows emitted per epoch, the model's rows per (window, key), and the final watermark.
-type SlidingRun = (Vec<Vec<OutputRow>>, BTreeMap<(i64, Vec<u8>), ModelAgg>, i64);
+/// Rows emitted per epoch, the model's rows per (window, key) after each epoch, and the final
+/// watermark.
+type SlidingRun = (Vec<Vec<OutputRow>>, Vec<BTreeMap<(i64, Vec<u8>), ModelAgg>>, i64);
 
 fn panes_operator(size: i64, slide: i64, lateness: i64, mode: OutputMode) -> BucketOperator {
     BucketOperator {
@@ -140,12 +141,13 @@ fn windows_of(t: i64, size: i64, slide: i64) -> Vec<i64> {
 }
 
 /// Runs `events` in chunks through a sliding-window operator; returns (emitted rows per epoch,
-/// the model's rows per window, the model's closed windows in emission order).
+/// the model's rows per window after each epoch, the final watermark).
 fn run_sliding(events: &[Event], cuts: &[i64], size: i64, slide: i64, lateness: i64, mode: OutputMode) -> SlidingRun {
     let mut op = WindowOperator::Buckets(panes_operator(size, slide, lateness, mode));
     let mut model: BTreeMap<(i64, Vec<u8>), ModelAgg> = BTreeMap::new();
     let mut wm = i64::MIN;
     let mut epochs = Vec::new();
+    let mut models = Vec::new();
     let per_cut = events.len() / cuts.len() + 1;
     let mut blob = Vec::new();
     for (chunk, cut) in events.chunks(per_cut).zip(cuts) {
@@ -169,8 +171,9 @@ fn run_sliding(events: &[Event], cuts: &[i64], size: i64, slide: i64, lateness: 
         op.finish_epoch(prev, wm, &mut rows);
         op.take_changes();
         epochs.push(rows);
+        models.push(model.clone());
     }
-    (epochs, model, wm)
+    (epochs, models, wm)
 }
 
 fn row_of(s: i64, size: i64, k: &[u8], m: &ModelAgg) -> OutputRow {
@@ -239,7 +242,8 @@ proptest! {
     fn sliding_append_emits_model_rows((events, cuts) in events_strategy(), slide_k in 1i64..5, panes in 1i64..4, lateness in prop_oneof![Just(0i64), Just(3_000i64)]) {
         let slide = 1_000 * slide_k;
         let size = slide * panes + if panes > 1 { 500 } else { 0 };
-        let (epochs, model, wm) = run_sliding(&events, &cuts, size, slide, lateness, OutputMode::Append);
+        let (epochs, models, wm) = run_sliding(&events, &cuts, size, slide, lateness, OutputMode::Append);
+        let model = models.last().unwrap();
         let emitted: Vec<OutputRow> = epochs.into_iter().flatten().collect();
         let expected: Vec<OutputRow> = model.iter().filter(|((s, _), _)| s + size + lateness <= wm).map(|((s, k), m)| row_of(*s, size, k, m)).collect();
         prop_assert_eq!(emitted, expected);
@@ -249,28 +253,9 @@ proptest! {
     fn sliding_update_table_equals_model_after_every_epoch((events, cuts) in events_strategy(), slide_k in 1i64..4, panes in 1i64..4) {
         let slide = 1_000 * slide_k;
         let size = slide * panes;
-        let mut op = WindowOperator::Buckets(panes_operator(size, slide, 0, OutputMode::Update));
-        let mut model: BTreeMap<(i64, Vec<u8>), ModelAgg> = BTreeMap::new();
+        let (epochs, models, _) = run_sliding(&events, &cuts, size, slide, 0, OutputMode::Update);
         let mut table = BTreeMap::new();
-        let mut wm = i64::MIN;
-        let per_cut = events.len() / cuts.len() + 1;
-        let mut blob = Vec::new();
-        for (chunk, cut) in events.chunks(per_cut).zip(&cuts) {
-            for &(t, k, x) in chunk {
-                if op.late_window(t, wm).is_some() { continue; }
-                let ins = inputs(x, &mut blob);
-                op.update(t, &key(k), &ins, &blob);
-                for s in windows_of(t, size, slide) {
-                    if s + size > wm {
-                        model.entry((s, key(k))).and_modify(|m| m.add(t, x)).or_insert(ModelAgg::new(t, x));
-                    }
-                }
-            }
-            let prev = wm;
-            wm = wm.max(*cut);
-            let mut rows = Vec::new();
-            op.finish_epoch(prev, wm, &mut rows);
-            op.take_changes();
+        for (rows, model) in epochs.into_iter().zip(&models) {
             upsert(&mut table, rows);
             let expected: BTreeMap<(i64, Vec<u8>), OutputRow> = model.iter().map(|((s, k), m)| ((*s, k.clone()), row_of(*s, size, k, m))).collect();
             prop_assert_eq!(&table, &expected);
@@ -281,7 +266,8 @@ proptest! {
     fn complete_mode_emits_the_whole_model_each_epoch((events, cuts) in events_strategy()) {
         // Tumbling: `complete` with sliding windows is refused by the config compiler.
         let (size, slide) = (4_000, 4_000);
-        let (epochs, model, _) = run_sliding(&events, &cuts, size, slide, 0, OutputMode::Complete);
+        let (epochs, models, _) = run_sliding(&events, &cuts, size, slide, 0, OutputMode::Complete);
+        let model = models.last().unwrap();
         // The last epoch's output is the whole result.
         let last: BTreeMap<(i64, Vec<u8>), OutputRow> = epochs.last().unwrap().iter().map(|r| ((r.window_start, r.key.clone()), r.clone())).collect();
         let expected: BTreeMap<(i64, Vec<u8>), OutputRow> = model.iter().map(|((s, k), m)| ((*s, k.clone()), row_of(*s, size, k, m))).collect();
