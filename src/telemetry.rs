@@ -62,8 +62,6 @@ pub struct PipelineStats {
     pub commit_duration: Mutex<Histogram<u64>>,
     /// Set once recovery is done and the shards are consuming.
     pub ready: AtomicBool,
-    /// Set when the pipeline failed; `/healthz` answers 503 from then on.
-    pub failed: AtomicBool,
 }
 
 /// Totals across shards at one instant.
@@ -94,7 +92,6 @@ impl PipelineStats {
             // 1µs to 1h at 3 significant digits.
             commit_duration: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             ready: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
         }
     }
 
