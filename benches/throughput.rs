@@ -51,6 +51,8 @@ sink = "out"
 name = "out"
 kind = "delta"
 path = "{out}"
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         state = dir.join("state").display(),
         out = dir.join("out").display()

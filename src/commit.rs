@@ -278,6 +278,7 @@ impl Committer {
         self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.iter()).collect::<Vec<_>>());
         self.stats.watermark.store(watermark, Relaxed);
         self.stats.committed_epoch.store(epoch, Relaxed);
+        self.stats.record_epoch_commit(started.elapsed());
         tracing::debug!(epoch, elapsed_ms = started.elapsed().as_millis() as u64, "epoch committed");
         Ok(())
     }

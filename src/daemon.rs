@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::commit::{CommitError, Committer};
 use crate::config::{Bootstrap, Config};
+use crate::metrics::{MetricsServer, MetricsSource};
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
 use crate::sink::{plan_sinks, PlanError, SinkRole};
 use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
@@ -56,6 +57,8 @@ pub struct RunningPipeline {
     stats: Arc<PipelineStats>,
     bootstrap: String,
     shards: usize,
+    /// Dropped (server stopped) when the pipeline has ended.
+    metrics: Option<MetricsServer>,
     _broker: Option<EmbeddedBroker>,
 }
 
@@ -66,6 +69,12 @@ impl RunningPipeline {
 
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` when `[metrics] listen =
+    /// "off"` or the address could not be bound.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::address)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -153,7 +162,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         recovered.positions.clear();
     }
     let recovered = Arc::new(recovered);
-    let stats = Arc::new(PipelineStats::new(shards));
+    let stats = Arc::new(PipelineStats::new(shards, config.sources.len()));
     stats.committed_epoch.store(recovered.epoch, Relaxed);
     if let Some(wm) = recovered.watermark {
         stats.watermark.store(wm, Relaxed);
@@ -177,6 +186,19 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
 
     // Committer: open tables and deliver pending output before any shard starts.
     let failure = Arc::new(Failure::default());
+    // Serving starts before recovery's slow part, so /healthz answers and /readyz says 503
+    // while the committer delivers pending output.
+    let metrics = config.metrics.listen.and_then(|listen| {
+        MetricsServer::start(
+            listen,
+            MetricsSource {
+                stats: stats.clone(),
+                store: store.clone(),
+                source_names: config.sources.iter().map(|s| s.name.clone()).collect(),
+                failed: failure.abort.clone(),
+            },
+        )
+    });
     let (report_tx, report_rx) = flume::bounded(shards * 4);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), CommitError>>();
     let committer = {
@@ -371,6 +393,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         stats,
         bootstrap,
         shards,
+        metrics,
         _broker: broker,
     })
 }

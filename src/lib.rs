@@ -20,6 +20,7 @@
 //! - [`commit`]    the committer: flush the epoch, Delta commits tagged txn(appId, epoch), recovery
 //! - [`sink`]      sink plans, Arrow conversion, the Delta table writer
 //! - [`telemetry`] per-shard counters, progress, logging set-up
+//! - [`metrics`]   the HTTP endpoint: `/metrics` (Prometheus text, merged at scrape), `/healthz`, `/readyz`
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
 
 pub mod agg;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod expr;
+pub mod metrics;
 pub mod shard;
 pub mod sink;
 pub mod source;

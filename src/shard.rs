@@ -229,6 +229,9 @@ struct Shard {
     input_buf: Vec<InSlot>,
     blob_buf: Vec<u8>,
     dropped_warned_at: Option<Instant>,
+    /// Per source: (events, bytes) read in the current poll round, added to the shard's
+    /// counters once per round.
+    round_by_source: Vec<(u64, u64)>,
 }
 
 /// The next offset an assignment starts at, when it is a concrete one (not Beginning/End).
@@ -402,6 +405,7 @@ impl Shard {
             input_buf: Vec::with_capacity(16),
             blob_buf: Vec::with_capacity(256),
             dropped_warned_at: None,
+            round_by_source: vec![(0, 0); ctx.config.sources.len()],
             ctx,
         })
     }
@@ -593,12 +597,20 @@ impl Shard {
             let payload = msg.payload().unwrap_or(&[]);
             events += 1;
             bytes += payload.len() as u64;
+            let round = &mut self.round_by_source[self.parts[pi].source];
+            round.0 += 1;
+            round.1 += payload.len() as u64;
             self.parts[pi].next_offset = Some(msg.offset() + 1);
             self.process(Origin::Partition(pi), msg.offset(), payload, now);
         }
         let s = &self.ctx.stats.shards[self.ctx.id];
         ShardStats::add(&s.events_in, events);
         ShardStats::add(&s.bytes_in, bytes);
+        for (i, round) in self.round_by_source.iter_mut().enumerate() {
+            ShardStats::add(&s.events_by_source[i], round.0);
+            ShardStats::add(&s.bytes_by_source[i], round.1);
+            *round = (0, 0);
+        }
         Ok(polled)
     }
 
@@ -640,6 +652,9 @@ impl Shard {
             let s = &self.ctx.stats.shards[self.ctx.id];
             ShardStats::add(&s.events_in, events);
             ShardStats::add(&s.bytes_in, bytes);
+            let source = self.files[fi].source;
+            ShardStats::add(&s.events_by_source[source], events);
+            ShardStats::add(&s.bytes_by_source[source], bytes);
             total += n;
         }
         Ok(total)

@@ -3,6 +3,10 @@
 //! contended atomic; readers (progress log, tests) sum the shards when they look.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use crate::decode::DeadLetterReason;
 use crate::watermark::UNKNOWN;
@@ -11,6 +15,9 @@ use crate::watermark::UNKNOWN;
 pub struct ShardStats {
     pub events_in: AtomicU64,
     pub bytes_in: AtomicU64,
+    /// Per source (index into `Config::sources`): events and bytes read by this shard.
+    pub events_by_source: Box<[AtomicU64]>,
+    pub bytes_by_source: Box<[AtomicU64]>,
     pub dead_letters: [AtomicU64; 5],
     pub dead_letters_dropped: AtomicU64,
     pub gaps_skipped: AtomicU64,
@@ -22,6 +29,14 @@ pub struct ShardStats {
 }
 
 impl ShardStats {
+    pub fn new(sources: usize) -> Self {
+        ShardStats {
+            events_by_source: (0..sources).map(|_| AtomicU64::new(0)).collect(),
+            bytes_by_source: (0..sources).map(|_| AtomicU64::new(0)).collect(),
+            ..ShardStats::default()
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         if n > 0 {
             counter.store(counter.load(Relaxed) + n, Relaxed);
@@ -40,6 +55,11 @@ pub struct PipelineStats {
     pub watermark: AtomicI64,
     pub rows_written: AtomicU64,
     pub delta_commits: AtomicU64,
+    /// Epochs committed by this process (not counting recovery).
+    pub epochs_committed: AtomicU64,
+    /// Microseconds per committed epoch. Written by the committer thread once per epoch and
+    /// read by the scrape thread, so the lock is never contended on a hot path.
+    pub commit_duration: Mutex<Histogram<u64>>,
     /// Set once recovery is done and the shards are consuming.
     pub ready: AtomicBool,
 }
@@ -61,15 +81,27 @@ pub struct StatsSnapshot {
 }
 
 impl PipelineStats {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, sources: usize) -> Self {
         PipelineStats {
-            shards: (0..shards).map(|_| ShardStats::default()).collect(),
+            shards: (0..shards).map(|_| ShardStats::new(sources)).collect(),
             committed_epoch: AtomicU64::new(0),
             watermark: AtomicI64::new(UNKNOWN),
             rows_written: AtomicU64::new(0),
             delta_commits: AtomicU64::new(0),
+            epochs_committed: AtomicU64::new(0),
+            // 1µs to 1h at 3 significant digits.
+            commit_duration: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// Called by the committer once per committed epoch.
+    pub fn record_epoch_commit(&self, took: Duration) {
+        let micros = (took.as_micros() as u64).clamp(1, 3_600_000_000);
+        if let Ok(mut h) = self.commit_duration.lock() {
+            let _ = h.record(micros);
+        }
+        self.epochs_committed.fetch_add(1, Relaxed);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

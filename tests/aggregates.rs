@@ -65,6 +65,8 @@ sink = "stats"
 name = "stats"
 kind = "delta"
 path = "{out}"
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         state = dir.path().join("state").display(),
         bootstrap = broker.bootstrap_servers(),

@@ -134,6 +134,8 @@ fn demo_runs_and_writes_a_readable_delta_table() {
         .replace("tumbling = \"10s\"", "tumbling = \"1s\"")
         .replace("delay = \"5s\"", "delay = \"1s\"");
     assert_ne!(fast, demo, "the demo config still has the 10s query this test speeds up");
+    // Tests run in parallel: an ephemeral port, not the shipped 9464.
+    let fast = format!("{fast}\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     std::fs::write(dir.path().join("demo.toml"), fast).unwrap();
     let table = dir.path().join("data/gold/page_views_10s");
     let read_rows = || -> usize {
@@ -459,6 +461,8 @@ path = "{views}"
 name = "dlq"
 kind = "delta"
 path = "{dlq}"
+[metrics]
+listen = "127.0.0.1:0"
 "#,
             state = dir.path().join("state").display(),
             inbox = inbox.display(),

@@ -31,6 +31,8 @@ fn shipped(name: &str, dir: &Path, bootstrap: Option<&str>) -> Config {
         cfg.kafka.bootstrap_servers = Bootstrap::Servers(b.to_string());
     }
     cfg.generator = None;
+    // Tests run in parallel: an ephemeral port, not the shipped 9464.
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     for s in &mut cfg.sinks {
         s.path = dir.join(&s.name);
     }

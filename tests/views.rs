@@ -55,6 +55,8 @@ path = "{out}"
 name = "dlq"
 kind = "delta"
 path = "{dlq}"
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         state = dir.join("state").display(),
         out = dir.join("out").display(),

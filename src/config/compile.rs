@@ -84,6 +84,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         queries,
         sinks,
         generator,
+        metrics: raw.metrics,
         warnings,
     }
 }

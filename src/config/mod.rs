@@ -23,10 +23,11 @@ use toml::de::DeTable;
 
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
+pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
     AggFn, AggregateConfig, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
-    GeneratorConfig, KafkaConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets, TimeFormat, WatermarkConfig,
-    WindowConfig,
+    GeneratorConfig, KafkaConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets, TimeFormat,
+    WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

@@ -13,6 +13,7 @@ pub struct Config {
     pub queries: Vec<QueryConfig>,
     pub sinks: Vec<SinkConfig>,
     pub generator: Option<GeneratorConfig>,
+    pub metrics: MetricsConfig,
     /// Problems that do not stop the pipeline but deserve attention (printed by `validate`,
     /// logged by `run`), e.g. a `complete` query whose result grows without bound.
     pub warnings: Vec<String>,
@@ -49,6 +50,25 @@ pub struct PipelineConfig {
     /// sources until it drains (backpressure). Default 16.
     pub exchange_capacity: usize,
 }
+
+/// `[metrics]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address to listen on; `None` when `listen = "off"`. Default `127.0.0.1:9464`; port 0
+    /// picks a free port (tests), see `RunningPipeline::metrics_address`.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a valid default address")),
+        }
+    }
+}
+
+/// Where `/metrics` is served unless `[metrics] listen` says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// `[kafka]`
 #[derive(Debug, Clone, PartialEq, Eq)]

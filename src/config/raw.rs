@@ -13,7 +13,7 @@ use toml::de::DeValue;
 
 use super::duration::format_duration;
 use super::model::{
-    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, OutputMode, SinkKind, StartingOffsets, TimeFormat,
+    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, MetricsConfig, OutputMode, SinkKind, StartingOffsets, TimeFormat,
     WatermarkConfig, WindowConfig,
 };
 use super::reader::{found, At, Fields};
@@ -90,6 +90,7 @@ pub(crate) struct RawConfig {
     pub queries: Vec<RawQuery>,
     pub sinks: Vec<RawSink>,
     pub generator: Option<RawGenerator>,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug)]
@@ -233,6 +234,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
     let queries = read_list(&mut root, "queries", "query", read_query);
     let sinks = read_list(&mut root, "sinks", "sink", read_sink);
     let generator = root.take_table("generator").map(read_generator);
+    let metrics = root.take_table("metrics").map(read_metrics).unwrap_or_default();
     root.finish();
     RawConfig {
         pipeline,
@@ -241,6 +243,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         queries,
         sinks,
         generator,
+        metrics,
     }
 }
 
@@ -866,4 +869,28 @@ fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {
         late_by,
         malformed_share,
     }
+}
+
+fn read_metrics(mut f: Fields<'_, '_>) -> MetricsConfig {
+    let defaults = MetricsConfig::default();
+    let listen = match f.take_str("listen") {
+        None => defaults.listen,
+        Some(at) if at.value == "off" => None,
+        Some(at) => match at.value.parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                f.report_at(
+                    at.path,
+                    at.line,
+                    format!(
+                        "invalid listen address \"{}\": use IP:port such as \"127.0.0.1:9464\" (port 0 picks a free port), or \"off\" to serve no metrics",
+                        at.value
+                    ),
+                );
+                defaults.listen
+            }
+        },
+    };
+    f.finish();
+    MetricsConfig { listen }
 }

@@ -1661,3 +1661,28 @@ fn expressions_are_type_checked_against_the_columns_they_read() {
     // derived column "a" before it is broken.
     assert_eq!(errors.len(), 7, "{errors:#?}");
 }
+
+#[test]
+fn metrics_listen_defaults_parses_and_turns_off() {
+    let config = parse_config(MINIMAL).unwrap();
+    assert_eq!(config.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(config.metrics, MetricsConfig::default());
+
+    let ephemeral = format!("{MINIMAL}\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    assert_eq!(parse_config(&ephemeral).unwrap().metrics.listen, Some("127.0.0.1:0".parse().unwrap()));
+    let v6 = format!("{MINIMAL}\n[metrics]\nlisten = \"[::]:9000\"\n");
+    assert_eq!(parse_config(&v6).unwrap().metrics.listen, Some("[::]:9000".parse().unwrap()));
+    let off = format!("{MINIMAL}\n[metrics]\nlisten = \"off\"\n");
+    assert_eq!(parse_config(&off).unwrap().metrics.listen, None);
+}
+
+#[test]
+fn bad_metrics_listen_is_located() {
+    let text = format!("{MINIMAL}\n[metrics]\nlisten = \"localhost\"\nport = 1\n");
+    let errors = errors_of(&text);
+    let error = error_at(&errors, "metrics.listen");
+    assert_eq!(error.line, Some(line_containing(&text, "listen = ")));
+    assert!(error.message.starts_with("invalid listen address \"localhost\""), "{}", error.message);
+    assert!(errors.iter().any(|e| e.path.starts_with("metrics.port")), "{errors:#?}");
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+}

@@ -102,6 +102,9 @@ path = "{views}"
 name = "dlq"
 kind = "delta"
 path = "{dlq}"
+
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         state = dir.join("state").display(),
         views = dir.join("views").display(),
