@@ -112,6 +112,7 @@ use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::config::FieldType;
+use crate::time::{civil_from_days, days_from_civil, days_in_month};
 use crate::value::{EventTime, Value};
 
 /// A value produced while evaluating: like [`Value`], but strings may borrow from the row (or the
@@ -1258,41 +1259,6 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 const MICROS_PER_MINUTE: i64 = 60 * MICROS_PER_SECOND;
 const MICROS_PER_HOUR: i64 = 60 * MICROS_PER_MINUTE;
 const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (era-based: 400-year cycles).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    // Months counted from March, so February (and its leap day) comes last.
-    let m = (month as i64 + 9) % 12;
-    let day_of_year = (153 * m + 2) / 5 + day as i64 - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// Inverse of [`days_from_civil`].
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let m = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * m + 2) / 5 + 1) as u32;
-    let month = if m < 10 { m + 3 } else { m - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-fn days_in_month(year: i64, month: u32) -> u32 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
 
 /// Reads `YYYY-MM-DD[( |T)HH:MM[:SS[.fraction]]][Z|±HH[:MM]|±HHMM]`, UTC when no offset is
 /// given. The fraction is cut to microseconds.
@@ -3185,7 +3151,6 @@ mod tests {
         ]);
     }
 
-    /// The civil-date functions against a day-by-day walk of the calendar from 1600 to 2400.
     #[test]
     fn civil_calendar_matches_a_day_by_day_walk() {
         let (mut y, mut m, mut d) = (1600i64, 1u32, 1u32);

@@ -6,6 +6,7 @@
 //! malformed, and how ([`MalformedKind`], cycled so all four appear equally often). The hand
 //! written JSON helpers here are allocation-free once the output buffer has grown.
 
+use crate::time::civil_from_days;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -319,21 +320,6 @@ pub(crate) fn push_rfc3339_millis(out: &mut Vec<u8>, ms: i64) {
     out.push(b'.');
     push_padded(out, ms_of_day % 1_000, 3);
     out.push(b'Z');
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097); // [0, 146096]
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153; // March = 0
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
