@@ -620,21 +620,17 @@ fn check_output_names(q: &RawQuery, diag: &Diagnostics) {
             );
         }
     }
+    // A value column clashing with a window column or a group key.
+    let leading_clash =
+        |name: &str| window_clash(name).or_else(|| q.group_by.iter().any(|k| k.value == name).then(|| format!("the group_by field \"{name}\"")));
     let aggregate_names: Vec<&At<String>> = q.aggregates.iter().filter_map(|a| a.name.as_ref()).collect();
     for (i, name) in aggregate_names.iter().enumerate() {
-        let clash = window_clash(&name.value)
-            .or_else(|| {
-                q.group_by
-                    .iter()
-                    .any(|k| k.value == name.value)
-                    .then(|| format!("the group_by field \"{}\"", name.value))
-            })
-            .or_else(|| {
-                aggregate_names[..i]
-                    .iter()
-                    .find(|n| n.value == name.value)
-                    .map(|n| format!("another aggregate ({})", n.path.trim_end_matches(".name")))
-            });
+        let clash = leading_clash(&name.value).or_else(|| {
+            aggregate_names[..i]
+                .iter()
+                .find(|n| n.value == name.value)
+                .map(|n| format!("another aggregate ({})", n.path.trim_end_matches(".name")))
+        });
         if let Some(clash) = clash {
             diag.report(
                 name.path.clone(),
@@ -648,13 +644,7 @@ fn check_output_names(q: &RawQuery, diag: &Diagnostics) {
     }
     let derived_names: Vec<&At<String>> = q.derive.iter().filter_map(|d| d.name.as_ref()).collect();
     for (i, name) in derived_names.iter().enumerate() {
-        let clash = window_clash(&name.value)
-            .or_else(|| {
-                q.group_by
-                    .iter()
-                    .any(|k| k.value == name.value)
-                    .then(|| format!("the group_by field \"{}\"", name.value))
-            })
+        let clash = leading_clash(&name.value)
             .or_else(|| {
                 aggregate_names
                     .iter()
