@@ -228,30 +228,28 @@ impl Committer {
                 }
             }
         }
-        // A complete result identical to the one last written is not rewritten.
-        for (idx, rows) in outputs.iter_mut().enumerate() {
-            if self.plans[idx].mode() != OutputMode::Complete {
-                continue;
-            }
-            if let Some(SinkRows::Windows(r)) = rows.as_mut() {
-                r.sort_by(|a, b| (a.window_start, &a.key).cmp(&(b.window_start, &b.key)));
-                let hash = serde_json::to_vec(&*r).map(|b| xxhash_rust::xxh3::xxh3_64(&b)).ok();
-                if hash.is_some() && hash == self.last_complete[idx] {
-                    *rows = None;
-                } else {
-                    self.last_complete[idx] = hash;
-                }
-            }
-        }
         let mut pending = Vec::new();
-        for (plan, rows) in self.plans.iter().zip(&outputs) {
-            if let Some(rows) = rows.as_ref().filter(|r| !r.is_empty()) {
-                let bytes = serde_json::to_vec(rows).map_err(|e| CommitError::Rows {
-                    sink: plan.name.clone(),
-                    message: e.to_string(),
-                })?;
-                pending.push((plan.name.as_str(), bytes));
+        for (idx, rows) in outputs.iter_mut().enumerate() {
+            let plan = &self.plans[idx];
+            let Some(sink_rows) = rows.as_mut().filter(|r| !r.is_empty()) else { continue };
+            let complete = plan.mode() == OutputMode::Complete;
+            if let (true, SinkRows::Windows(r)) = (complete, &mut *sink_rows) {
+                r.sort_by(|a, b| (a.window_start, &a.key).cmp(&(b.window_start, &b.key)));
             }
+            let bytes = serde_json::to_vec(sink_rows).map_err(|e| CommitError::Rows {
+                sink: plan.name.clone(),
+                message: e.to_string(),
+            })?;
+            if complete {
+                // A complete result identical to the one last written is not rewritten.
+                let hash = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
+                if hash == self.last_complete[idx] {
+                    *rows = None;
+                    continue;
+                }
+                self.last_complete[idx] = hash;
+            }
+            pending.push((plan.name.as_str(), bytes));
         }
         let watermark = reports.iter().map(|r| r.watermark).max().unwrap_or(crate::watermark::UNKNOWN);
         let write = EpochWrite {
