@@ -428,51 +428,7 @@ fn file_drop_source_killed_and_restarted_equals_the_oracle() {
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     let config = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[pipeline]
-name = "files"
-state_dir = "{state}"
-commit_interval = "200ms"
-shards = 2
-[[sources]]
-name = "drops"
-kind = "files"
-path = "{inbox}"
-settle = "5s"
-event_time = {{ field = "timestamp" }}
-watermark = {{ delay = "{delay}ms", idle_timeout = "1h" }}
-on_error = "dlq"
-schema = {{ user_id = "string", page_url = "string", action = "string", timestamp = "timestamp" }}
-[[queries]]
-name = "views"
-from = "drops"
-window = {{ tumbling = "{window}ms" }}
-group_by = ["page_url"]
-aggregates = [ {{ name = "view_count", fn = "count" }} ]
-sink = "views"
-[[sinks]]
-name = "views"
-kind = "delta"
-path = "{views}"
-[[sinks]]
-name = "dlq"
-kind = "delta"
-path = "{dlq}"
-[metrics]
-listen = "127.0.0.1:0"
-"#,
-            state = dir.path().join("state").display(),
-            inbox = inbox.display(),
-            delay = common::DELAY_MS,
-            window = common::WINDOW_MS,
-            views = dir.path().join("views").display(),
-            dlq = dir.path().join("dlq").display(),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, common::file_pipeline_toml("files", &inbox, dir.path(), 2)).unwrap();
     let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("file crash test seed {seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -112,6 +112,16 @@ listen = "127.0.0.1:0"
     )
 }
 
+/// [`pipeline_toml`] with the click source reading JSON-lines files dropped into `inbox`
+/// instead of a Kafka topic (the `[kafka]` section is then unused).
+pub fn file_pipeline_toml(name: &str, inbox: &Path, dir: &Path, shards: usize) -> String {
+    let kafka_source = format!("topic = \"{TOPIC}\"\npartitions = {PARTITIONS}\n");
+    let file_source = format!("kind = \"files\"\npath = \"{}\"\nsettle = \"5s\"\n", inbox.display());
+    let toml = pipeline_toml(name, "unused:9092", dir, shards);
+    assert!(toml.contains(&kafka_source), "pipeline_toml changed its source block");
+    toml.replace(&kafka_source, &file_source)
+}
+
 /// (window_start µs, page_url) → count
 pub type Rows = BTreeMap<(i64, String), i64>;
 
