@@ -1581,5 +1581,12 @@ mod tests {
         };
         assert!(exhausted.is_retryable());
         assert!(!DeltaSinkError::EpochOutOfRange { epoch: u64::MAX }.is_retryable());
+
+        // Conflicts (counted in tidemark_delta_commit_conflicts_total): a lost version race,
+        // a conflicting commit, retried or not; not storage trouble.
+        assert!(exhausted.is_conflict());
+        assert!(fenced.is_conflict());
+        assert!(!transient.is_conflict());
+        assert!(!missing.is_conflict());
     }
 }
