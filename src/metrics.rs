@@ -180,6 +180,7 @@ fn route(path: &str, source: &MetricsSource) -> (&'static str, &'static str, Str
 
 fn scrape(source: &MetricsSource) -> String {
     let scrape = Scrape {
+        failed: source.failed.load(Relaxed),
         state_size_bytes: Some(source.store.size_on_disk_bytes()),
         now_micros: crate::time::now_micros(),
         process: ProcessStats::read(),
@@ -190,6 +191,8 @@ fn scrape(source: &MetricsSource) -> String {
 /// Values read at scrape time from outside [`PipelineStats`].
 #[derive(Debug, Clone, Default)]
 pub struct Scrape {
+    /// The pipeline has failed (it is stopping): not ready, whatever recovery said.
+    pub failed: bool,
     pub state_size_bytes: Option<u64>,
     pub now_micros: i64,
     pub process: Option<ProcessStats>,
@@ -271,7 +274,8 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
     out.family("tidemark_up", "gauge", "1 while the process runs.");
     out.sample("tidemark_up", &[], 1.0);
     out.family("tidemark_ready", "gauge", "1 once recovery is done and the sources are consuming, else 0.");
-    out.sample("tidemark_ready", &[], if stats.ready.load(Relaxed) { 1.0 } else { 0.0 });
+    let ready = stats.ready.load(Relaxed) && !scrape.failed;
+    out.sample("tidemark_ready", &[], if ready { 1.0 } else { 0.0 });
 
     // Per source partition (file sources are partition -1).
     let per_partition: [CounterFamily<PartitionStats>; 3] = [
@@ -650,6 +654,7 @@ mod tests {
             exchange_capacity: 16,
         };
         let scrape = Scrape {
+            failed: false,
             state_size_bytes: Some(4096),
             now_micros: 1_700_000_010_000_000,
             process: Some(ProcessStats {
@@ -736,6 +741,9 @@ mod tests {
         assert_eq!(sample_value(&text, "process_resident_memory_bytes"), 1048576.0);
         assert_eq!(sample_value(&text, "process_cpu_seconds_total"), 1.5);
         assert!(!text.contains("NaN"));
+
+        let failed = Scrape { failed: true, ..scrape };
+        assert_eq!(sample_value(&render(&stats, &labels, &failed), "tidemark_ready"), 0.0);
     }
 
     #[test]

@@ -154,6 +154,19 @@ fn metrics_endpoint_counts_what_was_produced_and_answers_probes() {
 
     promtool_check(&text);
 
+    // The scrape exports exactly the families config/prometheus/metric_families.txt lists
+    // (the list the dashboard and the alert rules are checked against in tests/ops.rs).
+    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/prometheus/metric_families.txt")).unwrap();
+    let mut listed: Vec<&str> = listed.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let mut exported: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    listed.sort_unstable();
+    exported.sort_unstable();
+    assert_eq!(exported, listed, "exported families vs config/prometheus/metric_families.txt");
+
     running.stop().unwrap();
     assert!(TcpStream::connect(address).is_err(), "the endpoint stops with the pipeline");
 }
