@@ -252,15 +252,15 @@ const BAD_INPUT_WARN_EVERY: Duration = Duration::from_secs(5);
 /// The window the busy ratio is computed over.
 const BUSY_RATIO_WINDOW: Duration = Duration::from_secs(1);
 
-/// librdkafka's last known high watermark of a partition (updated with every fetch, no
-/// request made), or `None` before the first fetch.
-fn high_watermark(consumer: &BaseConsumer, topic: &std::ffi::CStr, partition: i32) -> Option<i64> {
+/// librdkafka's last known (low, high) watermarks of a partition (the high one updated with
+/// every fetch; no request made), or `None` before the first fetch.
+fn known_watermarks(consumer: &BaseConsumer, topic: &std::ffi::CStr, partition: i32) -> Option<(i64, i64)> {
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` lives; `topic` is NUL-terminated
     // and outlives the call; librdkafka only reads it and writes the two out-parameters, and
     // the call takes its own locks (it is documented as thread-safe and non-blocking).
     let err = unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high) };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low.max(0), high))
 }
 
 /// The next offset an assignment starts at, when it is a concrete one (not Beginning/End).
@@ -523,10 +523,8 @@ impl Shard {
             p.tally.publish(to, stats);
             to.watermark.store(p.clock.own_watermark(), Relaxed);
             if let Some(consumer) = &self.consumer {
-                let lag = high_watermark(consumer, &p.topic_c, p.partition).map_or(-1, |high| match p.next_offset {
-                    Some(next) => (high - next).max(0),
-                    None => high,
-                });
+                // Before the first record, the position is the start of the retained log.
+                let lag = known_watermarks(consumer, &p.topic_c, p.partition).map_or(-1, |(low, high)| (high - p.next_offset.unwrap_or(low)).max(0));
                 to.lag.store(lag, Relaxed);
             }
         }
