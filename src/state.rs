@@ -99,14 +99,30 @@ fn pending_key(epoch: u64, sink: &str) -> Vec<u8> {
     [P_PENDING, &epoch.to_be_bytes(), sink.as_bytes()].concat()
 }
 
+/// Memory all memtables may use together (see `StateStore::open`).
+const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+/// Memtable size at which one column family flushes.
+const MEMTABLE_BYTES: usize = 16 << 20;
+
+/// Options of every column family: LZ4-compressed files, small memtables (window state is
+/// written once per epoch and read back only at recovery, so large memtables buy nothing).
+fn column_family_options() -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.set_write_buffer_size(MEMTABLE_BYTES);
+    o
+}
+
 impl StateStore {
     /// Opens (or creates) the store for `shards` shards running `queries` (query names).
     pub fn open(dir: &Path, shards: usize, queries: &[String]) -> StateResult<Self> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.into(), source })?;
-        let mut opts = Options::default();
+        let mut opts = column_family_options();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // All memtables together stay under this: RocksDB flushes the largest when it is
+        // reached. Without it each column family (shards × queries) may hold 2 × 64 MB.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
         let cf_names: Vec<Vec<String>> = (0..shards).map(|s| queries.iter().map(|q| format!("s{s}/{q}")).collect()).collect();
         let mut names: Vec<String> = DB::list_cf(&opts, dir).unwrap_or_default();
         for n in std::iter::once(META.to_string()).chain(cf_names.iter().flatten().cloned()) {
@@ -114,7 +130,7 @@ impl StateStore {
                 names.push(n);
             }
         }
-        let descriptors = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let descriptors = names.iter().map(|n| ColumnFamilyDescriptor::new(n, column_family_options()));
         let db = DB::open_cf_descriptors(&opts, dir, descriptors).map_err(|source| StateError::Open { path: dir.into(), source })?;
         let store = StateStore {
             db,
