@@ -72,7 +72,7 @@ fn main() {
     let rounds = if full { 3 } else { 1 };
     let (mut base, mut pipe) = (0f64, 0f64);
     for _ in 0..rounds {
-        let baseline = consume_and_decode(&cfg, broker.bootstrap_servers(), SHARDS, total, Duration::from_secs(120)).unwrap();
+        let baseline = consume_and_decode(&cfg, broker.bootstrap_servers(), SHARDS, &prefill.per_partition, Duration::from_secs(120)).unwrap();
         base = base.max(baseline.events_per_second());
         pipe = pipe.max(pipeline(broker.bootstrap_servers(), total));
     }
