@@ -64,11 +64,15 @@ const RECORD_OVERHEAD_BYTES: u64 = 20;
 pub const LAG_FLOOR_EVENTS: u64 = 2_000;
 /// The child's epoch length; latency quantiles are read against it.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// The consumers' `fetch.wait.max.ms` (see the generated pipeline file).
+const FETCH_WAIT_MAX: Duration = Duration::from_millis(10);
 /// After the last event of a phase is read, its epoch commits within about one interval.
 const SETTLE: Duration = Duration::from_millis(2_500);
 /// Scrape period while a live phase runs, and while the catch-up runs (finer: it is short).
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
-const CATCH_UP_SCRAPE_EVERY: Duration = Duration::from_millis(20);
+const CATCH_UP_SCRAPE_EVERY: Duration = Duration::from_millis(10);
+/// Baseline and catch-up run this many times, alternating; the best of each is reported.
+const ROUNDS: usize = 3;
 /// How long the child may take to become ready, and to read a backlog back down.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -216,7 +220,8 @@ pub struct ClickPipeline<'a> {
 }
 
 /// The pipeline file: config/demo.toml's source and its `page_views_5min` query (5-minute
-/// tumbling count per `page_url`, append mode), commit_interval 1s, into one Delta table.
+/// tumbling count per `page_url`, append mode), commit_interval 1s, into one Delta table;
+/// consumers wait at most 10 ms for new data in a fetch (see the comment in the file).
 pub fn click_pipeline_toml(p: &ClickPipeline<'_>) -> String {
     let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
     format!(
@@ -231,6 +236,12 @@ progress_interval = "5s"
 [kafka]
 bootstrap_servers = {bootstrap}
 group_id = {name}
+
+[kafka.options]
+# The embedded broker (librdkafka's mock cluster), and tansu, answer a fetch that finds no new
+# data only after the whole fetch.wait.max.ms (default 500 ms), without waking up when data
+# arrives as Kafka does: a consumer that keeps up would sit idle for half a second at a time.
+"fetch.wait.max.ms" = "{fetch_wait_ms}"
 
 [[sources]]
 name = "clicks"
@@ -262,6 +273,7 @@ listen = {listen}
         name = quote(p.name),
         state = quote(&p.state_dir.to_string_lossy()),
         commit_ms = COMMIT_INTERVAL.as_millis(),
+        fetch_wait_ms = FETCH_WAIT_MAX.as_millis(),
         shards = p.shards,
         bootstrap = quote(p.bootstrap),
         topic = quote(p.topic),
@@ -337,7 +349,8 @@ pub fn prefill_clicks(
 pub struct Baseline {
     pub events: u64,
     pub threads: usize,
-    /// From every consumer assigned to the last message decoded.
+    /// From the first message any consumer read to the last one decoded (the time to the
+    /// first fetch answer is left out, as it is for the pipeline's catch-up).
     pub seconds: f64,
 }
 
@@ -373,6 +386,12 @@ pub fn consume_and_decode(config: &Config, bootstrap: &str, threads: usize, per_
         let mut client = consumer_config(config, bootstrap);
         client.set("group.id", "tidemark-loadtest-baseline");
         let consumer: BaseConsumer = client.create().map_err(kafka_error("creating the baseline consumer"))?;
+        // Without the topic's metadata at hand, librdkafka resolves `Offset::Beginning` only
+        // after a 500 ms retry; the pipeline's first event is late by as much (left out of its
+        // measured time, as this is).
+        consumer
+            .fetch_metadata(Some(&source.topic), Duration::from_secs(10))
+            .map_err(kafka_error("reading the topic's metadata"))?;
         let mut assignment = TopicPartitionList::new();
         let mut want = 0u64;
         for partition in (0..partitions).filter(|p| *p as usize % threads == thread) {
@@ -386,6 +405,7 @@ pub fn consume_and_decode(config: &Config, bootstrap: &str, threads: usize, per_
     }
     let start = Barrier::new(threads + 1);
     let deadline = std::sync::OnceLock::new();
+    // Each worker: (events read, when it read its first, when its last).
     let (read, seconds) = std::thread::scope(|s| {
         let workers: Vec<_> = consumers
             .into_iter()
@@ -395,21 +415,30 @@ pub fn consume_and_decode(config: &Config, bootstrap: &str, threads: usize, per_
                     let mut decoder = SourceDecoder::new(source);
                     start.wait();
                     let deadline: Instant = *deadline.get_or_init(|| Instant::now() + timeout);
-                    let mut read = 0u64;
+                    let (mut read, mut first, mut last) = (0u64, None, None);
                     while read < want && Instant::now() < deadline {
                         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
                             std::hint::black_box(decoder.decode(message.payload().unwrap_or(&[])).ok());
                             read += 1;
+                            let now = Instant::now();
+                            first.get_or_insert(now);
+                            last = Some(now);
                         }
                     }
-                    read
+                    (read, first, last)
                 })
             })
             .collect();
         start.wait();
-        let started = Instant::now();
-        let read: u64 = workers.into_iter().map(|w| w.join().unwrap_or(0)).sum();
-        (read, started.elapsed().as_secs_f64())
+        let results: Vec<(u64, Option<Instant>, Option<Instant>)> = workers.into_iter().map(|w| w.join().unwrap_or((0, None, None))).collect();
+        let read: u64 = results.iter().map(|r| r.0).sum();
+        let first = results.iter().filter_map(|r| r.1).min();
+        let last = results.iter().filter_map(|r| r.2).max();
+        let seconds = match (first, last) {
+            (Some(first), Some(last)) => (last - first).as_secs_f64(),
+            _ => 0.0,
+        };
+        (read, seconds)
     });
     if read != expected {
         return Err(LoadTestError::Baseline { read, expected, timeout });
@@ -570,17 +599,23 @@ pub struct LagSample {
 }
 
 /// Whether a live step at `target_rate` for `step` kept up: the producer produced at least
-/// 95% of the target, the step was not cut short (`stopped_early`: the lag neared the
+/// 95% of the target, the step was not cut short (`cap_hit`: the lag that neared the
 /// embedded broker's retention), the lag at the end is below max(one second of events,
 /// `floor`), and the lag is not growing: the mean over the last quarter of the step exceeds
 /// the mean over the second quarter by less than a quarter of that limit (a lag that climbs
 /// from zero to just under the limit would pass the end check; this catches a pipeline
 /// running more than ~5% short of the rate). Returns the verdict and a few words on it.
-pub fn judge_step(target_rate: u64, produced: u64, step: Duration, samples: &[LagSample], floor: u64, stopped_early: bool) -> (bool, String) {
+pub fn judge_step(target_rate: u64, produced: u64, step: Duration, samples: &[LagSample], floor: u64, cap_hit: Option<u64>) -> (bool, String) {
     let limit = target_rate.max(floor);
     let final_lag = samples.last().map_or(0, |s| s.lag);
-    if stopped_early {
-        return (false, format!("stopped early: the lag reached {final_lag} events, near the broker's retention"));
+    if let Some(lag) = cap_hit {
+        return (
+            false,
+            format!(
+                "stopped after {:.1} s: lag {lag} events neared the broker's retention",
+                samples.last().map_or(0.0, |s| s.seconds)
+            ),
+        );
     }
     let target = target_rate as f64 * step.as_secs_f64();
     if (produced as f64) < 0.95 * target {
@@ -748,25 +783,31 @@ impl Machine {
     }
 }
 
-/// The catch-up phase: the child reading the prefilled topic.
+/// The catch-up phase: a child reading the prefilled topic.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CatchUp {
+    /// Events in the topic.
     pub events: u64,
-    /// From ready (`/readyz`) until every event was received.
+    /// Events received between the first scrape that showed any and the first that showed
+    /// all (the time to the first fetch answer is left out, as it is for the baseline).
+    pub events_measured: u64,
     pub seconds: f64,
     /// From spawning the child until `/readyz` answered 200.
     pub startup_seconds: f64,
+    /// From ready until the first scrape that showed events.
+    pub first_event_seconds: f64,
     /// The child's CPU time (user + system) over `seconds`.
     pub cpu_seconds: f64,
 }
 
 impl CatchUp {
     pub fn events_per_second(&self) -> f64 {
-        self.events as f64 / self.seconds.max(1e-9)
+        self.events_measured as f64 / self.seconds.max(1e-9)
     }
 
+    /// Clock ticks are 10 ms: the CPU time is read to within 0.01 s.
     pub fn events_per_cpu_second(&self) -> f64 {
-        self.events as f64 / self.cpu_seconds.max(0.01)
+        self.events_measured as f64 / self.cpu_seconds.max(0.01)
     }
 }
 
@@ -779,6 +820,9 @@ pub struct Step {
     pub final_lag: u64,
     pub max_lag: u64,
     pub sustained: bool,
+    /// Failed because the producer (on the same machine) fell short of the target rate: the
+    /// pipeline's own limit was not reached.
+    pub producer_bound: bool,
     pub verdict: String,
 }
 
@@ -816,14 +860,21 @@ pub struct LoadTestReport {
     pub events: u64,
     pub event_bytes_avg: f64,
     pub step_seconds: f64,
+    /// The best of the rounds, and every round's events/s.
     pub baseline: Baseline,
+    pub baseline_rounds: Vec<f64>,
     pub catch_up: CatchUp,
+    pub catch_up_rounds: Vec<f64>,
+    /// Live steps stop when the lag exceeds this (embedded broker only).
+    pub lag_cap: Option<u64>,
     pub steps: Vec<Step>,
     pub max_sustained_rate: Option<u64>,
     pub latency: Option<Latency>,
     pub keys: Option<Keys>,
     /// The child's VmHWM just before it was stopped.
     pub peak_rss_bytes: u64,
+    /// Its VmHWM before the keys phase (after the live phases).
+    pub peak_rss_before_keys_bytes: u64,
     pub child_cpu_seconds: f64,
     /// How the child exited after SIGTERM (`exit status: 0` when it committed and stopped).
     pub child_exit: String,
@@ -837,6 +888,51 @@ pub struct LoadTestReport {
 impl LoadTestReport {
     pub fn catch_up_ratio(&self) -> f64 {
         self.catch_up.events_per_second() / self.baseline.events_per_second().max(1e-9)
+    }
+}
+
+/// "met" or "missed".
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
+impl LoadTestReport {
+    /// Issue 4's targets beside what this run measured (measured, never asserted).
+    fn write_targets(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "targets (issue 4)")?;
+        let per_shard = self.catch_up.events_per_second() / self.shards as f64;
+        let per_cpu = self.catch_up.events_per_cpu_second();
+        writeln!(
+            f,
+            "  >= 500k events/s per core          per shard {per_shard:.0} ({}), per CPU-second {per_cpu:.0} ({})",
+            verdict(per_shard >= 500_000.0),
+            verdict(per_cpu >= 500_000.0)
+        )?;
+        let ratio = self.catch_up_ratio();
+        writeln!(f, "  >= 60% of the baseline             {:.0}% ({})", ratio * 100.0, verdict(ratio >= 0.6))?;
+        let p99_limit = COMMIT_INTERVAL.as_secs_f64() + 0.25;
+        match self.latency.as_ref().and_then(|l| l.ingest_to_commit) {
+            Some(q) => writeln!(
+                f,
+                "  p99 ingest→commit <= {p99_limit:.2} s       {:.3} s ({})",
+                q.p99,
+                verdict(q.p99 <= p99_limit)
+            )?,
+            None => writeln!(f, "  p99 ingest→commit <= {p99_limit:.2} s       n/a")?,
+        }
+        match &self.keys {
+            Some(k) if k.keys >= 1_000_000 => writeln!(
+                f,
+                "  peak RSS <= 300 MB with 1M keys    {:.0} MB ({})",
+                k.peak_rss_bytes as f64 / 1e6,
+                verdict(k.peak_rss_bytes <= 300_000_000)
+            ),
+            _ => writeln!(f, "  peak RSS <= 300 MB with 1M keys    n/a (run with --keys 1000000)"),
+        }
     }
 }
 
@@ -876,10 +972,21 @@ impl fmt::Display for LoadTestReport {
             self.shards
         )?;
         writeln!(f, "          run as a child process (`tidemark run`) so its RSS and CPU are its own")?;
+        if let Some(cap) = self.lag_cap {
+            writeln!(
+                f,
+                "lag cap:  {cap} events (1/3 of the embedded broker's ~5 MB per partition): a live step stops there"
+            )?;
+        }
         writeln!(f)?;
         let base = self.baseline.events_per_second();
         let catch = self.catch_up.events_per_second();
-        writeln!(f, "throughput: catch-up on the prefilled topic")?;
+        let rounds = |rates: &[f64]| rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
+        writeln!(
+            f,
+            "throughput: catch-up on the prefilled topic, best of {} rounds (first to last event read)",
+            self.baseline_rounds.len()
+        )?;
         writeln!(
             f,
             "  baseline (raw consume + JSON decode, {} threads)   {:>10.0} events/s  ({:.0} per thread)",
@@ -904,9 +1011,11 @@ impl fmt::Display for LoadTestReport {
         )?;
         writeln!(
             f,
-            "  pipeline start-up (spawn → ready)                  {:>10.2} s",
-            self.catch_up.startup_seconds
+            "  pipeline start-up (spawn → ready → first event)    {:>10.2} s + {:.2} s",
+            self.catch_up.startup_seconds, self.catch_up.first_event_seconds
         )?;
+        writeln!(f, "  rounds: baseline {} events/s", rounds(&self.baseline_rounds))?;
+        writeln!(f, "          pipeline {} events/s", rounds(&self.catch_up_rounds))?;
         writeln!(f)?;
         writeln!(
             f,
@@ -924,7 +1033,16 @@ impl fmt::Display for LoadTestReport {
             )?;
         }
         match self.max_sustained_rate {
-            Some(rate) => writeln!(f, "  max sustained: {rate} events/s ({:.0} per shard)", rate as f64 / self.shards as f64)?,
+            Some(rate) => {
+                writeln!(f, "  max sustained: {rate} events/s ({:.0} per shard)", rate as f64 / self.shards as f64)?;
+                let above: Vec<&Step> = self.steps.iter().filter(|s| !s.sustained && s.target_rate > rate).collect();
+                if !above.is_empty() && above.iter().all(|s| s.producer_bound) {
+                    writeln!(
+                        f,
+                        "  (a lower bound: every faster step failed because the producer, on the same cores, fell short)"
+                    )?;
+                }
+            }
             None => writeln!(f, "  max sustained: none of the rates tried")?,
         }
         writeln!(f)?;
@@ -946,6 +1064,9 @@ impl fmt::Display for LoadTestReport {
         writeln!(f)?;
         writeln!(f, "memory")?;
         writeln!(f, "  peak RSS of the pipeline (VmHWM)    {}", mib(self.peak_rss_bytes))?;
+        if self.keys.is_some() {
+            writeln!(f, "  ... before the keys phase           {}", mib(self.peak_rss_before_keys_bytes))?;
+        }
         writeln!(f, "  pipeline CPU over the whole run     {:.1} s", self.child_cpu_seconds)?;
         if let Some(k) = &self.keys {
             writeln!(
@@ -960,6 +1081,8 @@ impl fmt::Display for LoadTestReport {
         }
         writeln!(f, "  pipeline exit after SIGTERM         {}", self.child_exit)?;
         writeln!(f)?;
+        self.write_targets(f)?;
+        writeln!(f)?;
         writeln!(
             f,
             "metrics: last scrape ({} series) in {}; promtool check metrics: {}",
@@ -969,7 +1092,7 @@ impl fmt::Display for LoadTestReport {
         )?;
         write!(
             f,
-            "files:   {} (pipeline.toml, pipeline.log, metrics.prom, report.txt, report.json)",
+            "files:   {} (pipeline.toml, pipeline.log, metrics.prom, lag.csv, report.txt, report.json)",
             self.out_dir.display()
         )
     }
@@ -1204,6 +1327,48 @@ fn say(text: impl fmt::Display) {
     eprintln!("loadtest: {text}");
 }
 
+/// (a) A fresh child reads the prefilled topic of `events` events: the rate from the first
+/// scrape showing events received to the first showing all.
+fn catch_up(child: &mut PipelineChild, events: u64, interrupt: &AtomicBool) -> Result<CatchUp, LoadTestError> {
+    let ready = child.wait_ready(interrupt)?;
+    let startup_seconds = (ready - child.spawned_at).as_secs_f64();
+    let deadline = ready + Duration::from_secs(60).max(Duration::from_secs(events / 5_000));
+    // (when, events received, child CPU seconds) at the first scrape that showed events;
+    // the same at ready in case one scrape shows them all.
+    let mut first: Option<(Instant, u64, f64)> = None;
+    let at_ready = (ready, 0, child.proc_stats().cpu_seconds);
+    let mut previous = (ready, 0u64);
+    loop {
+        if interrupt.load(Relaxed) {
+            return Err(LoadTestError::Interrupted);
+        }
+        let received = child.received()?;
+        let now = Instant::now();
+        if received >= events {
+            let (start, received_before, cpu_before) = first.unwrap_or(at_ready);
+            // When the count crossed `events`, between the previous scrape and this one.
+            let share = (events - previous.1) as f64 / (received - previous.1).max(1) as f64;
+            let done = previous.0 + (now - previous.0).mul_f64(share.clamp(0.0, 1.0));
+            return Ok(CatchUp {
+                events,
+                events_measured: events - received_before,
+                seconds: done.saturating_duration_since(start).as_secs_f64(),
+                startup_seconds,
+                first_event_seconds: (first.map_or(now, |f| f.0) - ready).as_secs_f64(),
+                cpu_seconds: child.proc_stats().cpu_seconds - cpu_before,
+            });
+        }
+        if received > 0 && first.is_none() {
+            first = Some((now, received, child.proc_stats().cpu_seconds));
+        }
+        previous = (now, received);
+        if now > deadline {
+            return Err(child.failure(format!("received only {received} of {events} prefilled events")));
+        }
+        std::thread::sleep(CATCH_UP_SCRAPE_EVERY);
+    }
+}
+
 /// The state of a run between phases.
 struct Run<'a> {
     settings: &'a LoadTestSettings,
@@ -1213,6 +1378,9 @@ struct Run<'a> {
     child: PipelineChild,
     /// Live phases stop producing when the lag exceeds this (the embedded broker's retention).
     lag_cap: u64,
+    steps_run: u32,
+    /// Every lag sample of the live steps, as CSV (written to lag.csv).
+    lag_csv: String,
 }
 
 impl Run<'_> {
@@ -1242,32 +1410,6 @@ impl Run<'_> {
         }
     }
 
-    /// (a) The child reads the prefilled topic; from ready until every event is received.
-    fn catch_up(&mut self, events: u64) -> Result<CatchUp, LoadTestError> {
-        let ready = self.child.wait_ready(self.interrupt)?;
-        let startup_seconds = (ready - self.child.spawned_at).as_secs_f64();
-        let cpu_before = self.child.proc_stats().cpu_seconds;
-        let deadline = ready + Duration::from_secs(60).max(Duration::from_secs(events / 5_000));
-        loop {
-            self.interrupted()?;
-            let received = self.child.received()?;
-            if received >= events {
-                let seconds = ready.elapsed().as_secs_f64();
-                let cpu_seconds = self.child.proc_stats().cpu_seconds - cpu_before;
-                return Ok(CatchUp {
-                    events,
-                    seconds,
-                    startup_seconds,
-                    cpu_seconds,
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(self.child.failure(format!("received only {received} of {events} prefilled events")));
-            }
-            std::thread::sleep(CATCH_UP_SCRAPE_EVERY);
-        }
-    }
-
     /// One live step: produce at `rate` for the step length while scraping the lag.
     fn live_step(&mut self, rate: u64, generator: &mut FamilyGenerator) -> Result<Step, LoadTestError> {
         let step = self.settings.step;
@@ -1280,7 +1422,7 @@ impl Run<'_> {
         };
         let (producer, topic, child, lag_cap, interrupt) = (&self.producer, self.topic.as_str(), &mut self.child, self.lag_cap, self.interrupt);
         let mut samples = Vec::new();
-        let mut stopped_early = false;
+        let mut cap_hit = None;
         let started = Instant::now();
         let report = std::thread::scope(|s| {
             let producing = s.spawn(|| run_loadgen(producer, topic, generator, &load, &stop, |_| {}));
@@ -1294,8 +1436,8 @@ impl Run<'_> {
                             seconds: started.elapsed().as_secs_f64(),
                             lag,
                         });
-                        if lag > lag_cap && !stopped_early {
-                            stopped_early = true;
+                        if lag > lag_cap && cap_hit.is_none() {
+                            cap_hit = Some(lag);
                             stop.store(true, Relaxed);
                         }
                     }
@@ -1320,7 +1462,13 @@ impl Run<'_> {
             }
             .into());
         }
-        let (sustained, verdict) = judge_step(rate, report.produced, step, &samples, LAG_FLOOR_EVENTS, stopped_early);
+        let (sustained, verdict) = judge_step(rate, report.produced, step, &samples, LAG_FLOOR_EVENTS, cap_hit);
+        let producer_bound = !sustained && cap_hit.is_none() && (report.produced as f64) < 0.95 * rate as f64 * step.as_secs_f64();
+        self.steps_run += 1;
+        for sample in &samples {
+            self.lag_csv
+                .push_str(&format!("{},{rate},{:.3},{}\n", self.steps_run, sample.seconds, sample.lag));
+        }
         Ok(Step {
             target_rate: rate,
             produced: report.produced,
@@ -1328,6 +1476,7 @@ impl Run<'_> {
             final_lag: samples.last().map_or(0, |s| s.lag),
             max_lag: samples.iter().map(|s| s.lag).max().unwrap_or(0),
             sustained,
+            producer_bound,
             verdict,
         })
     }
@@ -1344,7 +1493,10 @@ impl Run<'_> {
                 if step.sustained { "sustained" } else { "NOT sustained" },
                 step.verdict
             ));
-            search.record(rate, step.sustained);
+            // A producer that fell short sets the ceiling for the search: no rate above what it
+            // reached can be tried on this machine.
+            let reached = (step.produced as f64 / self.settings.step.as_secs_f64()) as u64;
+            search.record(if step.producer_bound { rate.min(reached) } else { rate }, step.sustained);
             steps.push(step);
             self.drain(LAG_FLOOR_EVENTS)?;
         }
@@ -1516,37 +1668,60 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
         u64::MAX
     };
 
-    // The pipeline file, and the baseline with the same consumer settings and decoder.
+    // Baseline and catch-up, alternating, ROUNDS times: the baseline with the pipeline's
+    // consumer settings and decoder, the catch-up by a fresh child (its own state) reading the
+    // whole topic. The last child stays for the live phases.
     let work = TempDir::create(&format!("tidemark-loadtest-{unique}"))?;
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let toml = click_pipeline_toml(&ClickPipeline {
-        name: "loadtest",
-        bootstrap: &bootstrap,
-        topic: &topic,
-        partitions: settings.partitions,
-        shards: settings.shards,
-        state_dir: &work.0.join("state"),
-        sink_dir: &work.0.join("page_views_5min"),
-        metrics_listen: &metrics.to_string(),
-    });
-    let config = parse_config(&toml).map_err(|e| LoadTestError::GeneratedConfig(e.to_string()))?;
     let pipeline_file = out.join("pipeline.toml");
-    std::fs::write(&pipeline_file, &toml).map_err(io_error(format!("cannot write {}", pipeline_file.display())))?;
-    say(format_args!("baseline: raw consume + JSON decode on {} threads", settings.shards));
-    let baseline = consume_and_decode(&config, &bootstrap, settings.shards, &prefill.per_partition, Duration::from_secs(300))?;
-    say(format_args!("baseline: {:.0} events/s", baseline.events_per_second()));
-    if interrupt.load(Relaxed) {
-        return Err(LoadTestError::Interrupted);
-    }
-
-    // The pipeline as a child process.
     let log = out.join("pipeline.log");
-    let child = PipelineChild::spawn(&settings.exe, &pipeline_file, &log, metrics)?;
-    say(format_args!(
-        "pipeline started (pid {}, metrics on http://{metrics}/metrics, log {})",
-        child.pid(),
-        log.display()
-    ));
+    let (mut baselines, mut catch_ups) = (Vec::new(), Vec::new());
+    let mut child = None;
+    for round in 1..=ROUNDS {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let round_dir = work.0.join(format!("round-{round}"));
+        let toml = click_pipeline_toml(&ClickPipeline {
+            name: "loadtest",
+            bootstrap: &bootstrap,
+            topic: &topic,
+            partitions: settings.partitions,
+            shards: settings.shards,
+            state_dir: &round_dir.join("state"),
+            sink_dir: &round_dir.join("page_views_5min"),
+            metrics_listen: &metrics.to_string(),
+        });
+        let config = parse_config(&toml).map_err(|e| LoadTestError::GeneratedConfig(e.to_string()))?;
+        std::fs::write(&pipeline_file, &toml).map_err(io_error(format!("cannot write {}", pipeline_file.display())))?;
+        let baseline = consume_and_decode(&config, &bootstrap, settings.shards, &prefill.per_partition, Duration::from_secs(300))?;
+        if interrupt.load(Relaxed) {
+            return Err(LoadTestError::Interrupted);
+        }
+        let mut pipeline = PipelineChild::spawn(&settings.exe, &pipeline_file, &log, metrics)?;
+        let catch_up = catch_up(&mut pipeline, settings.events, interrupt)?;
+        say(format_args!(
+            "round {round}/{ROUNDS}: baseline (raw consume + JSON decode, {} threads) {:.0} events/s, pipeline catch-up {:.0} events/s",
+            settings.shards,
+            baseline.events_per_second(),
+            catch_up.events_per_second()
+        ));
+        baselines.push(baseline);
+        catch_ups.push(catch_up);
+        if round < ROUNDS {
+            pipeline.stop()?;
+        } else {
+            say(format_args!(
+                "the pipeline for the live phases: pid {}, metrics on http://{metrics}/metrics, log {}",
+                pipeline.pid(),
+                log.display()
+            ));
+            child = Some(pipeline);
+        }
+    }
+    let child = child.expect("ROUNDS > 0");
+    let best = |rates: Vec<f64>| rates.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    let baseline_rounds: Vec<f64> = baselines.iter().map(Baseline::events_per_second).collect();
+    let catch_up_rounds: Vec<f64> = catch_ups.iter().map(CatchUp::events_per_second).collect();
+    let baseline = baselines.swap_remove(best(baseline_rounds.clone()));
+    let catch_up = catch_ups.swap_remove(best(catch_up_rounds.clone()));
     let mut run = Run {
         settings,
         interrupt,
@@ -1554,13 +1729,9 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
         topic: topic.clone(),
         child,
         lag_cap,
+        steps_run: 0,
+        lag_csv: "step,target_rate,seconds,lag\n".to_owned(),
     };
-    let catch_up = run.catch_up(settings.events)?;
-    say(format_args!(
-        "catch-up: {:.0} events/s ({:.2} × baseline)",
-        catch_up.events_per_second(),
-        catch_up.events_per_second() / baseline.events_per_second().max(1e-9)
-    ));
 
     let mut live = FamilyGenerator::Click(click_generator(settings.seed + 1));
     let start_rate = (catch_up.events_per_second() / 4.0) as u64;
@@ -1573,6 +1744,7 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
         }
         None => None,
     };
+    let peak_rss_before_keys_bytes = run.child.proc_stats().peak_rss_bytes;
     let keys = match settings.keys {
         Some(n) => {
             say(format_args!("filling {n} distinct page_url keys in one window"));
@@ -1588,6 +1760,8 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
     std::fs::write(&metrics_file, &last).map_err(io_error(format!("cannot write {}", metrics_file.display())))?;
     let status = run.child.stop()?;
     let promtool = promtool_check(&metrics_file);
+    let lag_file = out.join("lag.csv");
+    std::fs::write(&lag_file, &run.lag_csv).map_err(io_error(format!("cannot write {}", lag_file.display())))?;
     drop(run);
     drop(embedded);
     drop(work);
@@ -1604,12 +1778,16 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
         event_bytes_avg: event_bytes,
         step_seconds: settings.step.as_secs_f64(),
         baseline,
+        baseline_rounds,
         catch_up,
+        catch_up_rounds,
+        lag_cap: (lag_cap < u64::MAX).then_some(lag_cap),
         steps,
         max_sustained_rate,
         latency,
         keys,
         peak_rss_bytes: final_stats.peak_rss_bytes,
+        peak_rss_before_keys_bytes,
         child_cpu_seconds: final_stats.cpu_seconds,
         child_exit: status.to_string(),
         metrics_file,
@@ -1733,23 +1911,23 @@ tidemark_ingest_to_commit_seconds_count 200
     fn steps_are_judged_on_final_lag_growth_producer_and_cap() {
         let step = Duration::from_secs(10);
         let steady = ramp(&[3_000; 100], 10.0);
-        assert!(judge_step(100_000, 1_000_000, step, &steady, LAG_FLOOR_EVENTS, false).0);
+        assert!(judge_step(100_000, 1_000_000, step, &steady, LAG_FLOOR_EVENTS, None).0);
         // The producer fell short of the target.
-        let (ok, why) = judge_step(100_000, 800_000, step, &steady, LAG_FLOOR_EVENTS, false);
+        let (ok, why) = judge_step(100_000, 800_000, step, &steady, LAG_FLOOR_EVENTS, None);
         assert!(!ok && why.contains("producer"), "{why}");
         // Ends above one second of input.
         let behind: Vec<u64> = (0..100).map(|i| i * 2_000).collect();
-        let (ok, why) = judge_step(100_000, 1_000_000, step, &ramp(&behind, 10.0), LAG_FLOOR_EVENTS, false);
+        let (ok, why) = judge_step(100_000, 1_000_000, step, &ramp(&behind, 10.0), LAG_FLOOR_EVENTS, None);
         assert!(!ok && why.contains("at the end"), "{why}");
         // Below the limit at the end but climbing steadily.
         let climbing: Vec<u64> = (0..100).map(|i| i * 950).collect();
-        let (ok, why) = judge_step(100_000, 1_000_000, step, &ramp(&climbing, 10.0), LAG_FLOOR_EVENTS, false);
+        let (ok, why) = judge_step(100_000, 1_000_000, step, &ramp(&climbing, 10.0), LAG_FLOOR_EVENTS, None);
         assert!(!ok && why.contains("grew"), "{why}");
         // Cut short by the retention cap.
-        let (ok, why) = judge_step(100_000, 300_000, step, &steady, LAG_FLOOR_EVENTS, true);
-        assert!(!ok && why.contains("early"), "{why}");
+        let (ok, why) = judge_step(100_000, 300_000, step, &steady, LAG_FLOOR_EVENTS, Some(140_000));
+        assert!(!ok && why.contains("lag 140000 events neared the broker's retention"), "{why}");
         // At low rates the floor is the limit.
-        assert!(judge_step(500, 5_000, step, &ramp(&[1_500; 50], 10.0), LAG_FLOOR_EVENTS, false).0);
+        assert!(judge_step(500, 5_000, step, &ramp(&[1_500; 50], 10.0), LAG_FLOOR_EVENTS, None).0);
     }
 
     #[test]

@@ -45,8 +45,9 @@ fn a_tiny_load_test_runs_every_phase_and_reports_it() {
     }
     // Progress goes to stderr, phase by phase.
     for phase in [
-        "loadtest: baseline: ",
-        "loadtest: catch-up: ",
+        "loadtest: round 1/3: baseline (raw consume + JSON decode, 2 threads) ",
+        "loadtest: round 3/3: ",
+        ", pipeline catch-up ",
         "loadtest: latency at ",
         "loadtest: filling 5000",
     ] {
@@ -56,11 +57,15 @@ fn a_tiny_load_test_runs_every_phase_and_reports_it() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
     assert_eq!(number(&report, "/baseline/events"), 8000.0);
     assert_eq!(number(&report, "/catch_up/events"), 8000.0);
+    assert_eq!(report["baseline_rounds"].as_array().unwrap().len(), 3);
+    assert_eq!(report["catch_up_rounds"].as_array().unwrap().len(), 3);
     for positive in [
         "/event_bytes_avg",
         "/baseline/seconds",
         "/catch_up/seconds",
+        "/catch_up/events_measured",
         "/catch_up/startup_seconds",
+        "/lag_cap",
         "/max_sustained_rate",
         "/latency/rate",
         "/latency/step/produced",
@@ -92,7 +97,7 @@ fn a_tiny_load_test_runs_every_phase_and_reports_it() {
 
     let scrape = std::fs::read_to_string(dir.path().join("metrics.prom")).unwrap();
     assert!(scrape.contains("tidemark_events_received_total{"), "{scrape}");
-    for file in ["pipeline.toml", "pipeline.log", "report.txt"] {
+    for file in ["pipeline.toml", "pipeline.log", "lag.csv", "report.txt"] {
         assert!(dir.path().join(file).is_file(), "{file} written");
     }
 }
