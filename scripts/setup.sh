@@ -19,6 +19,18 @@ if [ "${#need[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# promtool checks the Prometheus alert rules (tests/ops.rs); Debian ships it in the prometheus
+# package. Called by scripts/test.sh only: the demo does not need it.
+install_promtool() {
+    command -v promtool >/dev/null && return 0
+    echo "setup: installing prometheus (for promtool)" >&2
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    command -v promtool >/dev/null || { echo "setup: the prometheus package did not provide promtool" >&2; return 1; }
+}
+
 # One target dir outside the clone, shared by the demo, the tests and the benches (one
 # profile: release), so RocksDB and librdkafka compile once per machine.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tidemark/target}"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite, with the gates CI enforces: rustfmt, clippy (-D warnings), all tests.
+# The whole test suite, with the gates CI enforces: rustfmt, clippy (-D warnings), all tests
+# (tests/ops.rs needs promtool, installed here when missing).
 # Everything builds in the release profile so the tests, the demo and the benches share one
 # compiled RocksDB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+install_promtool
 for c in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

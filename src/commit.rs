@@ -173,16 +173,19 @@ impl Committer {
                 };
                 let upserts = batch(&SinkRows::Windows(upserts))?;
                 let deletes = batch(&SinkRows::Windows(retracts))?;
-                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes])
-                    .await
-                    .map_err(sink_err)?
+                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes]).await
             }
-            (OutputMode::Complete, _) => sink.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
-            _ => sink.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await.map_err(sink_err)?,
+            (OutputMode::Complete, _) => sink.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await,
+            _ => sink.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await,
         };
+        let counters = &self.stats.sinks[idx];
+        let attempts = self.sinks[idx].attempts();
+        counters.retries.store(attempts.retries, Relaxed);
+        counters.conflicts.store(attempts.conflicts, Relaxed);
+        let outcome = outcome.map_err(sink_err)?;
         if let AppendOutcome::Committed { .. } = outcome {
-            self.stats.rows_written.fetch_add(rows.len() as u64, Relaxed);
-            self.stats.delta_commits.fetch_add(1, Relaxed);
+            counters.rows_written.fetch_add(rows.len() as u64, Relaxed);
+            counters.commits.fetch_add(1, Relaxed);
             self.since_compaction[idx] += 1;
         }
         self.store.clear_pending(epoch, &plan.name)?;
@@ -277,6 +280,10 @@ impl Committer {
         self.stats.watermark.store(watermark, Relaxed);
         self.stats.committed_epoch.store(epoch, Relaxed);
         self.stats.record_epoch_commit(started.elapsed());
+        let (committed, committed_wall) = (Instant::now(), crate::time::now_micros());
+        for r in &reports {
+            self.stats.record_epoch_latency(r.shard, &r.latency, committed, committed_wall);
+        }
         tracing::debug!(epoch, elapsed_ms = started.elapsed().as_millis() as u64, "epoch committed");
         Ok(())
     }
@@ -286,7 +293,10 @@ impl Committer {
         let mut open: BTreeMap<u64, Vec<EpochReport>> = BTreeMap::new();
         loop {
             let report = match reports.recv_async().await {
-                Ok(r) => r,
+                Ok(r) => {
+                    self.stats.commit_queue.store(reports.len() as u64, Relaxed);
+                    r
+                }
                 Err(_) => return Err(CommitError::ShardsGone(open.keys().next().copied().unwrap_or(0))),
             };
             let epoch = report.epoch;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::commit::{CommitError, Committer};
 use crate::config::{Bootstrap, Config};
-use crate::metrics::{MetricsServer, MetricsSource};
+use crate::metrics::{MetricLabels, MetricsServer, MetricsSource};
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
 use crate::sink::{plan_sinks, PlanError, SinkRole};
 use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
@@ -162,7 +162,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         recovered.positions.clear();
     }
     let recovered = Arc::new(recovered);
-    let stats = Arc::new(PipelineStats::new(shards, config.sources.len()));
+    let stats = Arc::new(PipelineStats::new(shards, config.queries.len(), plans.len()));
     stats.committed_epoch.store(recovered.epoch, Relaxed);
     if let Some(wm) = recovered.watermark {
         stats.watermark.store(wm, Relaxed);
@@ -194,7 +194,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             MetricsSource {
                 stats: stats.clone(),
                 store: store.clone(),
-                source_names: config.sources.iter().map(|s| s.name.clone()).collect(),
+                labels: MetricLabels::new(&config, plans.iter().map(|p| p.name.clone()).collect()),
                 failed: failure.abort.clone(),
             },
         )

@@ -17,7 +17,7 @@ use tidemark::source::producer::{run_generator, EventProducer};
 #[derive(Parser)]
 #[command(name = "tidemark", version, about = "Real-time analytics daemon: Kafka in, event-time windows, exactly-once Delta Lake out", long_about = None)]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text (level from RUST_LOG, default info).
+    /// Log as JSON lines instead of human-readable text (level from RUST_LOG, else the pipeline's [log] level, else info).
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -219,6 +219,9 @@ fn main() -> ExitCode {
         }
         Command::Run { pipeline, brokers } => {
             let Some(mut cfg) = load_or_report(&pipeline) else { return ExitCode::FAILURE };
+            if let Some(level) = &cfg.log.level {
+                tidemark::telemetry::apply_config_log_level(level);
+            }
             if let Some(b) = brokers {
                 cfg.kafka.bootstrap_servers = Bootstrap::Servers(b);
             }

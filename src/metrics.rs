@@ -10,14 +10,17 @@
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use hdrhistogram::Histogram;
+
+use crate::config::Config;
 use crate::decode::DeadLetterReason;
 use crate::state::StateStore;
-use crate::telemetry::PipelineStats;
+use crate::telemetry::{PartitionStats, PipelineStats, ShardStats, SinkStats};
 use crate::watermark::UNKNOWN;
 
 /// How long a connection may take to send its request or accept the answer.
@@ -28,6 +31,12 @@ const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const MAX_REQUEST_BYTES: usize = 8 << 10;
 /// Upper bounds (seconds) of the epoch commit duration buckets.
 pub const COMMIT_DURATION_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+/// Upper bounds (seconds) of the latency buckets: fine around one to two commit intervals
+/// (where ingest→commit lives), coarse beyond.
+pub const LATENCY_BUCKETS: [f64; 37] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5,
+    10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 /// Linux reports CPU time in clock ticks; USER_HZ is 100 on every mainstream architecture.
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
@@ -35,8 +44,7 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 pub struct MetricsSource {
     pub stats: Arc<PipelineStats>,
     pub store: Arc<StateStore>,
-    /// Source names, in config order (labels of the per-source counters).
-    pub source_names: Vec<String>,
+    pub labels: MetricLabels,
     /// Set when the pipeline failed.
     pub failed: Arc<AtomicBool>,
 }
@@ -171,18 +179,20 @@ fn route(path: &str, source: &MetricsSource) -> (&'static str, &'static str, Str
 }
 
 fn scrape(source: &MetricsSource) -> String {
-    let now_micros = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
     let scrape = Scrape {
+        failed: source.failed.load(Relaxed),
         state_size_bytes: Some(source.store.size_on_disk_bytes()),
-        now_micros,
+        now_micros: crate::time::now_micros(),
         process: ProcessStats::read(),
     };
-    render(&source.stats, &source.source_names, &scrape)
+    render(&source.stats, &source.labels, &scrape)
 }
 
 /// Values read at scrape time from outside [`PipelineStats`].
 #[derive(Debug, Clone, Default)]
 pub struct Scrape {
+    /// The pipeline has failed (it is stopping): not ready, whatever recovery said.
+    pub failed: bool,
     pub state_size_bytes: Option<u64>,
     pub now_micros: i64,
     pub process: Option<ProcessStats>,
@@ -217,45 +227,106 @@ impl ProcessStats {
     }
 }
 
+/// The names behind the metrics' labels, from the pipeline's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct MetricLabels {
+    /// Source names, by index into `Config::sources`.
+    pub sources: Vec<String>,
+    /// (query name, allowed lateness in µs), by query index.
+    pub queries: Vec<(String, i64)>,
+    /// Sink names, by sink plan index (the order the committer counts them in).
+    pub sinks: Vec<String>,
+    /// Batches each exchange channel between two shards holds.
+    pub exchange_capacity: usize,
+}
+
+impl MetricLabels {
+    pub fn new(config: &Config, sink_names: Vec<String>) -> Self {
+        MetricLabels {
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            queries: config.queries.iter().map(|q| (q.name.clone(), q.allowed_lateness.as_micros() as i64)).collect(),
+            sinks: sink_names,
+            exchange_capacity: config.pipeline.exchange_capacity,
+        }
+    }
+}
+
+/// A counter family read from one field of `T`: (name, help, field).
+type CounterFamily<T> = (&'static str, &'static str, fn(&T) -> &AtomicU64);
+
 /// Renders every metric in the Prometheus text format 0.0.4.
-pub fn render(stats: &PipelineStats, source_names: &[String], scrape: &Scrape) -> String {
+pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> String {
     let mut out = Exposition::default();
     let shard_label: Vec<String> = (0..stats.shards.len()).map(|i| i.to_string()).collect();
-    let counter = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as f64;
-    let total = |f: &dyn Fn(&crate::telemetry::ShardStats) -> f64| stats.shards.iter().map(f).sum::<f64>();
+    let counter = |c: &AtomicU64| c.load(Relaxed) as f64;
+    let total = |f: &dyn Fn(&ShardStats) -> f64| stats.shards.iter().map(f).sum::<f64>();
+    let unknown = String::from("?");
+    let source_name = |i: usize| labels.sources.get(i).unwrap_or(&unknown);
+    // Every partition of every shard, with its labels.
+    let partitions: Vec<(&PartitionStats, &String, String)> = stats
+        .shards
+        .iter()
+        .flat_map(|s| s.partitions().iter())
+        .map(|p| (p, source_name(p.source), p.partition.to_string()))
+        .collect();
+    let seconds = |micros: i64| micros as f64 / 1e6;
 
     out.family("tidemark_up", "gauge", "1 while the process runs.");
     out.sample("tidemark_up", &[], 1.0);
     out.family("tidemark_ready", "gauge", "1 once recovery is done and the sources are consuming, else 0.");
-    out.sample("tidemark_ready", &[], if stats.ready.load(Relaxed) { 1.0 } else { 0.0 });
+    let ready = stats.ready.load(Relaxed) && !scrape.failed;
+    out.sample("tidemark_ready", &[], if ready { 1.0 } else { 0.0 });
 
-    out.family(
-        "tidemark_events_received_total",
-        "counter",
-        "Records read from the sources, per shard and source.",
-    );
-    for (shard, s) in stats.shards.iter().enumerate() {
-        for (i, name) in source_names.iter().enumerate() {
-            let v = s.events_by_source.get(i).map_or(0.0, counter);
-            out.sample("tidemark_events_received_total", &[("shard", &shard_label[shard]), ("source", name)], v);
-        }
-    }
-    out.family(
-        "tidemark_bytes_received_total",
-        "counter",
-        "Payload bytes read from the sources, per shard and source.",
-    );
-    for (shard, s) in stats.shards.iter().enumerate() {
-        for (i, name) in source_names.iter().enumerate() {
-            let v = s.bytes_by_source.get(i).map_or(0.0, counter);
-            out.sample("tidemark_bytes_received_total", &[("shard", &shard_label[shard]), ("source", name)], v);
+    // Per source partition (file sources are partition -1).
+    let per_partition: [CounterFamily<PartitionStats>; 3] = [
+        ("tidemark_events_received_total", "Records read from the sources.", |p| &p.received),
+        (
+            "tidemark_events_decoded_total",
+            "Records decoded into events (before filters and lateness).",
+            |p| &p.decoded,
+        ),
+        ("tidemark_bytes_received_total", "Payload bytes read from the sources.", |p| &p.bytes),
+    ];
+    for (name, help, field) in per_partition {
+        out.family(name, "counter", help);
+        for (p, source, partition) in &partitions {
+            out.sample(name, &[("source", source), ("partition", partition)], counter(field(p)));
         }
     }
     out.family("tidemark_events_dead_lettered_total", "counter", "Records routed to dead letters, by reason.");
-    for (i, reason) in DeadLetterReason::ALL.iter().enumerate() {
-        let v = total(&|s| counter(&s.dead_letters[i]));
-        out.sample("tidemark_events_dead_lettered_total", &[("reason", reason.as_str())], v);
+    for (p, source, partition) in &partitions {
+        for (i, reason) in DeadLetterReason::ALL.iter().enumerate() {
+            let labels = [("source", source.as_str()), ("partition", partition), ("reason", reason.as_str())];
+            out.sample("tidemark_events_dead_lettered_total", &labels, counter(&p.dead_letters[i]));
+        }
     }
+    out.family(
+        "tidemark_consumer_lag_messages",
+        "gauge",
+        "Messages in the Kafka partition beyond the position read (broker high watermark from the last fetch minus the next offset).",
+    );
+    for (p, source, partition) in &partitions {
+        let lag = p.lag.load(Relaxed);
+        if lag >= 0 {
+            out.sample("tidemark_consumer_lag_messages", &[("source", source), ("partition", partition)], lag as f64);
+        }
+    }
+    out.family(
+        "tidemark_partition_watermark_seconds",
+        "gauge",
+        "The partition's own watermark (its latest event time minus the source's watermark delay), as a Unix time.",
+    );
+    for (p, source, partition) in &partitions {
+        let wm = p.watermark.load(Relaxed);
+        if wm != UNKNOWN {
+            out.sample(
+                "tidemark_partition_watermark_seconds",
+                &[("source", source), ("partition", partition)],
+                seconds(wm),
+            );
+        }
+    }
+
     out.family(
         "tidemark_dead_letters_dropped_total",
         "counter",
@@ -270,6 +341,8 @@ pub fn render(stats: &PipelineStats, source_names: &[String], scrape: &Scrape) -
     out.sample("tidemark_gaps_skipped_total", &[], total(&|s| counter(&s.gaps_skipped)));
     out.family("tidemark_offsets_skipped_total", "counter", "Offsets lost in skipped gaps.");
     out.sample("tidemark_offsets_skipped_total", &[], total(&|s| counter(&s.offsets_skipped)));
+
+    // Per shard.
     out.family(
         "tidemark_backpressure_pauses_total",
         "counter",
@@ -282,14 +355,71 @@ pub fn render(stats: &PipelineStats, source_names: &[String], scrape: &Scrape) -
             counter(&s.backpressure_pauses),
         );
     }
-
-    out.family("tidemark_open_windows", "gauge", "Windows open in the shard, as of its last epoch.");
+    out.family(
+        "tidemark_shard_busy_seconds_total",
+        "counter",
+        "Time the shard spent working rather than waiting for input.",
+    );
     for (shard, s) in stats.shards.iter().enumerate() {
-        out.sample("tidemark_open_windows", &[("shard", &shard_label[shard])], counter(&s.open_windows));
+        out.sample(
+            "tidemark_shard_busy_seconds_total",
+            &[("shard", &shard_label[shard])],
+            counter(&s.busy_micros) / 1e6,
+        );
     }
-    out.family("tidemark_state_keys", "gauge", "Group keys held in the shard's state, as of its last epoch.");
+    out.family(
+        "tidemark_shard_busy_ratio",
+        "gauge",
+        "Share of the last second the shard spent working (1 = saturated).",
+    );
     for (shard, s) in stats.shards.iter().enumerate() {
-        out.sample("tidemark_state_keys", &[("shard", &shard_label[shard])], counter(&s.open_keys));
+        out.sample("tidemark_shard_busy_ratio", &[("shard", &shard_label[shard])], counter(&s.busy_ratio_ppm) / 1e6);
+    }
+    out.family(
+        "tidemark_exchange_queue_batches",
+        "gauge",
+        "Row batches queued from one shard to another (in the channel and held back by the sender).",
+    );
+    for (from, s) in stats.shards.iter().enumerate() {
+        for (to, queued) in s.exchange_queued.iter().enumerate() {
+            if to != from {
+                out.sample(
+                    "tidemark_exchange_queue_batches",
+                    &[("from", &shard_label[from]), ("to", &shard_label[to])],
+                    counter(queued),
+                );
+            }
+        }
+    }
+    out.family(
+        "tidemark_exchange_queue_capacity_batches",
+        "gauge",
+        "Batches an exchange channel holds before its sender pauses its sources (pipeline.exchange_capacity).",
+    );
+    out.sample("tidemark_exchange_queue_capacity_batches", &[], labels.exchange_capacity as f64);
+    out.family("tidemark_commit_queue_reports", "gauge", "Shard epoch reports waiting for the committer.");
+    out.sample("tidemark_commit_queue_reports", &[], counter(&stats.commit_queue));
+
+    // Per query and shard.
+    out.family("tidemark_open_windows", "gauge", "Windows open, as of the shard's last epoch.");
+    out.per_query_and_shard(stats, labels, &shard_label, "tidemark_open_windows", |s| &s.open_windows_by_query);
+    out.family(
+        "tidemark_state_keys",
+        "gauge",
+        "(window, group key) entries held in state, as of the shard's last epoch.",
+    );
+    out.per_query_and_shard(stats, labels, &shard_label, "tidemark_state_keys", |s| &s.state_keys_by_query);
+    out.family(
+        "tidemark_late_events_total",
+        "counter",
+        "Events that arrived after their window closed (beyond allowed_lateness), dead-lettered as late.",
+    );
+    for (q, (name, _)) in labels.queries.iter().enumerate() {
+        out.sample(
+            "tidemark_late_events_total",
+            &[("query", name)],
+            total(&|s| s.late_by_query.get(q).map_or(0.0, counter)),
+        );
     }
     if let Some(bytes) = scrape.state_size_bytes {
         out.family("tidemark_state_size_bytes", "gauge", "Size of the state store's live SST files.");
@@ -301,38 +431,80 @@ pub fn render(stats: &PipelineStats, source_names: &[String], scrape: &Scrape) -
         out.family(
             "tidemark_watermark_seconds",
             "gauge",
-            "The pipeline watermark (event time), in seconds since the Unix epoch.",
+            "The pipeline watermark of the last committed epoch (min over the source partitions), as a Unix time.",
         );
-        out.sample("tidemark_watermark_seconds", &[], watermark as f64 / 1e6);
+        out.sample("tidemark_watermark_seconds", &[], seconds(watermark));
         out.family("tidemark_watermark_lag_seconds", "gauge", "Wall-clock time minus the pipeline watermark.");
-        out.sample("tidemark_watermark_lag_seconds", &[], (scrape.now_micros - watermark) as f64 / 1e6);
+        out.sample("tidemark_watermark_lag_seconds", &[], seconds(scrape.now_micros - watermark));
+        out.family(
+            "tidemark_query_watermark_seconds",
+            "gauge",
+            "Event time up to which the query's results are final: the pipeline watermark minus its allowed_lateness.",
+        );
+        for (name, lateness) in &labels.queries {
+            out.sample("tidemark_query_watermark_seconds", &[("query", name)], seconds(watermark - lateness));
+        }
+        out.family("tidemark_query_watermark_lag_seconds", "gauge", "Wall-clock time minus the query's watermark.");
+        for (name, lateness) in &labels.queries {
+            out.sample(
+                "tidemark_query_watermark_lag_seconds",
+                &[("query", name)],
+                seconds(scrape.now_micros - (watermark - lateness)),
+            );
+        }
     }
 
+    // Committer.
     out.family("tidemark_committed_epoch", "gauge", "The last committed epoch number.");
     out.sample("tidemark_committed_epoch", &[], counter(&stats.committed_epoch));
     out.family("tidemark_epochs_committed_total", "counter", "Epochs committed by this process.");
     out.sample("tidemark_epochs_committed_total", &[], counter(&stats.epochs_committed));
-    out.family("tidemark_rows_written_total", "counter", "Rows committed to the Delta sinks.");
-    out.sample("tidemark_rows_written_total", &[], counter(&stats.rows_written));
-    out.family(
-        "tidemark_delta_commits_total",
-        "counter",
-        "Delta commits made (skipped duplicates not counted).",
-    );
-    out.sample("tidemark_delta_commits_total", &[], counter(&stats.delta_commits));
-
+    let per_sink: [CounterFamily<SinkStats>; 4] = [
+        ("tidemark_rows_written_total", "Rows committed to the Delta sink.", |s| &s.rows_written),
+        (
+            "tidemark_delta_commits_total",
+            "Delta commits made (replays skipped as already committed are not counted).",
+            |s| &s.commits,
+        ),
+        (
+            "tidemark_delta_commit_retries_total",
+            "Delta epoch writes retried after a transient failure.",
+            |s| &s.retries,
+        ),
+        (
+            "tidemark_delta_commit_conflicts_total",
+            "Delta commit attempts that lost to another writer (version taken or conflicting change).",
+            |s| &s.conflicts,
+        ),
+    ];
+    for (name, help, field) in per_sink {
+        out.family(name, "counter", help);
+        for (i, sink) in stats.sinks.iter().enumerate() {
+            out.sample(name, &[("sink", labels.sinks.get(i).unwrap_or(&unknown))], counter(field(sink)));
+        }
+    }
     {
         let h = stats.commit_duration.lock().unwrap_or_else(|e| e.into_inner());
-        let buckets: Vec<(f64, u64)> = COMMIT_DURATION_BUCKETS.iter().map(|le| (*le, h.count_between(0, (le * 1e6) as u64))).collect();
-        let sum_seconds = h.mean() * h.len() as f64 / 1e6;
-        out.histogram(
+        out.hdr_histogram(
             "tidemark_epoch_commit_duration_seconds",
             "Time to flush and commit one epoch (state write and Delta commits).",
-            &buckets,
-            sum_seconds,
-            h.len(),
+            &h,
+            &COMMIT_DURATION_BUCKETS,
         );
     }
+    let latency = stats.latency();
+    out.hdr_histogram(
+        "tidemark_ingest_to_commit_seconds",
+        "From receiving an event to committing the epoch that took it (its offsets, state and any rows it completed).",
+        &latency.ingest_to_commit,
+        &LATENCY_BUCKETS,
+    );
+    out.hdr_histogram(
+        "tidemark_event_time_to_commit_seconds",
+        "From an event's event time to committing the epoch that took it.",
+        &latency.event_time_to_commit,
+        &LATENCY_BUCKETS,
+    );
 
     if let Some(p) = scrape.process {
         out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
@@ -368,6 +540,29 @@ impl Exposition {
             self.text.push('}');
         }
         let _ = writeln!(self.text, " {}", format_value(value));
+    }
+
+    /// A histogram kept in microseconds, exposed in seconds with buckets at `bounds`.
+    fn hdr_histogram(&mut self, name: &str, help: &str, h: &Histogram<u64>, bounds: &[f64]) {
+        let buckets: Vec<(f64, u64)> = bounds.iter().map(|le| (*le, h.count_between(0, (le * 1e6) as u64))).collect();
+        let sum_seconds = h.mean() * h.len() as f64 / 1e6;
+        self.histogram(name, help, &buckets, sum_seconds, h.len());
+    }
+
+    fn per_query_and_shard(
+        &mut self,
+        stats: &PipelineStats,
+        labels: &MetricLabels,
+        shard_label: &[String],
+        name: &str,
+        field: fn(&ShardStats) -> &[AtomicU64],
+    ) {
+        for (q, (query, _)) in labels.queries.iter().enumerate() {
+            for (shard, s) in stats.shards.iter().enumerate() {
+                let v = field(s).get(q).map_or(0, |c| c.load(Relaxed));
+                self.sample(name, &[("query", query), ("shard", &shard_label[shard])], v as f64);
+            }
+        }
     }
 
     /// `buckets` are (upper bound, cumulative count), ascending; `+Inf` is added.
@@ -427,15 +622,39 @@ mod tests {
 
     #[test]
     fn renders_help_type_labels_and_sums() {
-        let stats = PipelineStats::new(2, 2);
-        crate::telemetry::ShardStats::add(&stats.shards[0].events_by_source[0], 5);
-        crate::telemetry::ShardStats::add(&stats.shards[1].events_by_source[1], 7);
-        crate::telemetry::ShardStats::add(&stats.shards[1].dead_letters[3], 2);
-        crate::telemetry::ShardStats::add(&stats.shards[0].dead_letters[3], 1);
+        let stats = PipelineStats::new(2, 2, 1);
+        // Shard 0 reads clicks partitions 0 and 1; shard 1 reads the weirdly named file source.
+        let _ = stats.shards[0].partitions.set(vec![PartitionStats::new(0, 0), PartitionStats::new(0, 1)]);
+        let _ = stats.shards[1].partitions.set(vec![PartitionStats::new(1, -1)]);
+        let (p0, f) = (&stats.shards[0].partitions()[0], &stats.shards[1].partitions()[0]);
+        let mut tally = crate::telemetry::Tally {
+            received: 5,
+            decoded: 4,
+            bytes: 50,
+            dead_letters: [1, 0, 0, 0, 0],
+        };
+        tally.publish(p0, &stats.shards[0]);
+        tally.received = 7;
+        tally.dead_letters[3] = 2;
+        tally.publish(f, &stats.shards[1]);
+        p0.lag.store(12, Relaxed);
+        p0.watermark.store(1_700_000_001_000_000, Relaxed);
+        ShardStats::add(&stats.shards[1].late_by_query[1], 2);
+        ShardStats::add(&stats.shards[0].late_by_query[1], 1);
+        stats.shards[1].state_keys_by_query[0].store(40, Relaxed);
+        stats.shards[0].exchange_queued[1].store(3, Relaxed);
+        stats.shards[1].busy_ratio_ppm.store(250_000, Relaxed);
+        stats.sinks[0].retries.store(2, Relaxed);
         stats.watermark.store(1_700_000_000_500_000, Relaxed);
         stats.ready.store(true, Relaxed);
-        let names = vec!["clicks".to_string(), "we\"ird\\name\nx".to_string()];
+        let labels = MetricLabels {
+            sources: vec!["clicks".to_string(), "we\"ird\\name\nx".to_string()],
+            queries: vec![("views".into(), 0), ("late_ok".into(), 2_000_000)],
+            sinks: vec!["out".into()],
+            exchange_capacity: 16,
+        };
         let scrape = Scrape {
+            failed: false,
             state_size_bytes: Some(4096),
             now_micros: 1_700_000_010_000_000,
             process: Some(ProcessStats {
@@ -443,7 +662,7 @@ mod tests {
                 cpu_seconds: 1.5,
             }),
         };
-        let text = render(&stats, &names, &scrape);
+        let text = render(&stats, &labels, &scrape);
 
         // Every sample belongs to a family announced just before with HELP and TYPE.
         let mut typed: Vec<(String, String)> = Vec::new();
@@ -477,26 +696,60 @@ mod tests {
 
         assert_eq!(sample_value(&text, "tidemark_up"), 1.0);
         assert_eq!(sample_value(&text, "tidemark_ready"), 1.0);
-        assert_eq!(sample_value(&text, r#"tidemark_events_received_total{shard="0",source="clicks"}"#), 5.0);
+        assert_eq!(sample_value(&text, r#"tidemark_events_received_total{source="clicks",partition="0"}"#), 5.0);
+        assert_eq!(sample_value(&text, r#"tidemark_events_received_total{source="clicks",partition="1"}"#), 0.0);
         assert_eq!(
-            sample_value(&text, r#"tidemark_events_received_total{shard="1",source="we\"ird\\name\nx"}"#),
+            sample_value(&text, r#"tidemark_events_received_total{source="we\"ird\\name\nx",partition="-1"}"#),
             7.0
         );
-        assert_eq!(sample_value(&text, r#"tidemark_events_dead_lettered_total{reason="late"}"#), 3.0);
-        assert_eq!(sample_value(&text, r#"tidemark_events_dead_lettered_total{reason="decode"}"#), 0.0);
+        assert_eq!(sample_value(&text, r#"tidemark_events_decoded_total{source="clicks",partition="0"}"#), 4.0);
+        assert_eq!(sample_value(&text, r#"tidemark_bytes_received_total{source="clicks",partition="0"}"#), 50.0);
+        assert_eq!(
+            sample_value(
+                &text,
+                r#"tidemark_events_dead_lettered_total{source="we\"ird\\name\nx",partition="-1",reason="late"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample_value(&text, r#"tidemark_events_dead_lettered_total{source="clicks",partition="0",reason="decode"}"#),
+            1.0
+        );
+        assert_eq!(sample_value(&text, r#"tidemark_consumer_lag_messages{source="clicks",partition="0"}"#), 12.0);
+        assert!(
+            !text.contains(r#"tidemark_consumer_lag_messages{source="clicks",partition="1"}"#),
+            "unknown lag is left out"
+        );
+        assert_eq!(
+            sample_value(&text, r#"tidemark_partition_watermark_seconds{source="clicks",partition="0"}"#),
+            1_700_000_001.0
+        );
+        assert_eq!(sample_value(&text, r#"tidemark_late_events_total{query="late_ok"}"#), 3.0);
+        assert_eq!(sample_value(&text, r#"tidemark_late_events_total{query="views"}"#), 0.0);
+        assert_eq!(sample_value(&text, r#"tidemark_state_keys{query="views",shard="1"}"#), 40.0);
+        assert_eq!(sample_value(&text, r#"tidemark_exchange_queue_batches{from="0",to="1"}"#), 3.0);
+        assert!(!text.contains(r#"tidemark_exchange_queue_batches{from="0",to="0"}"#));
+        assert_eq!(sample_value(&text, "tidemark_exchange_queue_capacity_batches"), 16.0);
+        assert_eq!(sample_value(&text, r#"tidemark_shard_busy_ratio{shard="1"}"#), 0.25);
+        assert_eq!(sample_value(&text, r#"tidemark_delta_commit_retries_total{sink="out"}"#), 2.0);
         assert_eq!(sample_value(&text, r#"tidemark_backpressure_pauses_total{shard="1"}"#), 0.0);
+        assert_eq!(sample_value(&text, r#"tidemark_query_watermark_seconds{query="late_ok"}"#), 1_699_999_998.5);
+        assert_eq!(sample_value(&text, r#"tidemark_query_watermark_lag_seconds{query="late_ok"}"#), 11.5);
         assert_eq!(sample_value(&text, "tidemark_state_size_bytes"), 4096.0);
         assert_eq!(sample_value(&text, "tidemark_watermark_seconds"), 1_700_000_000.5);
         assert_eq!(sample_value(&text, "tidemark_watermark_lag_seconds"), 9.5);
         assert_eq!(sample_value(&text, "process_resident_memory_bytes"), 1048576.0);
         assert_eq!(sample_value(&text, "process_cpu_seconds_total"), 1.5);
         assert!(!text.contains("NaN"));
+
+        let failed = Scrape { failed: true, ..scrape };
+        assert_eq!(sample_value(&render(&stats, &labels, &failed), "tidemark_ready"), 0.0);
     }
 
     #[test]
     fn watermark_is_left_out_until_known() {
-        let stats = PipelineStats::new(1, 1);
-        let text = render(&stats, &["s".into()], &Scrape::default());
+        let stats = PipelineStats::new(1, 1, 1);
+        let text = render(&stats, &MetricLabels::default(), &Scrape::default());
         assert!(!text.contains("tidemark_watermark"));
         assert_eq!(sample_value(&text, "tidemark_ready"), 0.0);
         assert_eq!(sample_value(&text, "tidemark_epoch_commit_duration_seconds_count"), 0.0);
@@ -505,11 +758,11 @@ mod tests {
 
     #[test]
     fn commit_histogram_buckets_are_cumulative_and_end_at_the_count() {
-        let stats = PipelineStats::new(1, 1);
+        let stats = PipelineStats::new(1, 1, 1);
         for ms in [1u64, 3, 20, 20, 80, 400, 1500, 7000, 120_000, 7_200_000] {
             stats.record_epoch_commit(Duration::from_millis(ms));
         }
-        let text = render(&stats, &["s".into()], &Scrape::default());
+        let text = render(&stats, &MetricLabels::default(), &Scrape::default());
         let buckets: Vec<(String, f64)> = text
             .lines()
             .filter_map(|l| l.strip_prefix("tidemark_epoch_commit_duration_seconds_bucket{le=\""))
@@ -529,6 +782,25 @@ mod tests {
         // The clamp at 1h caps the last one; hdrhistogram rounds within 0.1%.
         assert!((sum - 3729.024).abs() < 4.0, "{sum}");
         assert_eq!(sample_value(&text, "tidemark_epochs_committed_total"), 10.0);
+    }
+
+    #[test]
+    fn latency_histograms_are_exposed_in_seconds() {
+        let stats = PipelineStats::new(2, 1, 1);
+        let start = std::time::Instant::now();
+        let mut e = crate::telemetry::EpochLatency::new(start, 0, Duration::from_secs(1));
+        e.record_ingest(start, 3);
+        e.record_ingest(start + Duration::from_millis(800), 1);
+        stats.record_epoch_latency(1, &e, start + Duration::from_millis(1_150), 0);
+        let text = render(&stats, &MetricLabels::default(), &Scrape::default());
+        assert_eq!(sample_value(&text, "tidemark_ingest_to_commit_seconds_count"), 4.0);
+        assert_eq!(sample_value(&text, r#"tidemark_ingest_to_commit_seconds_bucket{le="0.2"}"#), 0.0);
+        assert_eq!(sample_value(&text, r#"tidemark_ingest_to_commit_seconds_bucket{le="0.4"}"#), 1.0);
+        assert_eq!(sample_value(&text, r#"tidemark_ingest_to_commit_seconds_bucket{le="1.1"}"#), 1.0);
+        assert_eq!(sample_value(&text, r#"tidemark_ingest_to_commit_seconds_bucket{le="1.2"}"#), 4.0);
+        let sum = sample_value(&text, "tidemark_ingest_to_commit_seconds_sum");
+        assert!((sum - 3.8).abs() < 0.01, "{sum}");
+        assert_eq!(sample_value(&text, "tidemark_event_time_to_commit_seconds_count"), 0.0);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::sink::{DeadLetter, SinkRows};
 use crate::source::files::{FilePosition, FileSource, FileSourceOptions};
 use crate::source::{assignment_list, consumer_config, resolve_start, SourceError, SourcePartition};
 use crate::state::{PartitionPosition, Recovered, StateError, StateStore};
-use crate::telemetry::{reason_index, ShardStats};
+use crate::telemetry::{reason_index, EpochLatency, PartitionStats, ShardStats, Tally, WarnLimiter, PUBLISH_EVERY};
 use crate::time::format_micros;
 use crate::value::{shard_for_key, EventTime};
 use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
@@ -123,6 +123,8 @@ pub struct EpochReport {
     /// Per sink plan index: rows of this epoch.
     pub outputs: Vec<Option<SinkRows>>,
     pub last: bool,
+    /// This shard's latency samples for the epoch, settled by the committer at commit time.
+    pub latency: EpochLatency,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +171,7 @@ struct OwnedFiles {
     /// `None` only while it is being polled.
     reader: Option<FileSource>,
     clock: PartitionClock,
+    tally: Tally,
 }
 
 /// Where a record came from: index into `parts` or into `files`.
@@ -184,6 +187,9 @@ struct OwnedPartition {
     topic: Rc<str>,
     next_offset: Option<i64>,
     clock: PartitionClock,
+    tally: Tally,
+    /// The topic as a C string, for asking librdkafka the partition's high watermark.
+    topic_c: std::ffi::CString,
 }
 
 /// Which queries read a source, and the fields each needs.
@@ -228,10 +234,33 @@ struct Shard {
     key_buf: Vec<u8>,
     input_buf: Vec<InSlot>,
     blob_buf: Vec<u8>,
-    dropped_warned_at: Option<Instant>,
-    /// Per source: (events, bytes) read in the current poll round, added to the shard's
-    /// counters once per round.
-    round_by_source: Vec<(u64, u64)>,
+    /// Dead letters dropped (no on_error sink) and bad input routed to dead letters: each
+    /// warned about at most every few seconds.
+    dropped_warnings: WarnLimiter,
+    bad_input_warnings: WarnLimiter,
+    /// Per query: late events since the last publication.
+    late_tally: Vec<u64>,
+    latency: EpochLatency,
+    /// Time spent working, total; and the (instant, total) the current busy-ratio window began.
+    busy: Duration,
+    busy_window: (Instant, Duration),
+    last_publish: Instant,
+}
+
+/// How often a warning about bad input (or dropped dead letters) may be logged per shard.
+const BAD_INPUT_WARN_EVERY: Duration = Duration::from_secs(5);
+/// The window the busy ratio is computed over.
+const BUSY_RATIO_WINDOW: Duration = Duration::from_secs(1);
+
+/// librdkafka's last known high watermark of a partition (updated with every fetch, no
+/// request made), or `None` before the first fetch.
+fn high_watermark(consumer: &BaseConsumer, topic: &std::ffi::CStr, partition: i32) -> Option<i64> {
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is NUL-terminated
+    // and outlives the call; librdkafka only reads it and writes the two out-parameters, and
+    // the call takes its own locks (it is documented as thread-safe and non-blocking).
+    let err = unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high) };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// The next offset an assignment starts at, when it is a concrete one (not Beginning/End).
@@ -258,9 +287,7 @@ fn record_skipped_gap(stats: &ShardStats, topic: &str, partition: i32, from: i64
 /// Runs one shard to completion (graceful stop) or error. Called on the shard's glommio executor.
 pub async fn run_shard(ctx: ShardContext) -> Result<(), ShardError> {
     let mut shard = Shard::open(ctx)?;
-    shard.ctx.stats.shards[shard.ctx.id]
-        .open_keys
-        .store(shard.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
+    shard.publish_state_sizes();
     shard.run().await
 }
 
@@ -348,6 +375,11 @@ impl Shard {
                     topic: topic.clone(),
                     next_offset: known_offset(offset),
                     clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, stored.and_then(|p| p.max_event_time), now),
+                    tally: Tally::default(),
+                    topic_c: std::ffi::CString::new(src.topic.as_str()).map_err(|_| SourceError::Client {
+                        bootstrap: ctx.bootstrap.clone(),
+                        source: rdkafka::error::KafkaError::ClientCreation(format!("topic name {:?} contains a NUL byte", src.topic)),
+                    })?,
                 });
                 assignment.push((src.topic.clone(), sp.partition, offset));
             }
@@ -383,8 +415,15 @@ impl Shard {
                 source: si,
                 reader: Some(reader),
                 clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, None, now),
+                tally: Tally::default(),
             });
         }
+        let published: Vec<PartitionStats> = parts
+            .iter()
+            .map(|p| PartitionStats::new(p.source, p.partition))
+            .chain(files.iter().map(|f| PartitionStats::new(f.source, -1)))
+            .collect();
+        let _ = ctx.stats.shards[ctx.id].partitions.set(published);
         tracing::info!(shard = ctx.id, partitions = parts.len(), file_sources = files.len(), "shard started");
         let n = ctx.shards;
         Ok(Shard {
@@ -404,8 +443,13 @@ impl Shard {
             key_buf: Vec::with_capacity(256),
             input_buf: Vec::with_capacity(16),
             blob_buf: Vec::with_capacity(256),
-            dropped_warned_at: None,
-            round_by_source: vec![(0, 0); ctx.config.sources.len()],
+            dropped_warnings: WarnLimiter::new(BAD_INPUT_WARN_EVERY),
+            bad_input_warnings: WarnLimiter::new(BAD_INPUT_WARN_EVERY),
+            late_tally: vec![0; cfg.queries.len()],
+            latency: EpochLatency::new(now, crate::time::now_micros(), cfg.pipeline.commit_interval),
+            busy: Duration::ZERO,
+            busy_window: (now, Duration::ZERO),
+            last_publish: now,
             ctx,
         })
     }
@@ -416,12 +460,18 @@ impl Shard {
             if self.ctx.abort.load(Relaxed) {
                 return Err(ShardError::Aborted(self.ctx.id));
             }
+            let began = Instant::now();
+            if began.duration_since(self.last_publish) >= PUBLISH_EVERY {
+                self.publish(began);
+            }
             let mut progressed = self.drain_inbound()?;
             progressed |= self.flush_queues()?;
             if let Some(a) = &self.aligning {
                 // Complete only once our own barrier has left too: peers wait for it.
                 if a.seen.iter().all(|s| *s) && self.queues.iter().all(|q| q.is_empty()) {
-                    if self.complete_epoch().await? {
+                    let last = self.complete_epoch().await?;
+                    self.busy += began.elapsed();
+                    if last {
                         return Ok(());
                     }
                     continue;
@@ -447,6 +497,7 @@ impl Shard {
                 }
             }
             if progressed {
+                self.busy += began.elapsed();
                 idle_rounds = 0;
                 glommio::yield_if_needed().await;
             } else {
@@ -458,6 +509,57 @@ impl Shard {
                 };
                 glommio::timer::sleep(nap).await;
             }
+        }
+    }
+
+    /// Publishes what the shard counted since the last time (see [`crate::telemetry`]), the
+    /// partitions' lag and watermarks, the busy ratio and the exchange queue lengths.
+    fn publish(&mut self, now: Instant) {
+        self.last_publish = now;
+        let stats = &self.ctx.stats.shards[self.ctx.id];
+        let published = stats.partitions();
+        for (i, p) in self.parts.iter_mut().enumerate() {
+            let Some(to) = published.get(i) else { continue };
+            p.tally.publish(to, stats);
+            to.watermark.store(p.clock.own_watermark(), Relaxed);
+            if let Some(consumer) = &self.consumer {
+                let lag = high_watermark(consumer, &p.topic_c, p.partition).map_or(-1, |high| match p.next_offset {
+                    Some(next) => (high - next).max(0),
+                    None => high,
+                });
+                to.lag.store(lag, Relaxed);
+            }
+        }
+        for (i, f) in self.files.iter_mut().enumerate() {
+            let Some(to) = published.get(self.parts.len() + i) else { continue };
+            f.tally.publish(to, stats);
+            to.watermark.store(f.clock.own_watermark(), Relaxed);
+        }
+        for (q, n) in self.late_tally.iter_mut().enumerate() {
+            ShardStats::add(&stats.late_by_query[q], std::mem::take(n));
+        }
+        stats.busy_micros.store(self.busy.as_micros() as u64, Relaxed);
+        let (since, busy_then) = self.busy_window;
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= BUSY_RATIO_WINDOW {
+            let ratio = (self.busy - busy_then).as_secs_f64() / elapsed.as_secs_f64();
+            stats.busy_ratio_ppm.store((ratio.min(1.0) * 1e6) as u64, Relaxed);
+            self.busy_window = (now, self.busy);
+        }
+        for (dest, queued) in stats.exchange_queued.iter().enumerate() {
+            let in_channel = self.ctx.outbound[dest].as_ref().map_or(0, |tx| tx.len());
+            queued.store((in_channel + self.queues[dest].len()) as u64, Relaxed);
+        }
+    }
+
+    /// Open windows and state keys, per query and in total.
+    fn publish_state_sizes(&self) {
+        let s = &self.ctx.stats.shards[self.ctx.id];
+        s.open_keys.store(self.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
+        s.open_windows.store(self.ops.iter().map(|o| o.open_windows() as u64).sum(), Relaxed);
+        for (q, op) in self.ops.iter().enumerate() {
+            s.state_keys_by_query[q].store(op.open_keys() as u64, Relaxed);
+            s.open_windows_by_query[q].store(op.open_windows() as u64, Relaxed);
         }
     }
 
@@ -577,7 +679,7 @@ impl Shard {
 
     fn poll_round(&mut self, consumer: &BaseConsumer) -> Result<usize, ShardError> {
         let now = Instant::now();
-        let (mut events, mut bytes) = (0u64, 0u64);
+        let mut events = 0u64;
         let mut polled = 0;
         while polled < POLL_ROUND {
             let msg = match consumer.poll(Duration::ZERO) {
@@ -596,21 +698,13 @@ impl Shard {
             let Some(pi) = self.part_index(msg.topic(), msg.partition()) else { continue };
             let payload = msg.payload().unwrap_or(&[]);
             events += 1;
-            bytes += payload.len() as u64;
-            let round = &mut self.round_by_source[self.parts[pi].source];
-            round.0 += 1;
-            round.1 += payload.len() as u64;
-            self.parts[pi].next_offset = Some(msg.offset() + 1);
+            let part = &mut self.parts[pi];
+            part.tally.received += 1;
+            part.tally.bytes += payload.len() as u64;
+            part.next_offset = Some(msg.offset() + 1);
             self.process(Origin::Partition(pi), msg.offset(), payload, now);
         }
-        let s = &self.ctx.stats.shards[self.ctx.id];
-        ShardStats::add(&s.events_in, events);
-        ShardStats::add(&s.bytes_in, bytes);
-        for (i, round) in self.round_by_source.iter_mut().enumerate() {
-            ShardStats::add(&s.events_by_source[i], round.0);
-            ShardStats::add(&s.bytes_by_source[i], round.1);
-            *round = (0, 0);
-        }
+        self.latency.record_ingest(now, events);
         Ok(polled)
     }
 
@@ -649,12 +743,10 @@ impl Shard {
                 source_name: self.ctx.config.sources[self.files[fi].source].name.clone(),
                 message: e.to_string(),
             })?;
-            let s = &self.ctx.stats.shards[self.ctx.id];
-            ShardStats::add(&s.events_in, events);
-            ShardStats::add(&s.bytes_in, bytes);
-            let source = self.files[fi].source;
-            ShardStats::add(&s.events_by_source[source], events);
-            ShardStats::add(&s.bytes_by_source[source], bytes);
+            let tally = &mut self.files[fi].tally;
+            tally.received += events;
+            tally.bytes += bytes;
+            self.latency.record_ingest(now, events);
             total += n;
         }
         Ok(total)
@@ -690,9 +782,16 @@ impl Shard {
             }
         };
         match origin {
-            Origin::Partition(pi) => self.parts[pi].clock.observe(t, now),
-            Origin::File(fi) => self.files[fi].clock.observe(t, now),
+            Origin::Partition(pi) => {
+                self.parts[pi].clock.observe(t, now);
+                self.parts[pi].tally.decoded += 1;
+            }
+            Origin::File(fi) => {
+                self.files[fi].clock.observe(t, now);
+                self.files[fi].tally.decoded += 1;
+            }
         }
+        self.latency.record_event_time(t);
         for p in 0..self.projections[source].len() {
             let proj = &self.projections[source][p];
             let q = proj.query;
@@ -712,6 +811,7 @@ impl Shard {
                     format_micros(end),
                     query.name
                 );
+                self.late_tally[q] += 1;
                 self.dead_letter_at(origin, file, offset, payload, DeadLetterReason::Late, msg);
                 continue;
             }
@@ -765,17 +865,25 @@ impl Shard {
     /// A bad record. For file sources `topic` is the file name, `partition` is -1 and `offset`
     /// the byte offset of the line.
     fn dead_letter_at(&mut self, origin: Origin, file: &str, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
-        let (source, topic, partition) = match origin {
+        let (source, topic, partition, tally) = match origin {
             Origin::Partition(pi) => {
-                let part = &self.parts[pi];
-                (part.source, part.topic.to_string(), part.partition)
+                let part = &mut self.parts[pi];
+                (part.source, part.topic.to_string(), part.partition, &mut part.tally)
             }
-            Origin::File(fi) => (self.files[fi].source, file.to_string(), -1),
+            Origin::File(fi) => (self.files[fi].source, file.to_string(), -1, &mut self.files[fi].tally),
         };
+        tally.dead_letters[reason_index(reason)] += 1;
         let stats = &self.ctx.stats.shards[self.ctx.id];
-        ShardStats::add(&stats.dead_letters[reason_index(reason)], 1);
         match self.ctx.source_dlq[source] {
             Some(sink) => {
+                if let Some(hidden) = self.bad_input_warnings.check(Instant::now()) {
+                    let sink_name = &self.ctx.config.sinks[sink].name;
+                    tracing::warn!(
+                        topic = %topic, partition, offset, reason = reason.as_str(), %error, not_logged_since_last = hidden,
+                        "bad record routed to the dead-letter sink \"{sink_name}\" (logged at most every {}s per shard; every one is counted in tidemark_events_dead_lettered_total)",
+                        BAD_INPUT_WARN_EVERY.as_secs()
+                    );
+                }
                 let dl = DeadLetter {
                     reason,
                     topic,
@@ -792,10 +900,8 @@ impl Shard {
             }
             None => {
                 ShardStats::add(&stats.dead_letters_dropped, 1);
-                let now = Instant::now();
-                if self.dropped_warned_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
-                    self.dropped_warned_at = Some(now);
-                    tracing::warn!(topic = %topic, partition, offset, reason = reason.as_str(), %error, "bad record dropped (no on_error sink configured for this source; further drops are counted, logged at most every 5s)");
+                if let Some(hidden) = self.dropped_warnings.check(Instant::now()) {
+                    tracing::warn!(topic = %topic, partition, offset, reason = reason.as_str(), %error, not_logged_since_last = hidden, "bad record dropped (no on_error sink configured for this source; further drops are counted, logged at most every 5s)");
                 }
             }
         }
@@ -881,10 +987,13 @@ impl Shard {
             file_positions: self.file_positions(),
             outputs: std::mem::replace(&mut self.outputs, (0..self.ctx.sink_count).map(|_| None).collect()),
             last: a.last,
+            latency: std::mem::replace(
+                &mut self.latency,
+                EpochLatency::new(Instant::now(), crate::time::now_micros(), self.ctx.config.pipeline.commit_interval),
+            ),
         };
-        let s = &self.ctx.stats.shards[self.ctx.id];
-        s.open_keys.store(self.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
-        s.open_windows.store(self.ops.iter().map(|o| o.open_windows() as u64).sum(), Relaxed);
+        self.publish_state_sizes();
+        self.publish(Instant::now());
         self.ctx.reports.send_async(report).await.map_err(|_| ShardError::PeerGone(self.ctx.id))?;
         Ok(a.last)
     }

@@ -1,23 +1,93 @@
-//! Counters and progress. Each shard owns one [`ShardStats`] and is its only writer: it adds
-//! per poll round (not per event) with relaxed stores, so recording costs no lock and no
-//! contended atomic; readers (progress log, tests) sum the shards when they look.
+//! Counters, gauges and latency histograms. Each shard owns one [`ShardStats`] and is its only
+//! writer: it counts in plain integers while it works ([`Tally`]) and publishes them with
+//! relaxed stores at most every [`PUBLISH_EVERY`] and at each epoch's end, so recording costs
+//! no lock and no shared atomic per event. Latency is recorded per shard and per epoch into
+//! local `hdrhistogram`s ([`EpochLatency`]) that travel with the epoch's report; the committer
+//! turns them into latencies once it knows when the epoch committed and merges them into the
+//! shard's cumulative histograms, which the scrape merges across shards. Readers (the metrics
+//! endpoint, the progress log, tests) sum the shards when they look.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 use crate::decode::DeadLetterReason;
+use crate::value::EventTime;
 use crate::watermark::UNKNOWN;
+
+/// How often a shard publishes its tallies, lag, watermarks, busy time and queue lengths.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+/// Latencies are tracked from 1 µs to 30 days at 3 significant digits (0.1 % resolution).
+const LATENCY_MAX_MICROS: u64 = 30 * 24 * 3_600_000_000;
+const LATENCY_DIGITS: u8 = 3;
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_MICROS, LATENCY_DIGITS).expect("valid histogram bounds")
+}
+
+/// One source partition read by a shard (a file source counts as partition -1).
+#[derive(Debug)]
+pub struct PartitionStats {
+    /// Index into `Config::sources`.
+    pub source: usize,
+    pub partition: i32,
+    pub received: AtomicU64,
+    pub decoded: AtomicU64,
+    pub bytes: AtomicU64,
+    /// By [`DeadLetterReason::ALL`] index.
+    pub dead_letters: [AtomicU64; 5],
+    /// Messages the broker holds beyond our position; -1 while unknown (and for files).
+    pub lag: AtomicI64,
+    /// The partition's watermark; [`UNKNOWN`] before its first event.
+    pub watermark: AtomicI64,
+}
+
+impl PartitionStats {
+    pub fn new(source: usize, partition: i32) -> Self {
+        PartitionStats {
+            source,
+            partition,
+            received: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dead_letters: Default::default(),
+            lag: AtomicI64::new(-1),
+            watermark: AtomicI64::new(UNKNOWN),
+        }
+    }
+}
+
+/// Counts a shard keeps for one partition between publications: plain integers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    pub received: u64,
+    pub decoded: u64,
+    pub bytes: u64,
+    pub dead_letters: [u64; 5],
+}
+
+impl Tally {
+    /// Adds the tally to the partition's counters and to the shard's totals, and resets it.
+    pub fn publish(&mut self, to: &PartitionStats, shard: &ShardStats) {
+        ShardStats::add(&to.received, self.received);
+        ShardStats::add(&to.decoded, self.decoded);
+        ShardStats::add(&to.bytes, self.bytes);
+        ShardStats::add(&shard.events_in, self.received);
+        ShardStats::add(&shard.bytes_in, self.bytes);
+        for (i, n) in self.dead_letters.iter().enumerate() {
+            ShardStats::add(&to.dead_letters[i], *n);
+            ShardStats::add(&shard.dead_letters[i], *n);
+        }
+        *self = Tally::default();
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct ShardStats {
     pub events_in: AtomicU64,
     pub bytes_in: AtomicU64,
-    /// Per source (index into `Config::sources`): events and bytes read by this shard.
-    pub events_by_source: Box<[AtomicU64]>,
-    pub bytes_by_source: Box<[AtomicU64]>,
     pub dead_letters: [AtomicU64; 5],
     pub dead_letters_dropped: AtomicU64,
     pub gaps_skipped: AtomicU64,
@@ -26,21 +96,42 @@ pub struct ShardStats {
     pub backpressure_pauses: AtomicU64,
     pub open_windows: AtomicU64,
     pub open_keys: AtomicU64,
+    /// The partitions this shard reads, set once when it opens them.
+    pub partitions: OnceLock<Vec<PartitionStats>>,
+    /// Per query: events that arrived after their window closed (dead-lettered as `late`).
+    pub late_by_query: Box<[AtomicU64]>,
+    /// Per query, as of the shard's last epoch.
+    pub open_windows_by_query: Box<[AtomicU64]>,
+    pub state_keys_by_query: Box<[AtomicU64]>,
+    /// Microseconds the shard spent working (not waiting for input).
+    pub busy_micros: AtomicU64,
+    /// Share of the last second the shard spent working, in millionths.
+    pub busy_ratio_ppm: AtomicU64,
+    /// Per destination shard: exchange batches queued (in the channel and held back locally).
+    pub exchange_queued: Box<[AtomicU64]>,
 }
 
 impl ShardStats {
-    pub fn new(sources: usize) -> Self {
+    pub fn new(shards: usize, queries: usize) -> Self {
+        let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
         ShardStats {
-            events_by_source: (0..sources).map(|_| AtomicU64::new(0)).collect(),
-            bytes_by_source: (0..sources).map(|_| AtomicU64::new(0)).collect(),
+            late_by_query: zeros(queries),
+            open_windows_by_query: zeros(queries),
+            state_keys_by_query: zeros(queries),
+            exchange_queued: zeros(shards),
             ..ShardStats::default()
         }
     }
 
+    /// Single-writer add: a relaxed load and store, no read-modify-write.
     pub fn add(counter: &AtomicU64, n: u64) {
         if n > 0 {
             counter.store(counter.load(Relaxed) + n, Relaxed);
         }
+    }
+
+    pub fn partitions(&self) -> &[PartitionStats] {
+        self.partitions.get().map_or(&[], Vec::as_slice)
     }
 }
 
@@ -48,18 +139,121 @@ pub fn reason_index(r: DeadLetterReason) -> usize {
     DeadLetterReason::ALL.iter().position(|x| *x == r).unwrap()
 }
 
+/// What the committer counts per sink.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub rows_written: AtomicU64,
+    /// Delta commits made (replays skipped as already committed are not counted).
+    pub commits: AtomicU64,
+    /// Epoch write attempts after the first (transient failures retried).
+    pub retries: AtomicU64,
+    /// Failed attempts whose cause was a commit conflict with another writer.
+    pub conflicts: AtomicU64,
+}
+
+/// Cumulative latencies of the epochs one shard contributed to, in microseconds.
+#[derive(Debug, Clone)]
+pub struct LatencyHistograms {
+    /// From the poll round that received an event to the commit of its epoch.
+    pub ingest_to_commit: Histogram<u64>,
+    /// From an event's event time to the commit of its epoch.
+    pub event_time_to_commit: Histogram<u64>,
+}
+
+impl Default for LatencyHistograms {
+    fn default() -> Self {
+        LatencyHistograms {
+            ingest_to_commit: latency_histogram(),
+            event_time_to_commit: latency_histogram(),
+        }
+    }
+}
+
+impl LatencyHistograms {
+    pub fn merge(&mut self, other: &LatencyHistograms) {
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.ingest_to_commit.add(&other.ingest_to_commit);
+        let _ = self.event_time_to_commit.add(&other.event_time_to_commit);
+    }
+}
+
+/// One shard's latency samples for one epoch, relative to references fixed when the epoch
+/// began; [`EpochLatency::settle`] turns them into latencies once the epoch has committed.
+///
+/// Ingest is recorded as the time since the epoch began (exact: the commit comes later).
+/// Event time is recorded as the distance to a *horizon* past the epoch's expected end
+/// (start + 2 × commit interval + 1 s), so live events give small, precisely kept values;
+/// an event stamped after the horizon counts as stamped at it.
+#[derive(Debug)]
+pub struct EpochLatency {
+    started: Instant,
+    horizon_wall_micros: i64,
+    ingest: Histogram<u64>,
+    event_time: Histogram<u64>,
+}
+
+impl EpochLatency {
+    pub fn new(started: Instant, started_wall_micros: i64, commit_interval: Duration) -> Self {
+        let horizon = 2 * commit_interval.as_micros() as i64 + 1_000_000;
+        EpochLatency {
+            started,
+            horizon_wall_micros: started_wall_micros + horizon,
+            ingest: latency_histogram(),
+            event_time: latency_histogram(),
+        }
+    }
+
+    /// `n` events received in a poll round at `at`.
+    pub fn record_ingest(&mut self, at: Instant, n: u64) {
+        if n > 0 {
+            let v = at.saturating_duration_since(self.started).as_micros() as u64;
+            let _ = self.ingest.record_n(v.clamp(1, LATENCY_MAX_MICROS), n);
+        }
+    }
+
+    /// One decoded event's event time (µs since the epoch).
+    pub fn record_event_time(&mut self, t: EventTime) {
+        let v = self.horizon_wall_micros.saturating_sub(t).max(1) as u64;
+        let _ = self.event_time.record(v.min(LATENCY_MAX_MICROS));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ingest.is_empty() && self.event_time.is_empty()
+    }
+
+    /// Adds this epoch's latencies to `into`, the epoch having committed at `committed`
+    /// (`committed_wall_micros` on the wall clock).
+    pub fn settle(&self, committed: Instant, committed_wall_micros: i64, into: &mut LatencyHistograms) {
+        let since_start = committed.saturating_duration_since(self.started).as_micros() as i64;
+        for v in self.ingest.iter_recorded() {
+            let recorded = self.ingest.median_equivalent(v.value_iterated_to()) as i64;
+            let latency = (since_start - recorded).clamp(1, LATENCY_MAX_MICROS as i64) as u64;
+            let _ = into.ingest_to_commit.record_n(latency, v.count_at_value());
+        }
+        let past_horizon = committed_wall_micros - self.horizon_wall_micros;
+        for v in self.event_time.iter_recorded() {
+            let recorded = self.event_time.median_equivalent(v.value_iterated_to()) as i64;
+            let latency = (past_horizon + recorded).clamp(1, LATENCY_MAX_MICROS as i64) as u64;
+            let _ = into.event_time_to_commit.record_n(latency, v.count_at_value());
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PipelineStats {
     pub shards: Vec<ShardStats>,
+    pub sinks: Vec<SinkStats>,
     pub committed_epoch: AtomicU64,
     pub watermark: AtomicI64,
-    pub rows_written: AtomicU64,
-    pub delta_commits: AtomicU64,
     /// Epochs committed by this process (not counting recovery).
     pub epochs_committed: AtomicU64,
     /// Microseconds per committed epoch. Written by the committer thread once per epoch and
     /// read by the scrape thread, so the lock is never contended on a hot path.
     pub commit_duration: Mutex<Histogram<u64>>,
+    /// Per shard; written by the committer once per epoch, merged by the scrape.
+    pub latency: Vec<Mutex<LatencyHistograms>>,
+    /// Epoch reports waiting for the committer.
+    pub commit_queue: AtomicU64,
     /// Set once recovery is done and the shards are consuming.
     pub ready: AtomicBool,
 }
@@ -81,16 +275,17 @@ pub struct StatsSnapshot {
 }
 
 impl PipelineStats {
-    pub fn new(shards: usize, sources: usize) -> Self {
+    pub fn new(shards: usize, queries: usize, sinks: usize) -> Self {
         PipelineStats {
-            shards: (0..shards).map(|_| ShardStats::new(sources)).collect(),
+            shards: (0..shards).map(|_| ShardStats::new(shards, queries)).collect(),
+            sinks: (0..sinks).map(|_| SinkStats::default()).collect(),
             committed_epoch: AtomicU64::new(0),
             watermark: AtomicI64::new(UNKNOWN),
-            rows_written: AtomicU64::new(0),
-            delta_commits: AtomicU64::new(0),
             epochs_committed: AtomicU64::new(0),
             // 1µs to 1h at 3 significant digits.
             commit_duration: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
+            latency: (0..shards).map(|_| Mutex::new(LatencyHistograms::default())).collect(),
+            commit_queue: AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
     }
@@ -102,6 +297,26 @@ impl PipelineStats {
             let _ = h.record(micros);
         }
         self.epochs_committed.fetch_add(1, Relaxed);
+    }
+
+    /// Called by the committer once an epoch has committed: turns each shard's samples into
+    /// latencies and adds them to that shard's histograms.
+    pub fn record_epoch_latency(&self, shard: usize, epoch: &EpochLatency, committed: Instant, committed_wall_micros: i64) {
+        if epoch.is_empty() {
+            return;
+        }
+        if let Some(Ok(mut h)) = self.latency.get(shard).map(|m| m.lock()) {
+            epoch.settle(committed, committed_wall_micros, &mut h);
+        }
+    }
+
+    /// All shards' latency histograms merged.
+    pub fn latency(&self) -> LatencyHistograms {
+        let mut all = LatencyHistograms::default();
+        for h in &self.latency {
+            all.merge(&h.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        all
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -122,16 +337,192 @@ impl PipelineStats {
             open_keys: sum(&|s| &s.open_keys),
             committed_epoch: self.committed_epoch.load(Relaxed),
             watermark: (wm != UNKNOWN).then_some(wm),
-            rows_written: self.rows_written.load(Relaxed),
-            delta_commits: self.delta_commits.load(Relaxed),
+            rows_written: self.sinks.iter().map(|s| s.rows_written.load(Relaxed)).sum(),
+            delta_commits: self.sinks.iter().map(|s| s.commits.load(Relaxed)).sum(),
         }
     }
 }
 
-/// Initializes `tracing`: level from `RUST_LOG` (default info), human-readable or JSON.
+/// The default log filter when neither `RUST_LOG` nor `[log] level` sets one.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Directives added to every filter: the libraries' chatter stays out of `info`.
+const LIBRARY_DIRECTIVES: &str = "deltalake=warn,deltalake_core=error,rdkafka=warn";
+
+type FilterHandle = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+static FILTER: OnceLock<FilterHandle> = OnceLock::new();
+
+fn filter_for(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(format!("{level},{LIBRARY_DIRECTIVES}")).map_err(|e| e.to_string())
+}
+
+/// Whether `level` is a valid log filter (`info`, `debug`, `warn,tidemark=debug`, ...).
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    filter_for(level).map(|_| ())
+}
+
+/// Initializes `tracing`: level from `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`] until a
+/// pipeline's `[log] level` replaces it ([`apply_config_log_level`]); human-readable on
+/// stderr, or JSON lines with `json`.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,deltalake=warn,deltalake_core=error,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| filter_for(DEFAULT_LOG_LEVEL).expect("the default filter parses"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = if json {
+        registry.with(fmt.json()).try_init()
+    } else {
+        registry.with(fmt).try_init()
+    };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Applies a pipeline's `[log] level` unless `RUST_LOG` is set (the environment wins, so an
+/// operator can turn up logging without editing the pipeline). Returns whether it applied.
+pub fn apply_config_log_level(level: &str) -> bool {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return false;
+    }
+    match (FILTER.get(), filter_for(level)) {
+        (Some(handle), Ok(filter)) => handle.reload(filter).is_ok(),
+        _ => false,
+    }
+}
+
+/// Rate-limits a warning about bad input: the first one is logged, then at most one per
+/// `every`, saying how many were not logged in between.
+#[derive(Debug)]
+pub struct WarnLimiter {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    pub fn new(every: Duration) -> Self {
+        WarnLimiter {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when a warning should be logged now, `n` being how many were suppressed
+    /// since the last one; `None` when this one is to be suppressed (and counted).
+    pub fn check(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latency_quantile(h: &Histogram<u64>, q: f64) -> u64 {
+        h.value_at_quantile(q)
+    }
+
+    #[test]
+    fn ingest_latency_is_commit_time_minus_receive_time() {
+        let start = Instant::now();
+        let mut e = EpochLatency::new(start, 1_000_000_000, Duration::from_secs(1));
+        e.record_ingest(start + Duration::from_millis(100), 10);
+        e.record_ingest(start + Duration::from_millis(900), 30);
+        let mut into = LatencyHistograms::default();
+        e.settle(start + Duration::from_millis(1_200), 1_001_200_000, &mut into);
+        let h = &into.ingest_to_commit;
+        assert_eq!(h.len(), 40);
+        // 10 at 1100 ms, 30 at 300 ms (0.1 % resolution).
+        assert!((latency_quantile(h, 0.5) as i64 - 300_000).abs() <= 300, "{}", latency_quantile(h, 0.5));
+        assert!((h.max() as i64 - 1_100_000).abs() <= 1_100);
+    }
+
+    #[test]
+    fn event_time_latency_is_commit_wall_time_minus_event_time() {
+        let start = Instant::now();
+        let start_wall = 1_700_000_000_000_000i64;
+        let mut e = EpochLatency::new(start, start_wall, Duration::from_secs(1));
+        // Event times: 2 s before the epoch began, at its start, 500 ms into it, and one
+        // stamped an hour in the future (counted as stamped at the horizon, 3 s after start).
+        for t in [start_wall - 2_000_000, start_wall, start_wall + 500_000, start_wall + 3_600_000_000] {
+            e.record_event_time(t);
+        }
+        let committed_wall = start_wall + 1_250_000;
+        let mut into = LatencyHistograms::default();
+        e.settle(start + Duration::from_millis(1_250), committed_wall, &mut into);
+        let mut got: Vec<u64> = into.event_time_to_commit.iter_recorded().map(|v| v.value_iterated_to()).collect();
+        got.sort();
+        let want = [1, 750_000, 1_250_000, 3_250_000];
+        assert_eq!(got.len(), 4, "{got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as i64 - w as i64).abs() <= (w as i64 / 500).max(1), "got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn shards_merge_and_empty_epochs_cost_nothing() {
+        let stats = PipelineStats::new(2, 1, 1);
+        let start = Instant::now();
+        let mut a = EpochLatency::new(start, 0, Duration::from_secs(1));
+        a.record_ingest(start, 5);
+        let b = EpochLatency::new(start, 0, Duration::from_secs(1));
+        assert!(b.is_empty());
+        stats.record_epoch_latency(0, &a, start + Duration::from_secs(1), 0);
+        stats.record_epoch_latency(1, &b, start + Duration::from_secs(1), 0);
+        stats.record_epoch_latency(1, &a, start + Duration::from_secs(2), 0);
+        let all = stats.latency();
+        assert_eq!(all.ingest_to_commit.len(), 10);
+        assert!(all.ingest_to_commit.max() >= 1_999_000);
+        assert!(all.ingest_to_commit.min() <= 1_001_000);
+    }
+
+    #[test]
+    fn tallies_publish_to_the_partition_and_the_shard_then_reset() {
+        let shard = ShardStats::new(2, 1);
+        let part = PartitionStats::new(0, 3);
+        let mut t = Tally {
+            received: 4,
+            decoded: 3,
+            bytes: 100,
+            dead_letters: [1, 0, 0, 0, 0],
+        };
+        t.publish(&part, &shard);
+        t.received += 2;
+        t.publish(&part, &shard);
+        assert_eq!(part.received.load(Relaxed), 6);
+        assert_eq!(part.decoded.load(Relaxed), 3);
+        assert_eq!(shard.events_in.load(Relaxed), 6);
+        assert_eq!(shard.bytes_in.load(Relaxed), 100);
+        assert_eq!(part.dead_letters[0].load(Relaxed), 1);
+        assert_eq!(shard.dead_letters[0].load(Relaxed), 1);
+        assert_eq!(t.received, 0);
+    }
+
+    #[test]
+    fn warnings_are_limited_and_count_what_they_hid() {
+        let mut w = WarnLimiter::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(w.check(t0), Some(0));
+        assert_eq!(w.check(t0 + Duration::from_secs(1)), None);
+        assert_eq!(w.check(t0 + Duration::from_secs(2)), None);
+        assert_eq!(w.check(t0 + Duration::from_secs(6)), Some(2));
+        assert_eq!(w.check(t0 + Duration::from_secs(7)), None);
+    }
+
+    #[test]
+    fn log_levels_are_checked() {
+        assert!(check_log_level("debug").is_ok());
+        assert!(check_log_level("warn,tidemark=debug").is_ok());
+        assert!(check_log_level("info,tidemark=loudest").is_err());
+    }
 }

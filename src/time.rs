@@ -108,6 +108,13 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// The wall clock now, in µs since the Unix epoch (0 if the clock is before 1970).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 /// Formats µs since the epoch as RFC 3339 UTC with microseconds (for logs and error texts).
 pub fn format_micros(t: EventTime) -> String {
     match chrono::DateTime::from_timestamp_micros(t) {

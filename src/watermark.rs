@@ -69,6 +69,12 @@ impl PartitionClock {
         if self.is_idle(now) {
             return IDLE;
         }
+        self.own_watermark()
+    }
+
+    /// The partition's watermark from its own events, idle or not ([`UNKNOWN`] before the
+    /// first): what the metrics show per partition.
+    pub fn own_watermark(&self) -> EventTime {
         match self.max_event_time {
             None => UNKNOWN,
             Some(m) => m.saturating_sub(self.delay_us),

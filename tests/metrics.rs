@@ -61,11 +61,60 @@ fn metrics_endpoint_counts_what_was_produced_and_answers_probes() {
         assert_eq!(status, 200);
         assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
         text = body;
+        // Every event counted, its epoch committed (so its latency is recorded), and the
+        // partitions read to their end.
         family_sum(&text, "tidemark_events_received_total") == produced
-            && value(&text, "tidemark_epochs_committed_total").unwrap_or(0.0) >= 1.0
+            && value(&text, "tidemark_ingest_to_commit_seconds_count") == Some(produced)
             && value(&text, "tidemark_watermark_seconds").is_some()
+            && family_sum(&text, "tidemark_consumer_lag_messages") == 0.0
     });
-    assert!(value(&text, r#"tidemark_events_received_total{shard="0",source="clicks"}"#).is_some(), "{text}");
+    for partition in 0..PARTITIONS {
+        let series = format!(r#"{{source="clicks",partition="{partition}"}}"#);
+        assert!(
+            value(&text, &format!("tidemark_events_received_total{series}")).is_some_and(|v| v > 0.0),
+            "{series}\n{text}"
+        );
+        assert_eq!(value(&text, &format!("tidemark_consumer_lag_messages{series}")), Some(0.0), "{series}");
+        assert!(
+            value(&text, &format!("tidemark_partition_watermark_seconds{series}")).is_some_and(|v| v > 1.7e9),
+            "{series}"
+        );
+    }
+    // Every received event was decoded or dead-lettered before decoding.
+    let undecodable: f64 = ["decode", "schema", "event_time"]
+        .iter()
+        .map(|r| {
+            text.lines()
+                .filter(|l| l.starts_with("tidemark_events_dead_lettered_total{") && l.contains(&format!("reason=\"{r}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(undecodable > 0.0, "2% malformed events");
+    assert_eq!(family_sum(&text, "tidemark_events_decoded_total") + undecodable, produced);
+    assert_eq!(value(&text, "tidemark_event_time_to_commit_seconds_count"), Some(produced - undecodable));
+    let late: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("tidemark_events_dead_lettered_total{") && l.contains("reason=\"late\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        value(&text, r#"tidemark_late_events_total{query="views"}"#),
+        Some(late),
+        "one query: its late events are the late dead letters"
+    );
+    assert_eq!(family_sum(&text, "tidemark_rows_written_total"), running.stats().rows_written as f64);
+    assert!(family_sum(&text, "tidemark_delta_commits_total") >= 1.0);
+    assert_eq!(family_sum(&text, "tidemark_delta_commit_retries_total"), 0.0);
+    assert!(family_sum(&text, "tidemark_shard_busy_seconds_total") > 0.0);
+    assert!(value(&text, r#"tidemark_query_watermark_seconds{query="views"}"#).is_some());
+    assert_eq!(value(&text, "tidemark_exchange_queue_capacity_batches"), Some(16.0));
+    assert!(value(&text, r#"tidemark_exchange_queue_batches{from="0",to="1"}"#).is_some());
+    assert!(value(&text, "tidemark_commit_queue_reports").is_some());
+    // Latencies are positive and the buckets are cumulative up to the count.
+    let p = value(&text, r#"tidemark_ingest_to_commit_seconds_bucket{le="+Inf"}"#).unwrap();
+    assert_eq!(p, produced);
+    assert!(value(&text, "tidemark_ingest_to_commit_seconds_sum").unwrap() > 0.0);
     assert_eq!(family_sum(&text, "tidemark_events_received_total"), produced);
     assert_eq!(running.stats().events_in as f64, produced);
     assert_eq!(family_sum(&text, "tidemark_bytes_received_total"), running.stats().bytes_in as f64);
@@ -86,8 +135,15 @@ fn metrics_endpoint_counts_what_was_produced_and_answers_probes() {
     assert!(value(&text, "tidemark_state_size_bytes").is_some());
     assert!(value(&text, "process_resident_memory_bytes").unwrap() > 0.0);
     assert!(value(&text, "process_cpu_seconds_total").is_some());
-    for family in ["tidemark_open_windows", "tidemark_state_keys", "tidemark_backpressure_pauses_total"] {
+    for family in ["tidemark_open_windows", "tidemark_state_keys"] {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing");
+        assert!(
+            value(&text, &format!("{family}{{query=\"views\",shard=\"1\"}}")).is_some(),
+            "{family} per query and shard"
+        );
+    }
+    assert!(family_sum(&text, "tidemark_state_keys") > 0.0);
+    for family in ["tidemark_backpressure_pauses_total", "tidemark_shard_busy_ratio"] {
         assert!(value(&text, &format!("{family}{{shard=\"1\"}}")).is_some(), "{family} per shard");
     }
 
@@ -98,11 +154,24 @@ fn metrics_endpoint_counts_what_was_produced_and_answers_probes() {
 
     promtool_check(&text);
 
+    // The scrape exports exactly the families config/prometheus/metric_families.txt lists
+    // (the list the dashboard and the alert rules are checked against in tests/ops.rs).
+    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/prometheus/metric_families.txt")).unwrap();
+    let mut listed: Vec<&str> = listed.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let mut exported: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    listed.sort_unstable();
+    exported.sort_unstable();
+    assert_eq!(exported, listed, "exported families vs config/prometheus/metric_families.txt");
+
     running.stop().unwrap();
     assert!(TcpStream::connect(address).is_err(), "the endpoint stops with the pipeline");
 }
 
-/// `promtool check metrics` on the scraped text, when promtool is installed.
+/// `promtool check metrics` on the scraped text (`scripts/test.sh` installs promtool).
 fn promtool_check(text: &str) {
     let child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
@@ -112,10 +181,9 @@ fn promtool_check(text: &str) {
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(_) => {
-            eprintln!("note: promtool is not on PATH; skipping `promtool check metrics`");
-            return;
-        }
+        Err(e) => panic!(
+            "cannot run promtool ({e}): run ./scripts/test.sh (it installs Debian's prometheus package, which ships promtool) or apt-get install prometheus"
+        ),
     };
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();

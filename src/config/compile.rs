@@ -85,6 +85,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         sinks,
         generator,
         metrics: raw.metrics,
+        log: raw.log,
         warnings,
     }
 }

@@ -26,8 +26,8 @@ pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
     AggFn, AggregateConfig, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
-    GeneratorConfig, KafkaConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets, TimeFormat,
-    WatermarkConfig, WindowConfig,
+    GeneratorConfig, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets,
+    TimeFormat, WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

@@ -14,6 +14,7 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     pub generator: Option<GeneratorConfig>,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
     /// Problems that do not stop the pipeline but deserve attention (printed by `validate`,
     /// logged by `run`), e.g. a `complete` query whose result grows without bound.
     pub warnings: Vec<String>,
@@ -65,6 +66,14 @@ impl Default for MetricsConfig {
             listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a valid default address")),
         }
     }
+}
+
+/// `[log]`: logging settings a pipeline file may carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `debug`, `warn,tidemark=debug`, ...), applied when
+    /// `RUST_LOG` is not set. `None`: `RUST_LOG`, else `info`.
+    pub level: Option<String>,
 }
 
 /// Where `/metrics` is served unless `[metrics] listen` says otherwise.

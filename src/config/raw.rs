@@ -13,8 +13,8 @@ use toml::de::DeValue;
 
 use super::duration::format_duration;
 use super::model::{
-    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, MetricsConfig, OutputMode, SinkKind, StartingOffsets, TimeFormat,
-    WatermarkConfig, WindowConfig,
+    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, LogConfig, MetricsConfig, OutputMode, SinkKind, StartingOffsets,
+    TimeFormat, WatermarkConfig, WindowConfig,
 };
 use super::reader::{found, At, Fields};
 
@@ -91,6 +91,7 @@ pub(crate) struct RawConfig {
     pub sinks: Vec<RawSink>,
     pub generator: Option<RawGenerator>,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug)]
@@ -235,6 +236,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
     let sinks = read_list(&mut root, "sinks", "sink", read_sink);
     let generator = root.take_table("generator").map(read_generator);
     let metrics = root.take_table("metrics").map(read_metrics).unwrap_or_default();
+    let log = root.take_table("log").map(read_log).unwrap_or_default();
     root.finish();
     RawConfig {
         pipeline,
@@ -244,6 +246,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         sinks,
         generator,
         metrics,
+        log,
     }
 }
 
@@ -869,6 +872,25 @@ fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {
         late_by,
         malformed_share,
     }
+}
+
+fn read_log(mut f: Fields<'_, '_>) -> LogConfig {
+    let level = f.take_str("level").and_then(|at| match crate::telemetry::check_log_level(&at.value) {
+        Ok(()) => Some(at.value),
+        Err(e) => {
+            f.report_at(
+                at.path,
+                at.line,
+                format!(
+                    "invalid log level \"{}\": {e}; use error, warn, info, debug or trace, optionally with per-module directives such as \"info,tidemark=debug\"",
+                    at.value
+                ),
+            );
+            None
+        }
+    });
+    f.finish();
+    LogConfig { level }
 }
 
 fn read_metrics(mut f: Fields<'_, '_>) -> MetricsConfig {

@@ -1677,6 +1677,18 @@ fn metrics_listen_defaults_parses_and_turns_off() {
 }
 
 #[test]
+fn log_level_is_optional_and_checked() {
+    assert_eq!(parse_config(MINIMAL).unwrap().log.level, None);
+    let debug = format!("{MINIMAL}\n[log]\nlevel = \"info,tidemark=debug\"\n");
+    assert_eq!(parse_config(&debug).unwrap().log.level.as_deref(), Some("info,tidemark=debug"));
+    let text = format!("{MINIMAL}\n[log]\nlevel = \"info,tidemark=loudest\"\n");
+    let errors = errors_of(&text);
+    let error = error_at(&errors, "log.level");
+    assert_eq!(error.line, Some(line_containing(&text, "level = ")));
+    assert!(error.message.starts_with("invalid log level \"info,tidemark=loudest\""), "{}", error.message);
+}
+
+#[test]
 fn bad_metrics_listen_is_located() {
     let text = format!("{MINIMAL}\n[metrics]\nlisten = \"localhost\"\nport = 1\n");
     let errors = errors_of(&text);

@@ -187,6 +187,26 @@ pub enum DeltaSinkError {
 impl DeltaSinkError {
     /// Whether trying the same call again may succeed (a transient storage or commit-race
     /// failure), as opposed to a problem a person has to fix.
+    /// Whether the cause is a commit conflict: another writer committed the version this
+    /// commit was for (or a conflicting change) first.
+    pub fn is_conflict(&self) -> bool {
+        let delta_conflict = |e: &DeltaTableError| {
+            matches!(
+                e,
+                DeltaTableError::VersionAlreadyExists(_)
+                    | DeltaTableError::Transaction {
+                        source: TransactionError::CommitConflict(_) | TransactionError::VersionAlreadyExists(_)
+                    }
+            )
+        };
+        match self {
+            DeltaSinkError::ConcurrentWriter { .. } => true,
+            DeltaSinkError::Delta { source, .. } => delta_conflict(source),
+            DeltaSinkError::RetriesExhausted { source, .. } => source.is_conflict(),
+            _ => false,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             DeltaSinkError::Io { source, .. } => io_error_is_transient(source),
@@ -352,6 +372,19 @@ pub struct DeltaTableSink {
     index: Option<KeyIndex>,
     /// Data files read so far (index building, rewrites, compaction).
     files_read: AtomicU64,
+    /// Epoch write attempts that failed and were retried, and how many of those failed on a
+    /// commit conflict (see [`DeltaTableSink::attempts`]).
+    retries: u64,
+    conflicts: u64,
+}
+
+/// Failed epoch write attempts of one sink since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteAttempts {
+    /// Attempts after a transient failure (the first try not counted).
+    pub retries: u64,
+    /// Failed attempts whose cause was a commit conflict: another commit took the version.
+    pub conflicts: u64,
 }
 
 impl std::fmt::Debug for DeltaTableSink {
@@ -417,6 +450,8 @@ impl DeltaTableSink {
             options: options.clone(),
             index: None,
             files_read: AtomicU64::new(0),
+            retries: 0,
+            conflicts: 0,
         })
     }
 
@@ -534,6 +569,8 @@ impl DeltaTableSink {
             match self.try_write_epoch(app_id, txn_version, &change, &mut files).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(err) if err.is_retryable() && attempt < APPEND_ATTEMPTS => {
+                    self.retries += 1;
+                    self.conflicts += u64::from(err.is_conflict());
                     let delay = RETRY_BASE_DELAY * 4u32.pow(attempt - 1);
                     tracing::warn!(
                         table = %self.path.display(),
@@ -548,15 +585,27 @@ impl DeltaTableSink {
                     attempt += 1;
                 }
                 Err(err) if err.is_retryable() => {
+                    self.conflicts += u64::from(err.is_conflict());
                     return Err(DeltaSinkError::RetriesExhausted {
                         app_id: app_id.to_owned(),
                         epoch,
                         attempts: attempt,
                         source: Box::new(err),
-                    })
+                    });
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    self.conflicts += u64::from(err.is_conflict());
+                    return Err(err);
+                }
             }
+        }
+    }
+
+    /// Failed epoch write attempts since the sink opened.
+    pub fn attempts(&self) -> WriteAttempts {
+        WriteAttempts {
+            retries: self.retries,
+            conflicts: self.conflicts,
         }
     }
 
@@ -1532,5 +1581,12 @@ mod tests {
         };
         assert!(exhausted.is_retryable());
         assert!(!DeltaSinkError::EpochOutOfRange { epoch: u64::MAX }.is_retryable());
+
+        // Conflicts (counted in tidemark_delta_commit_conflicts_total): a lost version race,
+        // a conflicting commit, retried or not; not storage trouble.
+        assert!(exhausted.is_conflict());
+        assert!(fenced.is_conflict());
+        assert!(!transient.is_conflict());
+        assert!(!missing.is_conflict());
     }
 }
