@@ -115,6 +115,7 @@ enum Command {
         /// Prefilled events for the baseline and the catch-up (must fit the embedded broker's ~5 MB per partition).
         #[arg(long, default_value_t = 320_000)]
         events: u64,
+        /// Partitions of the load-test topic (a fresh one per run).
         #[arg(long, default_value_t = 16)]
         partitions: i32,
         /// Length of each live step of the rate search, and of the latency phase.
@@ -126,6 +127,7 @@ enum Command {
         /// Where the pipeline file, its log, the last /metrics scrape and the report go.
         #[arg(long, default_value = "data/loadtest")]
         out: PathBuf,
+        /// Seed of the generated events.
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
