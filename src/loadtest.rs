@@ -64,8 +64,10 @@ const RECORD_OVERHEAD_BYTES: u64 = 20;
 pub const LAG_FLOOR_EVENTS: u64 = 2_000;
 /// The child's epoch length; latency quantiles are read against it.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
-/// The consumers' `fetch.wait.max.ms` (see the generated pipeline file).
+/// The consumers' `fetch.wait.max.ms` and `fetch.queue.backoff.ms` (see the comments in the
+/// generated pipeline file).
 const FETCH_WAIT_MAX: Duration = Duration::from_millis(10);
+const FETCH_QUEUE_BACKOFF: Duration = Duration::from_millis(1);
 /// After the last event of a phase is read, its epoch commits within about one interval.
 const SETTLE: Duration = Duration::from_millis(2_500);
 /// Scrape period while a live phase runs, and while the catch-up runs (finer: it is short).
@@ -221,7 +223,8 @@ pub struct ClickPipeline<'a> {
 
 /// The pipeline file: config/demo.toml's source and its `page_views_5min` query (5-minute
 /// tumbling count per `page_url`, append mode), commit_interval 1s, into one Delta table;
-/// consumers wait at most 10 ms for new data in a fetch (see the comment in the file).
+/// consumers wait at most 10 ms for new data in a fetch and 1 ms before fetching again after
+/// their queue was full (see the comments in the file).
 pub fn click_pipeline_toml(p: &ClickPipeline<'_>) -> String {
     let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
     format!(
@@ -242,6 +245,10 @@ group_id = {name}
 # data only after the whole fetch.wait.max.ms (default 500 ms), without waking up when data
 # arrives as Kafka does: a consumer that keeps up would sit idle for half a second at a time.
 "fetch.wait.max.ms" = "{fetch_wait_ms}"
+# Once a partition's fetched messages fill the local queue (queued.max.messages.kbytes, 16 MiB
+# in tidemark), librdkafka postpones its next fetch by fetch.queue.backoff.ms (default 1000 ms):
+# a consumer catching up on a backlog drains the queue in a tenth of that, then idles.
+"fetch.queue.backoff.ms" = "{fetch_queue_backoff_ms}"
 
 [[sources]]
 name = "clicks"
@@ -274,6 +281,7 @@ listen = {listen}
         state = quote(&p.state_dir.to_string_lossy()),
         commit_ms = COMMIT_INTERVAL.as_millis(),
         fetch_wait_ms = FETCH_WAIT_MAX.as_millis(),
+        fetch_queue_backoff_ms = FETCH_QUEUE_BACKOFF.as_millis(),
         shards = p.shards,
         bootstrap = quote(p.bootstrap),
         topic = quote(p.topic),
@@ -2001,5 +2009,8 @@ tidemark_ingest_to_commit_seconds_count 200
         assert_eq!(config.queries.len(), 1);
         assert_eq!(config.queries[0].name, "page_views_5min");
         assert_eq!(config.pipeline.commit_interval, COMMIT_INTERVAL);
+        let option = |key: &str| config.kafka.options.get(key).map(String::as_str);
+        assert_eq!(option("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(option("fetch.queue.backoff.ms"), Some("1"));
     }
 }
