@@ -10,8 +10,11 @@
 //!    settings and decoder, nothing else, on as many threads as the pipeline has shards
 //!    ([`consume_and_decode`]): the practical ceiling.
 //! 3. **Catch-up**: `tidemark run` as a *child process* (so its RSS and CPU are its own, apart
-//!    from the broker and the producer) reads the same N events; rate = N / (time from ready
-//!    until `tidemark_events_received_total` reaches N).
+//!    from the broker and the producer) reads the same N events; the rate runs from the first
+//!    scrape of `tidemark_events_received_total` showing events to the moment it reached N.
+//!    Baseline and catch-up alternate for [`ROUNDS`] rounds (a fresh child each time; the
+//!    last one stays for the live phases); both are timed from their first event read, so the
+//!    wait for the first fetch answer is in neither.
 //! 4. **Live rate search**: a producer thread produces at a target rate for a step while the
 //!    child consumes; a step is sustained when the consumer lag ends below one second's worth
 //!    of events and is not growing ([`judge_step`]). Rates double until a step fails, then
@@ -74,7 +77,7 @@ const SETTLE: Duration = Duration::from_millis(2_500);
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
 const CATCH_UP_SCRAPE_EVERY: Duration = Duration::from_millis(10);
 /// Baseline and catch-up run this many times, alternating; the best of each is reported.
-const ROUNDS: usize = 3;
+pub const ROUNDS: usize = 3;
 /// How long the child may take to become ready, and to read a backlog back down.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1632,20 +1635,19 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
     let date_utc = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string();
 
     // The broker and the prefilled topic.
-    let embedded = match &settings.bootstrap {
-        None => Some(EmbeddedBroker::start(&[(topic.clone(), settings.partitions)])?),
-        Some(_) => None,
-    };
-    let (bootstrap, broker) = match (&embedded, &settings.bootstrap) {
-        (Some(b), _) => (
-            b.bootstrap_servers().to_owned(),
-            "embedded (librdkafka mock cluster, inside the load-test process)".to_owned(),
-        ),
-        (None, Some(address)) => {
-            create_topic(address, &topic, settings.partitions)?;
-            (address.clone(), address.clone())
+    let (embedded, bootstrap, broker) = match &settings.bootstrap {
+        None => {
+            let embedded = EmbeddedBroker::start(&[(topic.clone(), settings.partitions)])?;
+            let address = embedded.bootstrap_servers().to_owned();
+            let description = "embedded (librdkafka mock cluster, inside the load-test process)".to_owned();
+            (Some(embedded), address, description)
         }
-        (None, None) => unreachable!("either embedded or given"),
+        Some(address) => {
+            // Fails within 10 s, naming the address, when nothing answers there.
+            drop(EventProducer::connect(address)?);
+            create_topic(address, &topic, settings.partitions)?;
+            (None, address.clone(), address.clone())
+        }
     };
     let mut generator = click_generator(settings.seed);
     let retention = (EMBEDDED_RETENTION_BYTES_PER_PARTITION * settings.partitions as u64) as f64;
