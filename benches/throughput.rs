@@ -1,6 +1,10 @@
 //! End-to-end throughput: Kafka JSON → 2 shards → 5-minute tumbling count per page → Delta,
 //! beside the baseline measured in the same run on the same messages: raw consume + JSON
 //! decode on the same number of threads, with nothing else (the practical ceiling here).
+//! Both are timed from the first event read to the last.
+//! The prefill, the pipeline file and the baseline are the load test's
+//! (`tidemark::loadtest`); here the pipeline runs in this process, `tidemark loadtest` runs
+//! it as a child process and adds the live rate search, latency and RSS.
 //!
 //! `cargo bench --bench throughput` runs the full size (TIDEMARK_BENCH_EVENTS, default 320,000:
 //! it must fit the embedded broker's ~5 MB per partition retention). Under `cargo test` it
@@ -10,13 +14,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tidemark::broker::EmbeddedBroker;
 use tidemark::config::parse_config;
-use tidemark::decode::SourceDecoder;
-use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::loadtest::{click_generator, click_pipeline_toml, consume_and_decode, prefill_clicks, ClickPipeline};
 use tidemark::source::producer::EventProducer;
 
 const TOPIC: &str = "bench";
@@ -24,88 +24,39 @@ const PARTITIONS: i32 = 16;
 const SHARDS: usize = 2;
 
 fn config_text(bootstrap: &str, dir: &std::path::Path) -> String {
-    format!(
-        r#"
-[pipeline]
-name = "bench"
-state_dir = "{state}"
-commit_interval = "1s"
-shards = {SHARDS}
-progress_interval = "1h"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-[[sources]]
-name = "clicks"
-topic = "{TOPIC}"
-event_time = {{ field = "timestamp" }}
-watermark = {{ delay = "10s", idle_timeout = "1h" }}
-schema = {{ user_id = "string", page_url = "string", action = "string", timestamp = "timestamp" }}
-[[queries]]
-name = "page_views_5min"
-from = "clicks"
-window = {{ tumbling = "5m" }}
-group_by = ["page_url"]
-aggregates = [ {{ name = "view_count", fn = "count" }} ]
-sink = "out"
-[[sinks]]
-name = "out"
-kind = "delta"
-path = "{out}"
-[metrics]
-listen = "127.0.0.1:0"
-"#,
-        state = dir.join("state").display(),
-        out = dir.join("out").display()
-    )
+    click_pipeline_toml(&ClickPipeline {
+        name: "bench",
+        bootstrap,
+        topic: TOPIC,
+        partitions: PARTITIONS,
+        shards: SHARDS,
+        state_dir: &dir.join("state"),
+        sink_dir: &dir.join("out"),
+        metrics_listen: "127.0.0.1:0",
+    })
 }
 
-/// Baseline: SHARDS threads, each consuming its share of the partitions and decoding every
-/// message with the same decoder the pipeline uses. Returns events/s.
-fn consume_and_decode(bootstrap: &str, total: u64, cfg: &tidemark::config::Config) -> f64 {
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for shard in 0..SHARDS {
-            s.spawn(move || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", bootstrap)
-                    .set("group.id", "baseline")
-                    .set("enable.auto.commit", "false")
-                    .create()
-                    .unwrap();
-                let mut tpl = TopicPartitionList::new();
-                for p in (0..PARTITIONS).filter(|p| *p as usize % SHARDS == shard) {
-                    tpl.add_partition_offset(TOPIC, p, Offset::Beginning).unwrap();
-                }
-                consumer.assign(&tpl).unwrap();
-                let mut decoder = SourceDecoder::new(&cfg.sources[0]);
-                let mut n = 0u64;
-                let want = total / SHARDS as u64;
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while n < want && Instant::now() < deadline {
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                        std::hint::black_box(decoder.decode(m.payload().unwrap_or(&[])).ok());
-                        n += 1;
-                    }
-                }
-                assert_eq!(n, want, "baseline consumed everything");
-            });
-        }
-    });
-    total as f64 / started.elapsed().as_secs_f64()
-}
-
-/// The pipeline from start to every event read; returns events/s.
+/// The pipeline from its first event read to its last, as the baseline is timed (both leave
+/// out the wait for the first fetch answer); returns events/s.
 fn pipeline(bootstrap: &str, total: u64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let cfg = parse_config(&config_text(bootstrap, dir.path())).unwrap();
-    let started = Instant::now();
     let running = tidemark::daemon::start(cfg, Arc::new(AtomicBool::new(false))).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while running.stats().events_in < total {
+    let mut first: Option<(Instant, u64)> = None;
+    loop {
+        let read = running.stats().events_in;
+        if read >= total {
+            break;
+        }
+        if read > 0 && first.is_none() {
+            first = Some((Instant::now(), read));
+        }
         assert!(Instant::now() < deadline, "pipeline did not read everything");
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_micros(500));
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let (started, read_before) = first.unwrap_or((Instant::now(), 0));
+    let rate = (total - read_before) as f64 / started.elapsed().as_secs_f64().max(1e-6);
     running.stop().unwrap();
     rate
 }
@@ -117,26 +68,11 @@ fn main() {
     } else {
         16_000
     };
-    let total = total - total % (PARTITIONS as u64 * SHARDS as u64);
     let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
     let producer = EventProducer::connect(broker.bootstrap_servers()).unwrap();
-    let mut g = ClickGenerator::new(ClickGeneratorSettings {
-        seed: 1,
-        users: 100_000,
-        pages: 1_000,
-        disorder_ms: 2_000,
-        late_share: 0.0,
-        late_by_ms: 0,
-        malformed_share: 0.0,
-    });
-    let mut bytes = 0u64;
-    for seq in 0..total {
-        let e = g.next_event(1_795_392_000_000 + seq as i64 / 10);
-        bytes += e.payload.len() as u64;
-        producer.send(TOPIC, Some((seq % PARTITIONS as u64) as i32), &e.key, &e.payload).unwrap();
-    }
-    producer.flush(Duration::from_secs(60)).unwrap();
-    let per_partition_mb = bytes as f64 / PARTITIONS as f64 / 1e6;
+    // 2026-11-23T00:00:00Z onwards, ten events per millisecond.
+    let prefill = prefill_clicks(&producer, TOPIC, PARTITIONS, total, 1_795_392_000_000, &mut click_generator(1)).unwrap();
+    let per_partition_mb = prefill.bytes as f64 / PARTITIONS as f64 / 1e6;
     assert!(
         per_partition_mb < 4.5,
         "{per_partition_mb:.1} MB per partition exceeds the embedded broker's retention"
@@ -146,12 +82,13 @@ fn main() {
     let rounds = if full { 3 } else { 1 };
     let (mut base, mut pipe) = (0f64, 0f64);
     for _ in 0..rounds {
-        base = base.max(consume_and_decode(broker.bootstrap_servers(), total, &cfg));
+        let baseline = consume_and_decode(&cfg, broker.bootstrap_servers(), SHARDS, &prefill.per_partition, Duration::from_secs(120)).unwrap();
+        base = base.max(baseline.events_per_second());
         pipe = pipe.max(pipeline(broker.bootstrap_servers(), total));
     }
     println!(
         "events: {total} ({:.0} bytes avg, {PARTITIONS} partitions, {SHARDS} shards/threads), best of {rounds}",
-        bytes as f64 / total as f64
+        prefill.average_event_bytes()
     );
     println!("baseline consume+decode: {:>10.0} events/s ({:.0} per thread)", base, base / SHARDS as f64);
     println!("pipeline end to end:     {:>10.0} events/s ({:.0} per shard)", pipe, pipe / SHARDS as f64);

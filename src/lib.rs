@@ -22,6 +22,9 @@
 //! - [`telemetry`] per-shard counters, progress, logging set-up
 //! - [`metrics`]   the HTTP endpoint: `/metrics` (Prometheus text, merged at scrape), `/healthz`, `/readyz`
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
+//!
+//! Around the pipeline: [`loadtest`] drives `tidemark run` as a child process with the load
+//! generator and reports throughput beside a consume+decode baseline, latency and RSS.
 
 pub mod agg;
 pub mod broker;
@@ -30,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod expr;
+pub mod loadtest;
 pub mod metrics;
 pub mod shard;
 pub mod sink;

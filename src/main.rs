@@ -104,6 +104,33 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = duration_arg)]
         report_every: Duration,
     },
+    /// End-to-end load test of the demo's click query: baseline, catch-up, max sustained rate, latency, RSS.
+    Loadtest {
+        /// Kafka bootstrap servers (e.g. from scripts/kafka-broker.sh); default: the embedded broker.
+        #[arg(long)]
+        bootstrap: Option<String>,
+        /// Pipeline shards, and baseline threads (default: one per core).
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Prefilled events for the baseline and the catch-up (must fit the embedded broker's ~5 MB per partition).
+        #[arg(long, default_value_t = 320_000)]
+        events: u64,
+        /// Partitions of the load-test topic (a fresh one per run).
+        #[arg(long, default_value_t = 16)]
+        partitions: i32,
+        /// Length of each live step of the rate search, and of the latency phase.
+        #[arg(long, default_value_t = 10.0)]
+        step_seconds: f64,
+        /// Also fill this many distinct page_url keys in one 5-minute window and report the RSS.
+        #[arg(long)]
+        keys: Option<u64>,
+        /// Where the pipeline file, its log, the last /metrics scrape and the report go.
+        #[arg(long, default_value = "data/loadtest")]
+        out: PathBuf,
+        /// Seed of the generated events.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 /// How events arrive (disorder, very-late and malformed shares), shared by `generate` and `loadgen`.
@@ -306,6 +333,50 @@ fn main() -> ExitCode {
                         r.elapsed.as_secs_f64(),
                         r.produced as f64 / r.elapsed.as_secs_f64().max(1e-9)
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Loadtest {
+            bootstrap,
+            shards,
+            events,
+            partitions,
+            step_seconds,
+            keys,
+            out,
+            seed,
+        } => {
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("error: cannot find the tidemark binary to run the pipeline with: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !(step_seconds.is_finite() && step_seconds > 0.0) {
+                eprintln!("error: --step-seconds must be a positive number of seconds, e.g. 10");
+                return ExitCode::FAILURE;
+            }
+            let settings = tidemark::loadtest::LoadTestSettings {
+                exe,
+                bootstrap,
+                shards: shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                partitions,
+                events,
+                step: Duration::from_secs_f64(step_seconds),
+                keys,
+                out_dir: out,
+                seed,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            match tidemark::loadtest::run(&settings, &shutdown_flag()) {
+                Ok(report) => {
+                    println!("{report}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -61,6 +61,8 @@ pub struct ClickGenerator {
     rng: ChaCha8Rng,
     envelope: Envelope,
     next_seq: u64,
+    /// Pages in turn (`seq % pages`) instead of at random; see [`ClickGenerator::with_sequential_pages`].
+    sequential_pages: bool,
 }
 
 /// Weighted actions, as cumulative percentages: views are the common case.
@@ -84,7 +86,16 @@ impl ClickGenerator {
             envelope: Envelope::new(settings.disorder_ms, settings.late_share, settings.late_by_ms, settings.malformed_share),
             settings,
             next_seq: 0,
+            sequential_pages: false,
         }
+    }
+
+    /// Pages in turn instead of at random: the first `pages` events name `pages` distinct
+    /// pages, so a load test fills an exact number of group keys (`page_url`). Every other
+    /// field, and the random stream, stay as they would be.
+    pub fn with_sequential_pages(mut self) -> Self {
+        self.sequential_pages = true;
+        self
     }
 
     /// The settings in effect (after clamping).
@@ -108,7 +119,12 @@ impl ClickGenerator {
         // position then depends only on how many events were generated.
         let kind_draw = self.envelope.draw_kind(&mut self.rng);
         let user = self.rng.random_range(0..s.users);
-        let page = self.rng.random_range(0..s.pages);
+        let drawn_page = self.rng.random_range(0..s.pages);
+        let page = if self.sequential_pages {
+            (self.next_seq % u64::from(s.pages)) as u32
+        } else {
+            drawn_page
+        };
         let action_draw = self.rng.random_range(0..100u32);
         let jitter_ms = self.envelope.draw_jitter_ms(&mut self.rng);
         let arrival = self.envelope.arrive(kind_draw, jitter_ms, base_time_ms);
@@ -415,5 +431,30 @@ mod tests {
             ..ClickGeneratorSettings::default()
         });
         assert_eq!(generator.settings().late_share, 0.5);
+    }
+
+    #[test]
+    fn sequential_pages_name_each_page_once_per_round_and_keep_the_rest() {
+        let clean = ClickGeneratorSettings {
+            pages: 1_000,
+            late_share: 0.0,
+            malformed_share: 0.0,
+            ..settings(5)
+        };
+        let mut random = ClickGenerator::new(clean.clone());
+        let mut sequential = ClickGenerator::new(clean).with_sequential_pages();
+        let page = |event: &GeneratedEvent| -> String {
+            let json: Value = serde_json::from_slice(&event.payload).unwrap();
+            json["page_url"].as_str().unwrap().to_owned()
+        };
+        let mut seen = std::collections::HashSet::new();
+        for seq in 0..1_000 {
+            let (a, b) = (random.next_event(START_MS + seq), sequential.next_event(START_MS + seq));
+            assert_eq!(page(&b), format!("/products/{seq}"));
+            assert!(seen.insert(page(&b)));
+            // Same key, same timestamp: only the page differs.
+            assert_eq!((a.key, a.kind), (b.key, b.kind));
+        }
+        assert_eq!(page(&sequential.next_event(START_MS)), "/products/0", "the next round starts over");
     }
 }
