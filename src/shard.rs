@@ -247,6 +247,8 @@ struct Shard {
     last_publish: Instant,
 }
 
+/// How long a shard waits for its topics' metadata before assigning its partitions.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a warning about bad input (or dropped dead letters) may be logged per shard.
 const BAD_INPUT_WARN_EVERY: Duration = Duration::from_secs(5);
 /// The window the busy ratio is computed over.
@@ -382,6 +384,13 @@ impl Shard {
                     })?,
                 });
                 assignment.push((src.topic.clone(), sp.partition, offset));
+            }
+            // librdkafka resolves a logical start (earliest/latest) once it has the topic's
+            // metadata; a consumer without it waits for a 500 ms retry before its first fetch.
+            for (topic, _, _) in &topics {
+                if let Err(e) = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
+                    tracing::debug!(topic = %topic, error = %e, "no topic metadata before assigning (the first fetch may start later)");
+                }
             }
             let tpl = assignment_list(&assignment).map_err(|source| SourceError::Client {
                 bootstrap: ctx.bootstrap.clone(),

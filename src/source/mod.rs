@@ -18,7 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Config, GapPolicy, StartingOffsets};
+use crate::config::{Bootstrap, Config, GapPolicy, StartingOffsets};
 
 pub mod files;
 
@@ -90,6 +90,12 @@ pub fn consumer_config(config: &Config, bootstrap: &str) -> ClientConfig {
     // up for up to a second. Retry quickly instead; the cost is a timer check per ms while
     // the queue stays full.
     c.set("fetch.queue.backoff.ms", "1");
+    if config.kafka.bootstrap_servers == Bootstrap::Embedded {
+        // librdkafka's mock cluster answers a fetch that finds no data only after the whole
+        // fetch.wait.max.ms (default 500 ms), without waking when data arrives: the demo and
+        // the load test would idle half a second per empty partition. Real brokers wake up.
+        c.set("fetch.wait.max.ms", "10");
+    }
     for (k, v) in &config.kafka.options {
         c.set(k, v);
     }
