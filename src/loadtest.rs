@@ -93,8 +93,6 @@ const CLICK_PAGES: u32 = 1_000;
 const CLICK_DISORDER_MS: i64 = 2_000;
 /// Prefilled events are spread over event time at this many per millisecond, ending now.
 const PREFILL_EVENTS_PER_MS: u64 = 10;
-/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ on every mainstream architecture).
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// Histograms the latency phase reads (seconds, Prometheus `_bucket{le=...}` series).
 pub const INGEST_TO_COMMIT: &str = "tidemark_ingest_to_commit_seconds";
@@ -728,37 +726,7 @@ fn round_rate(rate: u64) -> u64 {
     ((rate + unit / 2) / unit * unit).max(unit)
 }
 
-/// Memory and CPU of a process, from `/proc/<pid>/status` and `/proc/<pid>/stat`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct ProcStats {
-    pub rss_bytes: u64,
-    /// VmHWM: the highest RSS so far.
-    pub peak_rss_bytes: u64,
-    /// User + system.
-    pub cpu_seconds: f64,
-}
-
-impl ProcStats {
-    /// `None` once the process is gone (or without `/proc`).
-    pub fn read(pid: u32) -> Option<ProcStats> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Self::parse(&status, &stat)
-    }
-
-    pub fn parse(status: &str, stat: &str) -> Option<ProcStats> {
-        let kb = |field: &str| -> Option<u64> { status.lines().find_map(|l| l.strip_prefix(field))?.split_whitespace().next()?.parse().ok() };
-        // After the command name (in parentheses, may hold spaces) come fields 3 (state)
-        // onwards; utime and stime are fields 14 and 15.
-        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ProcStats {
-            rss_bytes: kb("VmRSS:")? * 1024,
-            peak_rss_bytes: kb("VmHWM:")? * 1024,
-            cpu_seconds: ticks as f64 / CLOCK_TICKS_PER_SECOND,
-        })
-    }
-}
+pub use crate::telemetry::ProcStats;
 
 // ---------------------------------------------------------------------------------------
 // The report
@@ -1981,16 +1949,6 @@ tidemark_ingest_to_commit_seconds_count 200
             search.record(rate, true);
         }
         assert_eq!((steps, search.best()), (4, Some(8_000)));
-    }
-
-    #[test]
-    fn proc_files_parse() {
-        let status = "Name:\ttidemark\nVmPeak:\t  9000 kB\nVmHWM:\t    4096 kB\nVmRSS:\t    2048 kB\n";
-        let stat = "1234 (tide mark) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 100 1000 500";
-        let p = ProcStats::parse(status, stat).unwrap();
-        assert_eq!((p.rss_bytes, p.peak_rss_bytes, p.cpu_seconds), (2048 * 1024, 4096 * 1024, 3.0));
-        let me = ProcStats::read(std::process::id()).unwrap();
-        assert!(me.rss_bytes > 0 && me.peak_rss_bytes >= me.rss_bytes);
     }
 
     #[test]

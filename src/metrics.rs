@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use crate::config::Config;
 use crate::decode::DeadLetterReason;
 use crate::state::StateStore;
-use crate::telemetry::{PartitionStats, PipelineStats, ShardStats, SinkStats};
+use crate::telemetry::{PartitionStats, PipelineStats, ProcStats, ShardStats, SinkStats};
 use crate::watermark::UNKNOWN;
 
 /// How long a connection may take to send its request or accept the answer.
@@ -37,8 +37,6 @@ pub const LATENCY_BUCKETS: [f64; 37] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5,
     10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
-/// Linux reports CPU time in clock ticks; USER_HZ is 100 on every mainstream architecture.
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// What the endpoint reads from.
 pub struct MetricsSource {
@@ -183,7 +181,7 @@ fn scrape(source: &MetricsSource) -> String {
         failed: source.failed.load(Relaxed),
         state_size_bytes: Some(source.store.size_on_disk_bytes()),
         now_micros: crate::time::now_micros(),
-        process: ProcessStats::read(),
+        process: ProcStats::read(std::process::id()),
     };
     render(&source.stats, &source.labels, &scrape)
 }
@@ -195,36 +193,7 @@ pub struct Scrape {
     pub failed: bool,
     pub state_size_bytes: Option<u64>,
     pub now_micros: i64,
-    pub process: Option<ProcessStats>,
-}
-
-/// This process's resource use, from `/proc/self`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProcessStats {
-    pub resident_memory_bytes: u64,
-    pub cpu_seconds: f64,
-}
-
-impl ProcessStats {
-    /// `None` where `/proc` is not available.
-    pub fn read() -> Option<ProcessStats> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        Self::parse(&status, &stat)
-    }
-
-    fn parse(status: &str, stat: &str) -> Option<ProcessStats> {
-        let rss_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
-        // Fields after the command name (which may hold spaces) start at field 3 (state);
-        // utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')')? + 1..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ProcessStats {
-            resident_memory_bytes: rss_kb * 1024,
-            cpu_seconds: ticks as f64 / CLOCK_TICKS_PER_SECOND,
-        })
-    }
+    pub process: Option<ProcStats>,
 }
 
 /// The names behind the metrics' labels, from the pipeline's configuration.
@@ -508,7 +477,7 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
 
     if let Some(p) = scrape.process {
         out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
-        out.sample("process_resident_memory_bytes", &[], p.resident_memory_bytes as f64);
+        out.sample("process_resident_memory_bytes", &[], p.rss_bytes as f64);
         out.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
         out.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
     }
@@ -657,8 +626,9 @@ mod tests {
             failed: false,
             state_size_bytes: Some(4096),
             now_micros: 1_700_000_010_000_000,
-            process: Some(ProcessStats {
-                resident_memory_bytes: 1 << 20,
+            process: Some(ProcStats {
+                rss_bytes: 1 << 20,
+                peak_rss_bytes: 1 << 21,
                 cpu_seconds: 1.5,
             }),
         };
@@ -807,15 +777,5 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(escape_label_value("plain"), "plain");
         assert_eq!(escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
-
-    #[test]
-    fn process_stats_parse_proc_files() {
-        let status = "Name:\ttidemark\nVmPeak:\t  9000 kB\nVmRSS:\t    2048 kB\n";
-        let stat = "1234 (tide mark) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 100 1000 500";
-        let p = ProcessStats::parse(status, stat).unwrap();
-        assert_eq!(p.resident_memory_bytes, 2048 * 1024);
-        assert_eq!(p.cpu_seconds, 3.0);
-        assert!(ProcessStats::read().is_some_and(|p| p.resident_memory_bytes > 0));
     }
 }
