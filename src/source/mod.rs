@@ -84,7 +84,7 @@ pub enum SourceError {
 pub fn consumer_config(config: &Config, bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     // Bound librdkafka's prefetch per consumer (its default is 64 MB); users may override.
-    c.set("queued.max.messages.kbytes", "16384");
+    c.set("queued.max.messages.kbytes", "4096");
     // When that prefetch queue is full, librdkafka postpones the partition's next fetch by
     // this much (default 1 s): with a bounded queue that stalls a shard that has just caught
     // up for up to a second. Retry quickly instead; the cost is a timer check per ms while
