@@ -27,6 +27,9 @@ use crate::expr::Expr;
 use crate::time::{civil_from_days, days_from_civil};
 use crate::value::{decode_key, EventTime, Value};
 
+mod keytable;
+use keytable::KeyTable;
+
 /// An aggregate input as carried between shards: like [`In`] but with byte strings as ranges
 /// into the batch's byte buffer, so a record needs no allocation of its own.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -283,12 +286,6 @@ pub fn calendar_next(start: EventTime, unit: CalendarUnit) -> EventTime {
 
 type KeyMap<V> = HashMap<Box<[u8]>, V, Xxh3DefaultBuilder>;
 
-#[derive(Debug)]
-struct Entry {
-    dirty: bool,
-    accs: Box<[Acc]>,
-}
-
 /// What both operators share: the aggregates, how rows are finished, lateness.
 struct Common {
     shape: OutputShape,
@@ -348,7 +345,7 @@ impl Common {
 pub struct BucketOperator {
     common: Common,
     assigner: Assigner,
-    open: BTreeMap<EventTime, KeyMap<Entry>>,
+    open: BTreeMap<EventTime, KeyTable>,
     /// Highest window start already closed (panes); windows at or before it are never emitted again.
     closed_windows_through: Option<EventTime>,
     /// Highest bucket start deleted; `close_pending` until handed to the state store.
@@ -361,19 +358,11 @@ impl BucketOperator {
     #[inline]
     fn update(&mut self, t: EventTime, key: &[u8], inputs: &[InSlot], blob: &[u8]) {
         let bucket = self.assigner.bucket(t);
-        let keys = self.open.entry(bucket).or_default();
-        let entry = match keys.get_mut(key) {
-            Some(e) => e,
-            None => {
-                self.open_keys += 1;
-                keys.entry(key.into()).or_insert_with(|| Entry {
-                    dirty: true,
-                    accs: self.common.new_accs(),
-                })
-            }
-        };
-        entry.dirty = true;
-        self.common.update(&mut entry.accs, t, inputs, blob);
+        let common = &self.common;
+        let keys = self.open.entry(bucket).or_insert_with(|| KeyTable::new(common.shape.specs.len()));
+        let (accs, new) = keys.upsert(key, || common.new_accs());
+        self.open_keys += usize::from(new);
+        common.update(accs, t, inputs, blob);
     }
 
     fn window_values(&self, start: EventTime, end: EventTime) -> Vec<Value> {
@@ -389,10 +378,10 @@ impl BucketOperator {
         for (_, keys) in self.open.range(s..s.saturating_add(size)) {
             if let Some(e) = keys.get(key) {
                 match &mut merged {
-                    Some(m) => self.common.merge_into(m, &e.accs),
+                    Some(m) => self.common.merge_into(m, e.accs),
                     None => {
                         let mut m = self.common.new_accs();
-                        self.common.merge_into(&mut m, &e.accs);
+                        self.common.merge_into(&mut m, e.accs);
                         merged = Some(m);
                     }
                 }
@@ -433,7 +422,7 @@ impl BucketOperator {
                     let mut rows: Vec<OutputRow> = keys
                         .iter()
                         .filter(|(_, e)| all || e.dirty)
-                        .map(|(key, e)| self.common.row(&window, start, end, key, &e.accs))
+                        .map(|(key, e)| self.common.row(&window, start, end, key, e.accs))
                         .collect();
                     rows.sort_by(|a, b| a.key.cmp(&b.key));
                     out.extend(rows);
@@ -480,7 +469,7 @@ impl BucketOperator {
                     self.open_keys -= keys.len();
                     if emit {
                         let window = self.window_values(b, end);
-                        let mut rows: Vec<OutputRow> = keys.iter().map(|(k, e)| self.common.row(&window, b, end, k, &e.accs)).collect();
+                        let mut rows: Vec<OutputRow> = keys.iter().map(|(k, e)| self.common.row(&window, b, end, k, e.accs)).collect();
                         rows.sort_by(|a, b| a.key.cmp(&b.key));
                         out.extend(rows);
                     }
@@ -512,7 +501,7 @@ impl BucketOperator {
                         let mut keys: Vec<&[u8]> = self
                             .open
                             .range(s..s.saturating_add(size))
-                            .flat_map(|(_, keys)| keys.keys().map(|k| &**k))
+                            .flat_map(|(_, keys)| keys.keys())
                             .collect::<HashSet<_>>()
                             .into_iter()
                             .collect();
@@ -549,20 +538,15 @@ impl BucketOperator {
             ..Default::default()
         };
         for (start, keys) in &mut self.open {
-            for (key, e) in keys.iter_mut().filter(|(_, e)| e.dirty) {
-                e.dirty = false;
-                changes.puts.push((*start, key.to_vec(), self.common.encode(&e.accs)));
-            }
+            let common = &self.common;
+            keys.drain_dirty(|key, accs| changes.puts.push((*start, key.to_vec(), common.encode(accs))));
         }
         changes
     }
 
     fn restore(&mut self, start: EventTime, key: &[u8], accs: Vec<Acc>) {
-        let entry = Entry {
-            dirty: false,
-            accs: accs.into(),
-        };
-        if self.open.entry(start).or_default().insert(key.into(), entry).is_none() {
+        let width = self.common.shape.specs.len();
+        if self.open.entry(start).or_insert_with(|| KeyTable::new(width)).restore(key, accs) {
             self.open_keys += 1;
         }
     }
