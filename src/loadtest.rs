@@ -1308,6 +1308,33 @@ fn say(text: impl fmt::Display) {
 
 /// (a) A fresh child reads the prefilled topic of `events` events: the rate from the first
 /// scrape showing events received to the first showing all.
+/// While `producing` runs, scrapes the child's received count every [`SCRAPE_EVERY`] and hands
+/// it to `on_received`. A failed scrape or an interrupt sets `stop` (the producer's stop flag);
+/// the scrape error is returned once the producer has finished.
+fn watch_producer<T>(
+    producing: &std::thread::ScopedJoinHandle<'_, T>,
+    child: &mut PipelineChild,
+    stop: &AtomicBool,
+    interrupt: &AtomicBool,
+    mut on_received: impl FnMut(u64),
+) -> Result<(), LoadTestError> {
+    let mut watched = Ok(());
+    while !producing.is_finished() {
+        std::thread::sleep(SCRAPE_EVERY);
+        match child.received() {
+            Ok(n) => on_received(n),
+            Err(e) => {
+                stop.store(true, Relaxed);
+                watched = Err(e);
+            }
+        }
+        if interrupt.load(Relaxed) {
+            stop.store(true, Relaxed);
+        }
+    }
+    watched
+}
+
 fn catch_up(child: &mut PipelineChild, events: u64, interrupt: &AtomicBool) -> Result<CatchUp, LoadTestError> {
     let ready = child.wait_ready(interrupt)?;
     let startup_seconds = (ready - child.spawned_at).as_secs_f64();
@@ -1405,30 +1432,17 @@ impl Run<'_> {
         let started = Instant::now();
         let report = std::thread::scope(|s| {
             let producing = s.spawn(|| run_loadgen(producer, topic, generator, &load, &stop, |_| {}));
-            let mut watched = Ok(());
-            while !producing.is_finished() {
-                std::thread::sleep(SCRAPE_EVERY);
-                match child.received() {
-                    Ok(received) => {
-                        let lag = producer.delivered_count().saturating_sub(received);
-                        samples.push(LagSample {
-                            seconds: started.elapsed().as_secs_f64(),
-                            lag,
-                        });
-                        if lag > lag_cap && cap_hit.is_none() {
-                            cap_hit = Some(lag);
-                            stop.store(true, Relaxed);
-                        }
-                    }
-                    Err(e) => {
-                        stop.store(true, Relaxed);
-                        watched = Err(e);
-                    }
-                }
-                if interrupt.load(Relaxed) {
+            let watched = watch_producer(&producing, child, &stop, interrupt, |received| {
+                let lag = producer.delivered_count().saturating_sub(received);
+                samples.push(LagSample {
+                    seconds: started.elapsed().as_secs_f64(),
+                    lag,
+                });
+                if lag > lag_cap && cap_hit.is_none() {
+                    cap_hit = Some(lag);
                     stop.store(true, Relaxed);
                 }
-            }
+            });
             let produced = producing.join().expect("the producer thread does not panic");
             watched.map(|()| produced)
         })?;
@@ -1546,20 +1560,7 @@ impl Run<'_> {
                 producer.flush(Duration::from_secs(120))?;
                 Ok(())
             });
-            let mut watched = Ok(());
-            while !producing.is_finished() {
-                std::thread::sleep(SCRAPE_EVERY);
-                match child.received() {
-                    Ok(n) => received.store(n, Relaxed),
-                    Err(e) => {
-                        stop.store(true, Relaxed);
-                        watched = Err(e);
-                    }
-                }
-                if interrupt.load(Relaxed) {
-                    stop.store(true, Relaxed);
-                }
-            }
+            let watched = watch_producer(&producing, child, &stop, interrupt, |n| received.store(n, Relaxed));
             let produced = producing.join().expect("the producer thread does not panic");
             watched.and(produced)
         })?;
