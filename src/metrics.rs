@@ -602,10 +602,10 @@ mod tests {
             bytes: 50,
             dead_letters: [1, 0, 0, 0, 0],
         };
-        tally.publish(p0, &stats.shards[0]);
+        tally.publish(p0);
         tally.received = 7;
         tally.dead_letters[3] = 2;
-        tally.publish(f, &stats.shards[1]);
+        tally.publish(f);
         p0.lag.store(12, Relaxed);
         p0.watermark.store(1_700_000_001_000_000, Relaxed);
         ShardStats::add(&stats.shards[1].late_by_query[1], 2);

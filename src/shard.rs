@@ -529,7 +529,7 @@ impl Shard {
         let published = stats.partitions();
         for (i, p) in self.parts.iter_mut().enumerate() {
             let Some(to) = published.get(i) else { continue };
-            p.tally.publish(to, stats);
+            p.tally.publish(to);
             to.watermark.store(p.clock.own_watermark(), Relaxed);
             if let Some(consumer) = &self.consumer {
                 // Before the first record, the position is the start of the retained log.
@@ -539,7 +539,7 @@ impl Shard {
         }
         for (i, f) in self.files.iter_mut().enumerate() {
             let Some(to) = published.get(self.parts.len() + i) else { continue };
-            f.tally.publish(to, stats);
+            f.tally.publish(to);
             to.watermark.store(f.clock.own_watermark(), Relaxed);
         }
         for (q, n) in self.late_tally.iter_mut().enumerate() {
@@ -559,11 +559,9 @@ impl Shard {
         }
     }
 
-    /// Open windows and state keys, per query and in total.
+    /// Open windows and state keys per query.
     fn publish_state_sizes(&self) {
         let s = &self.ctx.stats.shards[self.ctx.id];
-        s.open_keys.store(self.ops.iter().map(|o| o.open_keys() as u64).sum(), Relaxed);
-        s.open_windows.store(self.ops.iter().map(|o| o.open_windows() as u64).sum(), Relaxed);
         for (q, op) in self.ops.iter().enumerate() {
             s.state_keys_by_query[q].store(op.open_keys() as u64, Relaxed);
             s.open_windows_by_query[q].store(op.open_windows() as u64, Relaxed);

@@ -69,33 +69,27 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Adds the tally to the partition's counters and to the shard's totals, and resets it.
-    pub fn publish(&mut self, to: &PartitionStats, shard: &ShardStats) {
+    /// Adds the tally to the partition's counters and resets it.
+    pub fn publish(&mut self, to: &PartitionStats) {
         ShardStats::add(&to.received, self.received);
         ShardStats::add(&to.decoded, self.decoded);
         ShardStats::add(&to.bytes, self.bytes);
-        ShardStats::add(&shard.events_in, self.received);
-        ShardStats::add(&shard.bytes_in, self.bytes);
         for (i, n) in self.dead_letters.iter().enumerate() {
             ShardStats::add(&to.dead_letters[i], *n);
-            ShardStats::add(&shard.dead_letters[i], *n);
         }
         *self = Tally::default();
     }
 }
 
+/// A shard's counters. Totals (events, bytes, dead letters, keys) are not kept twice: they
+/// are sums over `partitions` and the per-query gauges, taken when read.
 #[derive(Debug, Default)]
 pub struct ShardStats {
-    pub events_in: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub dead_letters: [AtomicU64; 5],
     pub dead_letters_dropped: AtomicU64,
     pub gaps_skipped: AtomicU64,
     pub offsets_skipped: AtomicU64,
     /// Times this shard stopped reading its sources because a peer's channel was full.
     pub backpressure_pauses: AtomicU64,
-    pub open_windows: AtomicU64,
-    pub open_keys: AtomicU64,
     /// The partitions this shard reads, set once when it opens them.
     pub partitions: OnceLock<Vec<PartitionStats>>,
     /// Per query: events that arrived after their window closed (dead-lettered as `late`).
@@ -321,20 +315,22 @@ impl PipelineStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let sum = |f: &dyn Fn(&ShardStats) -> &AtomicU64| self.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>();
+        let partition_sum =
+            |f: &dyn Fn(&PartitionStats) -> &AtomicU64| self.shards.iter().flat_map(|s| s.partitions()).map(|p| f(p).load(Relaxed)).sum::<u64>();
         let by_reason: Vec<(DeadLetterReason, u64)> = DeadLetterReason::ALL
             .iter()
             .enumerate()
-            .map(|(i, r)| (*r, self.shards.iter().map(|s| s.dead_letters[i].load(Relaxed)).sum()))
+            .map(|(i, r)| (*r, partition_sum(&|p| &p.dead_letters[i])))
             .collect();
         let wm = self.watermark.load(Relaxed);
         StatsSnapshot {
-            events_in: sum(&|s| &s.events_in),
-            bytes_in: sum(&|s| &s.bytes_in),
+            events_in: partition_sum(&|p| &p.received),
+            bytes_in: partition_sum(&|p| &p.bytes),
             dead_letters: by_reason.iter().map(|(_, n)| n).sum(),
             dead_letters_by_reason: by_reason,
             gaps_skipped: sum(&|s| &s.gaps_skipped),
             backpressure_pauses: sum(&|s| &s.backpressure_pauses),
-            open_keys: sum(&|s| &s.open_keys),
+            open_keys: self.shards.iter().flat_map(|s| s.state_keys_by_query.iter()).map(|k| k.load(Relaxed)).sum(),
             committed_epoch: self.committed_epoch.load(Relaxed),
             watermark: (wm != UNKNOWN).then_some(wm),
             rows_written: self.sinks.iter().map(|s| s.rows_written.load(Relaxed)).sum(),
@@ -522,25 +518,33 @@ mod tests {
     }
 
     #[test]
-    fn tallies_publish_to_the_partition_and_the_shard_then_reset() {
-        let shard = ShardStats::new(2, 1);
-        let part = PartitionStats::new(0, 3);
+    fn tallies_publish_to_the_partition_then_reset_and_the_snapshot_sums_partitions() {
+        let stats = PipelineStats::new(2, 1, 1);
+        let _ = stats.shards[0].partitions.set(vec![PartitionStats::new(0, 3)]);
+        let _ = stats.shards[1].partitions.set(vec![PartitionStats::new(0, 4), PartitionStats::new(1, -1)]);
+        let part = &stats.shards[0].partitions()[0];
         let mut t = Tally {
             received: 4,
             decoded: 3,
             bytes: 100,
             dead_letters: [1, 0, 0, 0, 0],
         };
-        t.publish(&part, &shard);
+        t.publish(part);
         t.received += 2;
-        t.publish(&part, &shard);
+        t.publish(part);
         assert_eq!(part.received.load(Relaxed), 6);
         assert_eq!(part.decoded.load(Relaxed), 3);
-        assert_eq!(shard.events_in.load(Relaxed), 6);
-        assert_eq!(shard.bytes_in.load(Relaxed), 100);
         assert_eq!(part.dead_letters[0].load(Relaxed), 1);
-        assert_eq!(shard.dead_letters[0].load(Relaxed), 1);
         assert_eq!(t.received, 0);
+
+        t.received = 5;
+        t.dead_letters[3] = 2;
+        t.publish(&stats.shards[1].partitions()[1]);
+        stats.shards[0].state_keys_by_query[0].store(7, Relaxed);
+        stats.shards[1].state_keys_by_query[0].store(8, Relaxed);
+        let s = stats.snapshot();
+        assert_eq!((s.events_in, s.bytes_in, s.dead_letters, s.open_keys), (11, 100, 3, 15));
+        assert_eq!(s.dead_letters_by_reason[3], (DeadLetterReason::Late, 2));
     }
 
     #[test]

@@ -28,6 +28,13 @@ fn hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
+/// Entry `i`'s key in the arena: it ends at `key_ends[i]` and starts where entry `i - 1`'s
+/// ends. A free function so the rehash callback can use it while the table is borrowed.
+fn key_of<'a>(keys: &'a [u8], key_ends: &[u32], i: usize) -> &'a [u8] {
+    let start = if i == 0 { 0 } else { key_ends[i - 1] as usize };
+    &keys[start..key_ends[i] as usize]
+}
+
 /// One entry, read-only.
 pub(super) struct EntryRef<'a> {
     pub dirty: bool,
@@ -52,8 +59,12 @@ impl KeyTable {
     }
 
     fn key(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.key_ends[i - 1] as usize };
-        &self.keys[start..self.key_ends[i] as usize]
+        key_of(&self.keys, &self.key_ends, i)
+    }
+
+    /// Entry `i`'s accumulators in `accs`.
+    fn accs_range(&self, i: usize) -> std::ops::Range<usize> {
+        i * self.width..(i + 1) * self.width
     }
 
     fn find(&self, key: &[u8]) -> Option<usize> {
@@ -67,7 +78,7 @@ impl KeyTable {
     fn entry(&self, i: usize) -> EntryRef<'_> {
         EntryRef {
             dirty: self.dirty[i],
-            accs: &self.accs[i * self.width..(i + 1) * self.width],
+            accs: &self.accs[self.accs_range(i)],
         }
     }
 
@@ -79,7 +90,8 @@ impl KeyTable {
             None => (self.push(key, fresh().into_vec(), true), true),
         };
         self.dirty[i] = true;
-        (&mut self.accs[i * self.width..(i + 1) * self.width], new)
+        let range = self.accs_range(i);
+        (&mut self.accs[range], new)
     }
 
     /// Restores an entry read back from the state store (not dirty). Returns whether the key
@@ -89,7 +101,8 @@ impl KeyTable {
         match self.find(key) {
             Some(i) => {
                 self.dirty[i] = false;
-                for (slot, acc) in self.accs[i * self.width..(i + 1) * self.width].iter_mut().zip(accs) {
+                let range = self.accs_range(i);
+                for (slot, acc) in self.accs[range].iter_mut().zip(accs) {
                     *slot = acc;
                 }
                 false
@@ -108,12 +121,7 @@ impl KeyTable {
         self.dirty.push(dirty);
         self.accs.extend(accs);
         let (key_ends, keys) = (&self.key_ends, &self.keys);
-        let rehash = |&j: &u32| {
-            let j = j as usize;
-            let start = if j == 0 { 0 } else { key_ends[j - 1] as usize };
-            hash(&keys[start..key_ends[j] as usize])
-        };
-        self.index.insert_unique(hash(key), i as u32, rehash);
+        self.index.insert_unique(hash(key), i as u32, |&j| hash(key_of(keys, key_ends, j as usize)));
         i
     }
 
@@ -130,8 +138,7 @@ impl KeyTable {
     pub fn drain_dirty(&mut self, mut f: impl FnMut(&[u8], &[Acc])) {
         for i in 0..self.len() {
             if std::mem::take(&mut self.dirty[i]) {
-                let start = if i == 0 { 0 } else { self.key_ends[i - 1] as usize };
-                f(&self.keys[start..self.key_ends[i] as usize], &self.accs[i * self.width..(i + 1) * self.width]);
+                f(key_of(&self.keys, &self.key_ends, i), &self.accs[self.accs_range(i)]);
             }
         }
     }
