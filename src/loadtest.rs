@@ -246,7 +246,7 @@ group_id = {name}
 # data only after the whole fetch.wait.max.ms (default 500 ms), without waking up when data
 # arrives as Kafka does: a consumer that keeps up would sit idle for half a second at a time.
 "fetch.wait.max.ms" = "{fetch_wait_ms}"
-# Once a partition's fetched messages fill the local queue (queued.max.messages.kbytes, 16 MiB
+# Once a partition's fetched messages fill the local queue (queued.max.messages.kbytes, 4 MiB
 # in tidemark), librdkafka postpones its next fetch by fetch.queue.backoff.ms (default 1000 ms):
 # a consumer catching up on a backlog drains the queue in a tenth of that, then idles.
 "fetch.queue.backoff.ms" = "{fetch_queue_backoff_ms}"
