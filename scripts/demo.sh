@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo build --release --bin tidemark
+build_all
 exec "$CARGO_TARGET_DIR/release/tidemark" run "${1:-config/demo.toml}"

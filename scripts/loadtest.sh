@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo build --release --bin tidemark
+build_all
 exec "$CARGO_TARGET_DIR/release/tidemark" loadtest "$@"

@@ -31,7 +31,24 @@ install_promtool() {
     command -v promtool >/dev/null || { echo "setup: the prometheus package did not provide promtool" >&2; return 1; }
 }
 
-# One target dir outside the clone, shared by the demo, the tests and the benches (one
-# profile: release), so RocksDB and librdkafka compile once per machine.
+# One target dir outside the clone, shared by the demo, the tests and the benches.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tidemark/target}"
 mkdir -p "$CARGO_TARGET_DIR"
+
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+
+# Clippy runs as the workspace wrapper of the one build, with warnings denied: the workspace's
+# crates are linted while they compile, and every dependency compiles once (a separate
+# `cargo clippy` would compile each one a second time, checked only). The demo, the tests and
+# the benches all build through build_all, with the same profile, targets, features and
+# environment, so whichever runs first compiles everything and the others reuse it.
+RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)"
+export RUSTC_WORKSPACE_WRAPPER
+export CLIPPY_ARGS="-Dwarnings"
+
+build_all() {
+    echo "== cargo test --release --workspace --all-targets --no-run (clippy -D warnings as the wrapper)" >&2
+    cargo test --release --workspace --all-targets --no-run "$@"
+}
