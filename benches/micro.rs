@@ -27,7 +27,7 @@ use tidemark::config::{parse_config, Config, FieldType};
 use tidemark::decode::SourceDecoder;
 use tidemark::shard::{ExchangeBatch, ShardMsg};
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
-use tidemark::value::{encode_key_str, EventTime};
+use tidemark::types::{encode_key_str, EventTime};
 use tidemark::window::{InSlot, WindowOperator};
 
 /// Elements processed per measured iteration in every group (one exchange batch, too).
@@ -370,7 +370,7 @@ fn run_flume(batches: u64, keys: &[Vec<u8>]) -> Duration {
     for i in 0..batches {
         let mut batch = ExchangeBatch::default();
         for r in 0..CHUNK {
-            batch.push(0, &keys[r % keys.len()], BASE_US + i as i64, &[InSlot::Null], &[]);
+            batch.push(0, 0, &keys[r % keys.len()], BASE_US + i as i64, &[InSlot::Null], &[]);
         }
         tx.send(ShardMsg::Rows(batch)).expect("consumer alive");
     }

@@ -13,7 +13,7 @@
 //! # Inputs
 //!
 //! The caller turns each event's field into an [`In`]: numbers for the numeric functions,
-//! key-encoded bytes ([`crate::value`] encoding) for the functions that work on any type. [`In::Skip`]
+//! key-encoded bytes ([`crate::types`] encoding) for the functions that work on any type. [`In::Skip`]
 //! (the aggregate's FILTER rejected the row) has no effect at all; [`In::Null`] is ignored by every
 //! function except `count()` without a field, which counts rows. Specs are checked once with
 //! [`AggSpec::validate`]; feeding an accumulator an input of the wrong shape is a caller bug
@@ -93,8 +93,8 @@ use std::fmt;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3DefaultBuilder};
 
-use crate::config::FieldType;
-use crate::value::{decode_key, EventTime, Value};
+use crate::types::FieldType;
+use crate::types::{decode_key, EventTime, Value};
 
 // ---------------------------------------------------------------------------------------------
 // Functions and specs
@@ -330,7 +330,7 @@ impl Kind {
 ///
 /// Which variant the caller passes depends on the function ([`AggFunc::takes_bytes`]):
 /// - `count_distinct`, `approx_count_distinct`, `first`, `last` (any input type): [`In::Bytes`]
-///   with the value key-encoded as one component (`crate::value::encode_key_value`);
+///   with the value key-encoded as one component (`crate::types::encode_key_value`);
 /// - `sum`, `avg`, `min`, `max`, variance, stddev, `approx_percentile`: [`In::Int`] for int and
 ///   timestamp fields, [`In::Float`] for float fields (an `Int` is also accepted where the
 ///   accumulator is float-based);
@@ -346,7 +346,7 @@ pub enum In<'a> {
     /// Int and timestamp fields.
     Int(i64),
     Float(f64),
-    /// A key-encoded value ([`crate::value`] encoding, one component).
+    /// A key-encoded value ([`crate::types`] encoding, one component).
     Bytes(&'a [u8]),
 }
 
@@ -1316,7 +1316,7 @@ fn get_option<T>(input: &mut &[u8], body: impl FnOnce(&mut &[u8]) -> Result<T, A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::value::{encode_key_str, encode_key_value};
+    use crate::types::{encode_key_str, encode_key_value};
     use proptest::prelude::*;
     use proptest::sample::Index;
     use rand::{Rng, SeedableRng};

@@ -4,8 +4,9 @@
 //! 1. one synced RocksDB `WriteBatch` holds every shard's state changes, source positions,
 //!    the pipeline watermark, and the epoch's output rows as *pending* — the epoch is now
 //!    durable, and everything after this point can be redone from the store;
-//! 2. each sink with rows gets one Delta commit tagged `txn(appId = <pipeline>/<sink>,
-//!    version = epoch)`; a sink whose table already holds that version skips it;
+//! 2. each sink with rows gets the epoch through the epoch-sink interface
+//!    ([`EpochSink`]), tagged with its application id `<pipeline>/<sink>` and the epoch
+//!    number; a sink that already holds that epoch skips it;
 //! 3. the pending rows are dropped.
 //!
 //! Recovery runs step 2–3 for every pending epoch before new epochs start, so a crash at any
@@ -20,15 +21,15 @@ use flume::Receiver;
 
 use crate::config::OutputMode;
 use crate::shard::EpochReport;
-use crate::sink::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions};
-use crate::sink::{to_record_batch, SinkPlan, SinkRows};
+use crate::sink::epoch::{EpochSink, SinkError, WriteOutcome};
+use crate::sink::{SinkPlan, SinkRows};
 use crate::state::{EpochWrite, StateError, StateStore};
 use crate::telemetry::PipelineStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error("sink \"{sink}\": {source}")]
-    Sink { sink: String, source: DeltaSinkError },
+    Sink { sink: String, source: SinkError },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("sink \"{sink}\": {message}")]
@@ -50,43 +51,28 @@ pub enum CommitError {
 
 pub struct Committer {
     store: Arc<StateStore>,
-    plans: Vec<SinkPlan>,
-    sinks: Vec<DeltaTableSink>,
+    sinks: Vec<EpochSink>,
     stats: Arc<PipelineStats>,
     /// Mirrors committed positions into the Kafka consumer group, for lag monitoring with
     /// standard tools. Never read back: the positions in the state store are the truth.
     group: Option<rdkafka::consumer::BaseConsumer>,
-    /// Per sink: commits since the last compaction.
-    since_compaction: Vec<u64>,
     /// Per complete-mode sink: hash of the result last written, so an unchanged result is
     /// not rewritten every epoch.
     last_complete: Vec<Option<u64>>,
-}
-
-/// The table options a sink's config asks for.
-pub fn table_options(plan: &SinkPlan) -> TableOptions {
-    TableOptions {
-        partition_by: plan.config.partition_by.clone(),
-        target_file_size_bytes: plan.config.target_file_size_bytes,
-        checkpoint_interval: plan.config.checkpoint_interval,
-    }
 }
 
 impl Committer {
     /// Opens (or creates) every sink table; an existing table with another schema is an error.
     pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>) -> Result<Self, CommitError> {
         let mut sinks = Vec::new();
-        for p in &plans {
-            let sink = DeltaTableSink::open_or_create(&p.path, p.schema.clone(), &table_options(p))
-                .await
-                .map_err(|source| CommitError::Sink { sink: p.name.clone(), source })?;
-            sinks.push(sink);
+        let count = plans.len();
+        for p in plans {
+            let name = p.name.clone();
+            sinks.push(EpochSink::open(p).await.map_err(|source| CommitError::Sink { sink: name, source })?);
         }
         Ok(Committer {
-            since_compaction: vec![0; plans.len()],
-            last_complete: vec![None; plans.len()],
+            last_complete: vec![None; count],
             store,
-            plans,
             sinks,
             stats,
             group: None,
@@ -120,11 +106,12 @@ impl Committer {
     /// Delivers output of flushed epochs that did not reach (or were not confirmed by) a sink,
     /// and checks that no table is ahead of the state (`flushed_epoch`).
     pub async fn recover(&mut self, flushed_epoch: u64) -> Result<usize, CommitError> {
-        for (plan, sink) in self.plans.iter().zip(&mut self.sinks) {
-            let table_epoch = sink.committed_epoch(&plan.app_id).await.map_err(|source| CommitError::Sink {
-                sink: plan.name.clone(),
+        for sink in &mut self.sinks {
+            let table_epoch = sink.committed_epoch().await.map_err(|source| CommitError::Sink {
+                sink: sink.plan().name.clone(),
                 source,
             })?;
+            let plan = sink.plan();
             if let Some(table_epoch) = table_epoch.filter(|e| *e > flushed_epoch) {
                 return Err(CommitError::TableAhead {
                     sink: plan.name.clone(),
@@ -137,10 +124,14 @@ impl Committer {
         let pending = self.store.pending()?;
         let n = pending.len();
         for (epoch, sink_name, bytes) in pending {
-            let idx = self.plans.iter().position(|p| p.name == sink_name).ok_or(CommitError::UnknownPendingSink {
-                epoch,
-                sink: sink_name.clone(),
-            })?;
+            let idx = self
+                .sinks
+                .iter()
+                .position(|s| s.plan().name == sink_name)
+                .ok_or(CommitError::UnknownPendingSink {
+                    epoch,
+                    sink: sink_name.clone(),
+                })?;
             let rows: SinkRows = serde_json::from_slice(&bytes).map_err(|e| CommitError::Rows {
                 sink: sink_name.clone(),
                 message: format!("pending rows of epoch {epoch} are unreadable: {e}"),
@@ -151,76 +142,30 @@ impl Committer {
         Ok(n)
     }
 
-    async fn deliver(&mut self, idx: usize, epoch: u64, rows: &SinkRows) -> Result<AppendOutcome, CommitError> {
-        let plan = &self.plans[idx];
-        let sink_err = |source| CommitError::Sink {
-            sink: plan.name.clone(),
-            source,
-        };
-        let batch = |rows: &SinkRows| {
-            to_record_batch(plan, rows).map_err(|message| CommitError::Rows {
-                sink: plan.name.clone(),
-                message,
-            })
-        };
+    async fn deliver(&mut self, idx: usize, epoch: u64, rows: &SinkRows) -> Result<WriteOutcome, CommitError> {
         let sink = &mut self.sinks[idx];
-        let outcome = match (plan.mode(), rows) {
-            (OutputMode::Update, SinkRows::Windows(all)) => {
-                let (retracts, upserts): (Vec<_>, Vec<_>) = all.iter().cloned().partition(|r| r.retract);
-                let keys = match &plan.role {
-                    crate::sink::SinkRole::Windows { merge_keys, .. } => merge_keys.clone(),
-                    crate::sink::SinkRole::DeadLetters => Vec::new(),
-                };
-                let upserts = batch(&SinkRows::Windows(upserts))?;
-                let deletes = batch(&SinkRows::Windows(retracts))?;
-                sink.upsert_epoch(&plan.app_id, epoch, &keys, vec![upserts], vec![deletes]).await
-            }
-            (OutputMode::Complete, _) => sink.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await,
-            _ => sink.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await,
-        };
+        let outcome = sink.write_epoch(epoch, rows).await;
         let counters = &self.stats.sinks[idx];
-        let attempts = self.sinks[idx].attempts();
+        let attempts = sink.attempts();
         counters.retries.store(attempts.retries, Relaxed);
         counters.conflicts.store(attempts.conflicts, Relaxed);
-        let outcome = outcome.map_err(sink_err)?;
-        if let AppendOutcome::Committed { .. } = outcome {
+        let outcome = outcome.map_err(|source| CommitError::Sink {
+            sink: sink.plan().name.clone(),
+            source,
+        })?;
+        if let WriteOutcome::Committed { .. } = outcome {
             counters.rows_written.fetch_add(rows.len() as u64, Relaxed);
             counters.commits.fetch_add(1, Relaxed);
-            self.since_compaction[idx] += 1;
         }
-        self.store.clear_pending(epoch, &plan.name)?;
-        self.maintain(idx).await;
+        self.store.clear_pending(epoch, &sink.plan().name)?;
+        sink.maintain().await;
         Ok(outcome)
-    }
-
-    /// Compaction (and vacuum after it) every `compact_every` commits of a sink. Table
-    /// maintenance never fails the pipeline: the data is committed already; a failure is logged
-    /// and retried at the next interval.
-    async fn maintain(&mut self, idx: usize) {
-        let config = &self.plans[idx].config;
-        if config.compact_every == 0 || self.since_compaction[idx] < config.compact_every {
-            return;
-        }
-        self.since_compaction[idx] = 0;
-        let sink = &mut self.sinks[idx];
-        match sink.compact(config.compact_min_files).await {
-            Ok(Some(report)) => tracing::info!(sink = %config.name, ?report, "compacted small files"),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(sink = %config.name, error = %e, "compaction failed; the table is unchanged and compaction is retried later"),
-        }
-        if let Some(retention) = config.vacuum_retention {
-            match sink.vacuum(retention).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sink = %config.name, files = n, "vacuumed unreferenced data files"),
-                Err(e) => tracing::warn!(sink = %config.name, error = %e, "vacuum failed; retried after the next compaction"),
-            }
-        }
     }
 
     /// Flushes and commits one complete epoch (a report from every shard).
     pub async fn commit_epoch(&mut self, epoch: u64, reports: Vec<EpochReport>) -> Result<(), CommitError> {
         let started = Instant::now();
-        let mut outputs: Vec<Option<SinkRows>> = (0..self.plans.len()).map(|_| None).collect();
+        let mut outputs: Vec<Option<SinkRows>> = (0..self.sinks.len()).map(|_| None).collect();
         let mut reports = reports;
         for r in &mut reports {
             for (i, rows) in std::mem::take(&mut r.outputs).into_iter().enumerate() {
@@ -233,7 +178,7 @@ impl Committer {
         }
         let mut pending = Vec::new();
         for (idx, rows) in outputs.iter_mut().enumerate() {
-            let plan = &self.plans[idx];
+            let plan: &SinkPlan = self.sinks[idx].plan();
             let Some(sink_rows) = rows.as_mut().filter(|r| !r.is_empty()) else { continue };
             let complete = plan.mode() == OutputMode::Complete;
             if let (true, SinkRows::Windows(r)) = (complete, &mut *sink_rows) {
@@ -258,14 +203,11 @@ impl Committer {
         let write = EpochWrite {
             epoch,
             watermark,
-            changes: reports
-                .iter()
-                .flat_map(|r| r.changes.iter().enumerate().map(move |(q, c)| (r.shard, q, c)))
-                .collect(),
-            positions: reports.iter().flat_map(|r| r.positions.iter()).collect(),
+            changes: reports.iter().flat_map(|r| r.writes.iter().map(|(table, w)| (*table, w))).collect(),
+            positions: reports.iter().flat_map(|r| r.positions.partitions.iter()).collect(),
             file_positions: reports
                 .iter()
-                .flat_map(|r| r.file_positions.iter().map(|(s, p)| (s.as_str(), p.clone())))
+                .flat_map(|r| r.positions.files.iter().map(|(s, p)| (s.as_str(), p.clone())))
                 .collect(),
             pending,
         };
@@ -276,7 +218,7 @@ impl Committer {
                 self.deliver(idx, epoch, rows).await?;
             }
         }
-        self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.iter()).collect::<Vec<_>>());
+        self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.partitions.iter()).collect::<Vec<_>>());
         self.stats.watermark.store(watermark, Relaxed);
         self.stats.committed_epoch.store(epoch, Relaxed);
         self.stats.record_epoch_commit(started.elapsed());

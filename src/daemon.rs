@@ -15,11 +15,12 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::commit::{CommitError, Committer};
 use crate::config::{Bootstrap, Config};
 use crate::metrics::{MetricLabels, MetricsServer, MetricsSource};
+use crate::plan::Plan;
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
-use crate::sink::{plan_sinks, PlanError, SinkRole};
+use crate::sink::PlanError;
 use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
 use crate::source::producer::{run_generator, EventProducer};
-use crate::source::{assign_partitions, fetch_partition_counts, SourceError};
+use crate::source::{assign_partitions, fetch_partition_counts, SourceError, SourceSpec};
 use crate::state::{StateError, StateStore};
 use crate::telemetry::{PipelineStats, StatsSnapshot};
 use crate::time::format_micros;
@@ -147,9 +148,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let counts = fetch_partition_counts(&config, &bootstrap, Duration::from_secs(15))?;
     let assignment = assign_partitions(&counts, shards);
     let file_assignment = crate::source::assign_file_sources(&config, shards);
-    let plans = plan_sinks(&config)?;
-    let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
-    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &query_names)?);
+    let plan = Arc::new(Plan::new(&config)?);
+    let plans = plan.sinks.clone();
+    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &plan.layout.names)?);
     let mut recovered = store.recover()?;
     if broker.is_some() && !recovered.positions.is_empty() {
         // The embedded broker lives and dies with this process: the positions stored by the
@@ -168,21 +169,6 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         stats.watermark.store(wm, Relaxed);
     }
     tracing::info!(pipeline = %config.pipeline.name, shards, epoch = recovered.epoch, state_dir = %config.pipeline.state_dir.display(), "recovering from the last flushed epoch");
-
-    let query_sink: Vec<usize> = (0..config.queries.len())
-        .map(|q| {
-            plans
-                .iter()
-                .position(|p| matches!(p.role, SinkRole::Windows { query, .. } if query == q))
-                .expect("every query has a sink plan")
-        })
-        .collect();
-    let source_dlq: Vec<Option<usize>> = config
-        .sources
-        .iter()
-        .map(|s| s.on_error.as_ref().and_then(|n| plans.iter().position(|p| &p.name == n)))
-        .collect();
-    let sink_count = plans.len();
 
     // Committer: open tables and deliver pending output before any shard starts.
     let failure = Arc::new(Failure::default());
@@ -283,12 +269,14 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             config: config.clone(),
             bootstrap: bootstrap.clone(),
             store: store.clone(),
+            plan: plan.clone(),
+            key_groups: store.key_groups(),
             recovered: recovered.clone(),
-            partitions: assignment[id].clone(),
-            file_sources: file_assignment[id].clone(),
-            query_sink: query_sink.clone(),
-            source_dlq: source_dlq.clone(),
-            sink_count,
+            sources: std::iter::once(assignment[id].clone())
+                .filter(|partitions| !partitions.is_empty())
+                .map(SourceSpec::Kafka)
+                .chain(file_assignment[id].iter().map(|&si| SourceSpec::Files(si)))
+                .collect(),
             inbound,
             outbound,
             control: ctl_rx,

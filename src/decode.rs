@@ -9,33 +9,10 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::config::{FieldType, SourceConfig, TimeFormat};
+use crate::config::SourceConfig;
 use crate::time::{epoch_int_to_micros, epoch_number_to_micros, parse_rfc3339_micros};
-use crate::value::{encode_key_str, encode_key_value, EventTime, Num, Value};
-
-/// Why a record went to the dead-letter sink (DESIGN.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum DeadLetterReason {
-    Decode,
-    Schema,
-    EventTime,
-    Late,
-    Sink,
-}
-
-impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 5] = [Self::Decode, Self::Schema, Self::EventTime, Self::Late, Self::Sink];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Decode => "decode",
-            Self::Schema => "schema",
-            Self::EventTime => "event_time",
-            Self::Late => "late",
-            Self::Sink => "sink",
-        }
-    }
-}
+use crate::types::{encode_key_str, encode_key_value, DeadLetterReason, EventTime, Num, Value};
+use crate::types::{FieldType, TimeFormat};
 
 /// A record that does not fit its source's schema. The message names the field and the fix.
 #[derive(Debug, Clone, PartialEq)]
@@ -441,7 +418,7 @@ path = "/tmp/x"
         assert_eq!(d.value(p, 4), Value::Bool(true));
         let mut k = Vec::new();
         d.write_key_component(p, 1, &mut k);
-        assert_eq!(crate::value::decode_key(&k).unwrap(), vec![Value::Str("/a".into())]);
+        assert_eq!(crate::types::decode_key(&k).unwrap(), vec![Value::Str("/a".into())]);
     }
 
     #[test]

@@ -111,9 +111,8 @@ use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-use crate::config::FieldType;
 use crate::time::{civil_from_days, days_from_civil, days_in_month};
-use crate::value::{EventTime, Value};
+use crate::types::{EventTime, FieldType, Value};
 
 /// A value produced while evaluating: like [`Value`], but strings may borrow from the row (or the
 /// compiled expression), so evaluation does not allocate for them.
@@ -325,6 +324,16 @@ impl Expr {
     /// The source text the expression was compiled from.
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// Always NULL: stands in for `text` when it failed to compile, in a configuration that is
+    /// reported invalid and never runs.
+    pub fn unusable(text: &str) -> Expr {
+        Expr {
+            root: Node::Lit(Value::Null),
+            ty: Ty::Null,
+            text: text.to_string(),
+        }
     }
 }
 

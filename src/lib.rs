@@ -3,20 +3,23 @@
 //!
 //! Modules in the order one event flows through them:
 //!
+//! - [`types`]     the leaf every stage shares: event time, field types, time formats,
+//!   dead-letter reasons, typed values, the group-key encoding and key groups
 //! - [`config`]    parse the TOML pipeline strictly, compile and check it (all errors at once)
-//! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: type-checked, compiled
+//! - [`plan`]      the checked config compiled once: routes source → (operator, port), output
+//!   shapes, sink plans, state tables; `validate` and `run` build the same plan
+//! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: parse, type-check, evaluate
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
 //!   source; the click generator, the load generator's event families and the producer
-//! - [`decode`]    bytes → typed row; bad records become dead letters
-//! - [`expr`]      SQL expressions (`where`, aggregate filters, derived columns): parse, type-check, evaluate
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)
+//! - [`decode`]    bytes → typed row; bad records become dead letters
 //! - [`watermark`] per-partition clocks, min-combining, idleness
-//! - [`value`]     typed values and the group-key encoding that routes a row to its shard
-//! - [`shard`]     one core's event loop: sources → routing → window operators → epoch barriers
-//! - [`window`]    window assignment (tumbling, sliding panes, sessions, global), keyed operators
+//! - [`shard`]     one core's event loop: sources → routing by key group → operators → epoch barriers
+//! - [`operator`]  the interface the shard drives: restore, ports, lateness, epochs, state tables
+//! - [`window`]    window assignment (tumbling, sliding panes, sessions, global), keyed window operators
 //! - [`agg`]       mergeable accumulators: exact aggregates, HyperLogLog, percentile sketch
-//! - [`state`]     RocksDB column families, key encoding, one atomic write batch per epoch
+//! - [`state`]     RocksDB: named tables split by key group, one atomic write batch per epoch
 //! - [`commit`]    the committer: flush the epoch, Delta commits tagged txn(appId, epoch), recovery
 //! - [`sink`]      sink plans, Arrow conversion, the Delta table writer
 //! - [`telemetry`] per-shard counters, progress, logging set-up
@@ -35,12 +38,14 @@ pub mod decode;
 pub mod expr;
 pub mod loadtest;
 pub mod metrics;
+pub mod operator;
+pub mod plan;
 pub mod shard;
 pub mod sink;
 pub mod source;
 pub mod state;
 pub mod telemetry;
 pub mod time;
-pub mod value;
+pub mod types;
 pub mod watermark;
 pub mod window;

@@ -206,7 +206,7 @@ fn main() -> ExitCode {
             for warning in &cfg.warnings {
                 eprintln!("warning: {warning}");
             }
-            if let Err(e) = tidemark::sink::plan_sinks(&cfg) {
+            if let Err(e) = tidemark::plan::Plan::new(&cfg) {
                 eprintln!("{}: {e}", pipeline.display());
                 return ExitCode::FAILURE;
             }

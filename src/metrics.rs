@@ -18,9 +18,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::config::Config;
-use crate::decode::DeadLetterReason;
 use crate::state::StateStore;
 use crate::telemetry::{PartitionStats, PipelineStats, ProcStats, ShardStats, SinkStats};
+use crate::types::DeadLetterReason;
 use crate::watermark::UNKNOWN;
 
 /// How long a connection may take to send its request or accept the answer.

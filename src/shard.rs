@@ -19,22 +19,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flume::{Receiver, Sender, TryRecvError, TrySendError};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
 
-use crate::config::{Config, GapPolicy};
-use crate::decode::{DeadLetterReason, SourceDecoder};
-use crate::expr::Expr;
+use crate::config::Config;
+use crate::decode::SourceDecoder;
+use crate::operator::Operator;
+use crate::plan::Plan;
 use crate::sink::{DeadLetter, SinkRows};
-use crate::source::files::{FilePosition, FileSource, FileSourceOptions};
-use crate::source::{assignment_list, consumer_config, resolve_start, SourceError, SourcePartition};
-use crate::state::{PartitionPosition, Recovered, StateError, StateStore};
+use crate::source::{ShardSource, SourceContext, SourceError, SourcePositions, SourceSpec};
+use crate::state::{Recovered, StateError, StateStore, TableWrites};
 use crate::telemetry::{reason_index, EpochLatency, PartitionStats, ShardStats, Tally, WarnLimiter, PUBLISH_EVERY};
 use crate::time::format_micros;
-use crate::value::{shard_for_key, EventTime};
+use crate::types::{DeadLetterReason, EventTime, KeyGroups};
 use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
-use crate::window::{input_kind, InSlot, InputKind, OperatorChanges, OutputRow, WindowOperator};
+use crate::window::{InSlot, InputKind, OutputRow};
 
 /// Messages polled per round before other duties get a turn.
 const POLL_ROUND: usize = 4096;
@@ -68,7 +65,9 @@ pub struct ExchangeBatch {
 
 #[derive(Debug, Clone, Copy)]
 struct Rec {
-    query: u16,
+    /// The operator (query index) and its input port the record is for.
+    operator: u16,
+    port: u8,
     key_end: u32,
     inputs_end: u32,
     event_time: EventTime,
@@ -79,7 +78,7 @@ impl ExchangeBatch {
     /// `InSlot::Bytes`; the ranges are rebased onto the batch's own byte buffer. Public so the
     /// micro-benchmarks (`benches/micro.rs`) can measure the exchange path; the shard loop is
     /// its only other caller.
-    pub fn push(&mut self, query: usize, key: &[u8], event_time: EventTime, inputs: &[InSlot], blob: &[u8]) {
+    pub fn push(&mut self, operator: usize, port: usize, key: &[u8], event_time: EventTime, inputs: &[InSlot], blob: &[u8]) {
         self.keys.extend_from_slice(key);
         let base = self.blob.len() as u32;
         self.blob.extend_from_slice(blob);
@@ -91,18 +90,19 @@ impl ExchangeBatch {
             other => other,
         }));
         self.recs.push(Rec {
-            query: query as u16,
+            operator: operator as u16,
+            port: port as u8,
             key_end: self.keys.len() as u32,
             inputs_end: self.inputs.len() as u32,
             event_time,
         });
     }
 
-    fn apply(&self, ops: &mut [WindowOperator]) {
+    fn apply(&self, ops: &mut [Operator]) {
         let (mut k0, mut i0) = (0usize, 0usize);
         for r in &self.recs {
             let (k1, i1) = (r.key_end as usize, r.inputs_end as usize);
-            ops[r.query as usize].update(r.event_time, &self.keys[k0..k1], &self.inputs[i0..i1], &self.blob);
+            ops[r.operator as usize].process(r.port as usize, r.event_time, &self.keys[k0..k1], &self.inputs[i0..i1], &self.blob);
             (k0, i0) = (k1, i1);
         }
     }
@@ -115,11 +115,10 @@ pub struct EpochReport {
     pub epoch: u64,
     /// The pipeline watermark W(epoch) this shard closed windows with (same on every shard).
     pub watermark: EventTime,
-    /// Per query.
-    pub changes: Vec<OperatorChanges>,
-    pub positions: Vec<PartitionPosition>,
-    /// (file-source name, encoded position) of the file sources this shard reads.
-    pub file_positions: Vec<(String, Vec<u8>)>,
+    /// (state table, writes) of this epoch, for the tables of this shard's operators.
+    pub writes: Vec<(usize, TableWrites)>,
+    /// Where this shard's sources stand.
+    pub positions: SourcePositions,
     /// Per sink plan index: rows of this epoch.
     pub outputs: Vec<Option<SinkRows>>,
     pub last: bool,
@@ -146,15 +145,13 @@ pub struct ShardContext {
     pub config: Arc<Config>,
     pub bootstrap: String,
     pub store: Arc<StateStore>,
+    /// The compiled pipeline: routes, output shapes, sinks, state tables.
+    pub plan: Arc<Plan>,
+    /// How keys map to shards (fixed by the store).
+    pub key_groups: KeyGroups,
     pub recovered: Arc<Recovered>,
-    pub partitions: Vec<SourcePartition>,
-    /// Indexes of the file sources this shard reads.
-    pub file_sources: Vec<usize>,
-    /// Sink plan index fed by each query.
-    pub query_sink: Vec<usize>,
-    /// Dead-letter sink plan index of each source, if any.
-    pub source_dlq: Vec<Option<usize>>,
-    pub sink_count: usize,
+    /// What this shard reads: its Kafka partitions, file sources, in-memory sources.
+    pub sources: Vec<SourceSpec>,
     /// (peer id, receiver) for every other shard.
     pub inbound: Vec<(usize, Receiver<ShardMsg>)>,
     /// Sender per destination shard; `None` at this shard's own index.
@@ -165,47 +162,15 @@ pub struct ShardContext {
     pub abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A file source read by this shard.
-struct OwnedFiles {
-    source: usize,
-    /// `None` only while it is being polled.
-    reader: Option<FileSource>,
-    clock: PartitionClock,
-    tally: Tally,
-}
-
-/// Where a record came from: index into `parts` or into `files`.
-#[derive(Debug, Clone, Copy)]
-enum Origin {
-    Partition(usize),
-    File(usize),
-}
-
-struct OwnedPartition {
+/// One input the shard reads (a Kafka partition, a file source, an in-memory partition),
+/// with its watermark clock and its counters.
+struct Input {
     source: usize,
     partition: i32,
-    topic: Rc<str>,
-    next_offset: Option<i64>,
+    /// The topic or source name dead letters carry.
+    label: Rc<str>,
     clock: PartitionClock,
     tally: Tally,
-    /// The topic as a C string, for asking librdkafka the partition's high watermark.
-    topic_c: std::ffi::CString,
-}
-
-/// Which queries read a source, and the fields each needs.
-struct Projection {
-    query: usize,
-    /// The query's `where`.
-    filter: Option<Expr>,
-    key_fields: Vec<usize>,
-    inputs: Vec<AggInput>,
-}
-
-/// How one aggregate's input is read from an event.
-struct AggInput {
-    kind: InputKind,
-    field: Option<usize>,
-    filter: Option<Expr>,
 }
 
 struct Alignment {
@@ -217,14 +182,12 @@ struct Alignment {
 
 struct Shard {
     ctx: ShardContext,
-    consumer: Option<BaseConsumer>,
-    parts: Vec<OwnedPartition>,
-    files: Vec<OwnedFiles>,
-    /// (topic, source index, partition → index into `parts`)
-    topics: Vec<(Rc<str>, usize, Vec<Option<usize>>)>,
+    sources: Vec<ShardSource>,
+    /// Per source: the index in `inputs` of its first input.
+    first_input: Vec<usize>,
+    inputs: Vec<Input>,
     decoders: Vec<SourceDecoder>,
-    projections: Vec<Vec<Projection>>,
-    ops: Vec<WindowOperator>,
+    ops: Vec<Operator>,
     building: Vec<ExchangeBatch>,
     queues: Vec<std::collections::VecDeque<ShardMsg>>,
     outputs: Vec<Option<SinkRows>>,
@@ -247,44 +210,10 @@ struct Shard {
     last_publish: Instant,
 }
 
-/// How long a shard waits for its topics' metadata before assigning its partitions.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a warning about bad input (or dropped dead letters) may be logged per shard.
 const BAD_INPUT_WARN_EVERY: Duration = Duration::from_secs(5);
 /// The window the busy ratio is computed over.
 const BUSY_RATIO_WINDOW: Duration = Duration::from_secs(1);
-
-/// librdkafka's last known (low, high) watermarks of a partition (the high one updated with
-/// every fetch; no request made), or `None` before the first fetch.
-fn known_watermarks(consumer: &BaseConsumer, topic: &std::ffi::CStr, partition: i32) -> Option<(i64, i64)> {
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is NUL-terminated
-    // and outlives the call; librdkafka only reads it and writes the two out-parameters, and
-    // the call takes its own locks (it is documented as thread-safe and non-blocking).
-    let err = unsafe { rdkafka::bindings::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high) };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low.max(0), high))
-}
-
-/// The next offset an assignment starts at, when it is a concrete one (not Beginning/End).
-fn known_offset(offset: rdkafka::Offset) -> Option<i64> {
-    match offset {
-        rdkafka::Offset::Offset(o) => Some(o),
-        _ => None,
-    }
-}
-
-/// A gap skipped because the source allows it: logged as data loss and counted.
-fn record_skipped_gap(stats: &ShardStats, topic: &str, partition: i32, from: i64, to: i64) {
-    tracing::error!(
-        topic,
-        partition,
-        from,
-        to,
-        "data loss: offsets {from}..{to} were deleted by the broker before they were read; skipping them because on_gap = \"skip\""
-    );
-    ShardStats::add(&stats.gaps_skipped, 1);
-    ShardStats::add(&stats.offsets_skipped, (to - from) as u64);
-}
 
 /// Runs one shard to completion (graceful stop) or error. Called on the shard's glommio executor.
 pub async fn run_shard(ctx: ShardContext) -> Result<(), ShardError> {
@@ -294,158 +223,64 @@ pub async fn run_shard(ctx: ShardContext) -> Result<(), ShardError> {
 }
 
 impl Shard {
-    fn open(ctx: ShardContext) -> Result<Shard, ShardError> {
+    fn open(mut ctx: ShardContext) -> Result<Shard, ShardError> {
         let cfg = ctx.config.clone();
         let now = Instant::now();
-        let mut ops: Vec<WindowOperator> = cfg.queries.iter().map(|q| WindowOperator::new(q, &cfg.sources[q.source_index])).collect();
+        let plan = ctx.plan.clone();
+        let mut ops: Vec<Operator> = cfg
+            .queries
+            .iter()
+            .zip(&plan.shapes)
+            .map(|(q, shape)| Operator::for_query(q, shape.clone()))
+            .collect();
+        let (id, shards, groups) = (ctx.id, ctx.shards, ctx.key_groups);
         for (qi, op) in ops.iter_mut().enumerate() {
-            ctx.store.load_windows(ctx.id, qi, op)?;
+            for (t, &table) in plan.layout.tables[qi].iter().enumerate() {
+                ctx.store.scan(table, |k, v| {
+                    op.restore(t, k, v, |group_key| groups.shard_for_key(group_key, shards) == id).map(|_| ())
+                })?;
+            }
             op.resume_at(ctx.recovered.watermark);
         }
         let decoders: Vec<SourceDecoder> = cfg.sources.iter().map(SourceDecoder::new).collect();
-        let projections = cfg
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(si, _)| {
-                cfg.queries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, q)| q.source_index == si)
-                    .map(|(qi, q)| {
-                        let columns: Vec<(&str, crate::config::FieldType)> = cfg.sources[si].schema.iter().map(|f| (f.name.as_str(), f.ty)).collect();
-                        // The config compiler type-checked these against the same columns.
-                        let compile = |text: &String| Expr::compile(text, &columns).unwrap_or_else(|e| panic!("compiled config: {text:?}: {e}"));
-                        Projection {
-                            query: qi,
-                            filter: q.filter.as_ref().map(compile),
-                            key_fields: q.group_by.iter().map(|g| decoders[si].field_index(g).expect("compiled config")).collect(),
-                            inputs: q
-                                .aggregates
-                                .iter()
-                                .map(|a| AggInput {
-                                    kind: input_kind(a),
-                                    field: a.field_index,
-                                    filter: a.filter.as_ref().map(compile),
-                                })
-                                .collect(),
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-
-        let mut topics: Vec<(Rc<str>, usize, Vec<Option<usize>>)> = Vec::new();
-        let mut parts = Vec::new();
-        let mut assignment = Vec::new();
-        let consumer: Option<BaseConsumer> = if ctx.partitions.is_empty() {
-            None
-        } else {
-            let consumer: BaseConsumer = consumer_config(&cfg, &ctx.bootstrap).create().map_err(|source| SourceError::Client {
-                bootstrap: ctx.bootstrap.clone(),
-                source,
-            })?;
-            for sp in &ctx.partitions {
-                let src = &cfg.sources[sp.source];
-                let topic: Rc<str> = match topics.iter().find(|t| t.1 == sp.source) {
-                    Some(t) => t.0.clone(),
-                    None => {
-                        topics.push((src.topic.as_str().into(), sp.source, Vec::new()));
-                        topics.last().unwrap().0.clone()
-                    }
-                };
-                let stored = ctx.recovered.positions.get(&(src.topic.clone(), sp.partition));
-                let (offset, skipped) = resolve_start(
-                    &consumer,
-                    &src.topic,
-                    sp.partition,
-                    stored.map(|p| p.next_offset),
-                    src.starting_offsets,
-                    src.on_gap,
-                )?;
-                if let Some((from, to)) = skipped {
-                    record_skipped_gap(&ctx.stats.shards[ctx.id], &src.topic, sp.partition, from, to);
-                }
-                let t = topics.iter_mut().find(|t| t.1 == sp.source).unwrap();
-                if t.2.len() <= sp.partition as usize {
-                    t.2.resize(sp.partition as usize + 1, None);
-                }
-                t.2[sp.partition as usize] = Some(parts.len());
-                parts.push(OwnedPartition {
-                    source: sp.source,
-                    partition: sp.partition,
-                    topic: topic.clone(),
-                    next_offset: known_offset(offset),
-                    clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, stored.and_then(|p| p.max_event_time), now),
-                    tally: Tally::default(),
-                    topic_c: std::ffi::CString::new(src.topic.as_str()).map_err(|_| SourceError::Client {
-                        bootstrap: ctx.bootstrap.clone(),
-                        source: rdkafka::error::KafkaError::ClientCreation(format!("topic name {:?} contains a NUL byte", src.topic)),
-                    })?,
-                });
-                assignment.push((src.topic.clone(), sp.partition, offset));
-            }
-            // librdkafka resolves a logical start (earliest/latest) once it has the topic's
-            // metadata; a consumer without it waits for a 500 ms retry before its first fetch.
-            for (topic, _, _) in &topics {
-                if let Err(e) = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
-                    tracing::debug!(topic = %topic, error = %e, "no topic metadata before assigning (the first fetch may start later)");
-                }
-            }
-            let tpl = assignment_list(&assignment).map_err(|source| SourceError::Client {
-                bootstrap: ctx.bootstrap.clone(),
-                source,
-            })?;
-            consumer.assign(&tpl).map_err(|source| SourceError::Client {
-                bootstrap: ctx.bootstrap.clone(),
-                source,
-            })?;
-            Some(consumer)
+        let source_cx = SourceContext {
+            config: &cfg,
+            bootstrap: &ctx.bootstrap,
+            recovered: &ctx.recovered,
+            stats: &ctx.stats,
+            shard: ctx.id,
         };
-        let mut files = Vec::new();
-        for &si in &ctx.file_sources {
-            let src = &cfg.sources[si];
-            let fc = src.files.as_ref().expect("assigned file sources have a files config");
-            let stored = ctx.recovered.file_positions.get(&src.name);
-            let position: FilePosition = match stored {
-                Some(bytes) => serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-                    key: format!("files/{}", src.name),
-                    what: format!("unreadable file-source position: {e}"),
-                })?,
-                None => FilePosition::default(),
-            };
-            let mut options = FileSourceOptions::new(fc.path.clone());
-            options.settle = fc.settle;
-            let reader = FileSource::open(options, position).map_err(|e| SourceError::Files {
-                source_name: src.name.clone(),
-                message: e.to_string(),
-            })?;
-            files.push(OwnedFiles {
-                source: si,
-                reader: Some(reader),
-                clock: PartitionClock::new(src.watermark.delay, src.watermark.idle_timeout, None, now),
-                tally: Tally::default(),
-            });
+        let mut sources = Vec::new();
+        let mut first_input = Vec::new();
+        let mut inputs = Vec::new();
+        for spec in std::mem::take(&mut ctx.sources) {
+            let source = ShardSource::open(spec, &source_cx)?;
+            first_input.push(inputs.len());
+            inputs.extend(source.inputs().into_iter().map(|info| {
+                let w = &cfg.sources[info.source].watermark;
+                Input {
+                    source: info.source,
+                    partition: info.partition,
+                    label: info.label,
+                    clock: PartitionClock::new(w.delay, w.idle_timeout, info.restored_max_event_time, now),
+                    tally: Tally::default(),
+                }
+            }));
+            sources.push(source);
         }
-        let published: Vec<PartitionStats> = parts
-            .iter()
-            .map(|p| PartitionStats::new(p.source, p.partition))
-            .chain(files.iter().map(|f| PartitionStats::new(f.source, -1)))
-            .collect();
+        let published: Vec<PartitionStats> = inputs.iter().map(|i| PartitionStats::new(i.source, i.partition)).collect();
         let _ = ctx.stats.shards[ctx.id].partitions.set(published);
-        tracing::info!(shard = ctx.id, partitions = parts.len(), file_sources = files.len(), "shard started");
+        tracing::info!(shard = ctx.id, inputs = inputs.len(), sources = sources.len(), "shard started");
         let n = ctx.shards;
         Ok(Shard {
-            consumer,
-            parts,
-            files,
-            topics,
+            sources,
+            first_input,
+            inputs,
             decoders,
-            projections,
             ops,
             building: (0..n).map(|_| ExchangeBatch::default()).collect(),
             queues: (0..n).map(|_| Default::default()).collect(),
-            outputs: (0..ctx.sink_count).map(|_| None).collect(),
+            outputs: (0..plan.sinks.len()).map(|_| None).collect(),
             watermark: ctx.recovered.watermark.unwrap_or(crate::watermark::UNKNOWN),
             aligning: None,
             blocked_since: None,
@@ -523,24 +358,21 @@ impl Shard {
 
     /// Publishes what the shard counted since the last time (see [`crate::telemetry`]), the
     /// partitions' lag and watermarks, the busy ratio and the exchange queue lengths.
+    /// Publishes what the shard counted since the last time (see [`crate::telemetry`]), the
+    /// inputs' lag and watermarks, the busy ratio and the exchange queue lengths.
     fn publish(&mut self, now: Instant) {
         self.last_publish = now;
         let stats = &self.ctx.stats.shards[self.ctx.id];
         let published = stats.partitions();
-        for (i, p) in self.parts.iter_mut().enumerate() {
+        for (i, input) in self.inputs.iter_mut().enumerate() {
             let Some(to) = published.get(i) else { continue };
-            p.tally.publish(to);
-            to.watermark.store(p.clock.own_watermark(), Relaxed);
-            if let Some(consumer) = &self.consumer {
-                // Before the first record, the position is the start of the retained log.
-                let lag = known_watermarks(consumer, &p.topic_c, p.partition).map_or(-1, |(low, high)| (high - p.next_offset.unwrap_or(low)).max(0));
-                to.lag.store(lag, Relaxed);
-            }
+            input.tally.publish(to);
+            to.watermark.store(input.clock.own_watermark(), Relaxed);
         }
-        for (i, f) in self.files.iter_mut().enumerate() {
-            let Some(to) = published.get(self.parts.len() + i) else { continue };
-            f.tally.publish(to);
-            to.watermark.store(f.clock.own_watermark(), Relaxed);
+        for (source, &first) in self.sources.iter().zip(&self.first_input) {
+            for (local, to) in published.iter().enumerate().skip(first).take(source.input_count()) {
+                to.lag.store(source.lag(local - first), Relaxed);
+            }
         }
         for (q, n) in self.late_tally.iter_mut().enumerate() {
             ShardStats::add(&stats.late_by_query[q], std::mem::take(n));
@@ -559,7 +391,6 @@ impl Shard {
         }
     }
 
-    /// Open windows and state keys per query.
     fn publish_state_sizes(&self) {
         let s = &self.ctx.stats.shards[self.ctx.id];
         for (q, op) in self.ops.iter().enumerate() {
@@ -571,19 +402,13 @@ impl Shard {
     fn unblock(&mut self) {
         if let Some(since) = self.blocked_since.take() {
             let blocked = since.elapsed();
-            self.parts.iter_mut().for_each(|p| p.clock.excuse(blocked));
-            self.files.iter_mut().for_each(|f| f.clock.excuse(blocked));
+            self.inputs.iter_mut().for_each(|i| i.clock.excuse(blocked));
         }
     }
 
     fn shard_watermark(&self) -> EventTime {
         let now = Instant::now();
-        combine_min(
-            self.parts
-                .iter()
-                .map(|p| p.clock.watermark(now))
-                .chain(self.files.iter().map(|f| f.clock.watermark(now))),
-        )
+        combine_min(self.inputs.iter().map(|i| i.clock.watermark(now)))
     }
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {
@@ -668,12 +493,37 @@ impl Shard {
     }
 
     fn poll_sources(&mut self) -> Result<bool, ShardError> {
-        let mut n = self.poll_files()?;
-        if let Some(consumer) = self.consumer.take() {
-            let result = self.poll_round(&consumer);
-            self.consumer = Some(consumer);
-            n += result?;
+        let now = Instant::now();
+        let mut sources = std::mem::take(&mut self.sources);
+        let mut n = 0;
+        let mut result = Ok(());
+        for (si, source) in sources.iter_mut().enumerate() {
+            let first = self.first_input[si];
+            let mut received = 0u64;
+            let polled = source.poll(POLL_ROUND, |rec| {
+                let input = first + rec.input;
+                if rec.bytes > 0 {
+                    let tally = &mut self.inputs[input].tally;
+                    tally.received += 1;
+                    tally.bytes += rec.bytes;
+                    received += 1;
+                }
+                match rec.problem {
+                    Some(message) => self.dead_letter_at(input, rec.file, rec.offset, rec.payload, DeadLetterReason::Decode, message),
+                    None => self.process_at(input, rec.file, rec.offset, rec.payload, now),
+                }
+            });
+            self.latency.record_ingest(now, received);
+            match polled {
+                Ok(k) => n += k,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
+        self.sources = sources;
+        result?;
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {
                 self.seal_batch(dest);
@@ -682,130 +532,31 @@ impl Shard {
         Ok(n > 0)
     }
 
-    fn poll_round(&mut self, consumer: &BaseConsumer) -> Result<usize, ShardError> {
-        let now = Instant::now();
-        let mut events = 0u64;
-        let mut polled = 0;
-        while polled < POLL_ROUND {
-            let msg = match consumer.poll(Duration::ZERO) {
-                None => break,
-                Some(Ok(m)) => m,
-                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))) => {
-                    self.handle_out_of_range(consumer)?;
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(shard = self.ctx.id, error = %e, "Kafka consumer error (librdkafka retries; check the broker if this repeats)");
-                    break;
-                }
-            };
-            polled += 1;
-            let Some(pi) = self.part_index(msg.topic(), msg.partition()) else { continue };
-            let payload = msg.payload().unwrap_or(&[]);
-            events += 1;
-            let part = &mut self.parts[pi];
-            part.tally.received += 1;
-            part.tally.bytes += payload.len() as u64;
-            part.next_offset = Some(msg.offset() + 1);
-            self.process(Origin::Partition(pi), msg.offset(), payload, now);
-        }
-        self.latency.record_ingest(now, events);
-        Ok(polled)
-    }
-
-    fn part_index(&self, topic: &str, partition: i32) -> Option<usize> {
-        let t = self.topics.iter().find(|t| &*t.0 == topic)?;
-        *t.2.get(partition as usize)?
-    }
-
-    /// Reads up to a round of lines from each file source this shard owns.
-    fn poll_files(&mut self) -> Result<usize, ShardError> {
-        let now = Instant::now();
-        let mut total = 0;
-        for fi in 0..self.files.len() {
-            let mut reader = self.files[fi].reader.take().expect("reader is put back after each poll");
-            let (mut events, mut bytes) = (0u64, 0u64);
-            let result = reader.poll(POLL_ROUND, |line| {
-                events += 1;
-                bytes += line.bytes.len() as u64 + 1;
-                let origin = Origin::File(fi);
-                match &line.problem {
-                    Some(problem) => {
-                        let message = format!("line {} bytes into {}: {problem}", line.offset, line.file);
-                        self.dead_letter_at(origin, line.file, line.offset as i64, line.bytes, DeadLetterReason::Decode, message);
-                    }
-                    None => self.process_at(origin, line.file, line.offset as i64, line.bytes, now),
-                }
-            });
-            // Files skipped as corrupt, truncated or vanished are dead letters too: nothing is
-            // dropped without a trace in the dead-letter table.
-            for event in reader.take_events() {
-                let file = event.file().to_string();
-                self.dead_letter_at(Origin::File(fi), &file, -1, b"", DeadLetterReason::Decode, event.to_string());
-            }
-            self.files[fi].reader = Some(reader);
-            let n = result.map_err(|e| SourceError::Files {
-                source_name: self.ctx.config.sources[self.files[fi].source].name.clone(),
-                message: e.to_string(),
-            })?;
-            let tally = &mut self.files[fi].tally;
-            tally.received += events;
-            tally.bytes += bytes;
-            self.latency.record_ingest(now, events);
-            total += n;
-        }
-        Ok(total)
-    }
-
-    fn file_positions(&self) -> Vec<(String, Vec<u8>)> {
-        self.files
-            .iter()
-            .filter_map(|f| {
-                let position = f.reader.as_ref()?.position();
-                let bytes = serde_json::to_vec(&position).expect("a file position serializes");
-                Some((self.ctx.config.sources[f.source].name.clone(), bytes))
-            })
-            .collect()
-    }
-
-    fn process(&mut self, origin: Origin, offset: i64, payload: &[u8], now: Instant) {
-        self.process_at(origin, "", offset, payload, now)
-    }
-
-    /// `file` names the file a file-source record came from (empty for Kafka).
-    fn process_at(&mut self, origin: Origin, file: &str, offset: i64, payload: &[u8], now: Instant) {
-        let source = match origin {
-            Origin::Partition(pi) => self.parts[pi].source,
-            Origin::File(fi) => self.files[fi].source,
-        };
+    /// One record of input `input`; `file` names the file a file-source record came from
+    /// (empty otherwise).
+    fn process_at(&mut self, input: usize, file: &str, offset: i64, payload: &[u8], now: Instant) {
+        let source = self.inputs[input].source;
         let decoder = &mut self.decoders[source];
         let t = match decoder.decode(payload) {
             Ok(t) => t,
             Err(e) => {
-                self.dead_letter_at(origin, file, offset, payload, e.reason, e.message);
+                self.dead_letter_at(input, file, offset, payload, e.reason, e.message);
                 return;
             }
         };
-        match origin {
-            Origin::Partition(pi) => {
-                self.parts[pi].clock.observe(t, now);
-                self.parts[pi].tally.decoded += 1;
-            }
-            Origin::File(fi) => {
-                self.files[fi].clock.observe(t, now);
-                self.files[fi].tally.decoded += 1;
-            }
-        }
+        let input_state = &mut self.inputs[input];
+        input_state.clock.observe(t, now);
+        input_state.tally.decoded += 1;
         self.latency.record_event_time(t);
-        for p in 0..self.projections[source].len() {
-            let proj = &self.projections[source][p];
-            let q = proj.query;
-            if let Some(filter) = &proj.filter {
+        for r in 0..self.ctx.plan.routes[source].len() {
+            let route = &self.ctx.plan.routes[source][r];
+            let (q, port) = (route.operator, route.port);
+            if let Some(filter) = &route.filter {
                 if !filter.eval_predicate(&self.decoders[source].row(payload)) {
                     continue;
                 }
             }
-            if let Some((start, end)) = self.ops[q].late_window(t, self.watermark) {
+            if let Some((start, end)) = self.ops[q].late(port, t, self.watermark) {
                 let query = &self.ctx.config.queries[q];
                 let msg = format!(
                     "event time {} is behind the watermark {} (allowed_lateness {}): window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
@@ -817,17 +568,17 @@ impl Shard {
                     query.name
                 );
                 self.late_tally[q] += 1;
-                self.dead_letter_at(origin, file, offset, payload, DeadLetterReason::Late, msg);
+                self.dead_letter_at(input, file, offset, payload, DeadLetterReason::Late, msg);
                 continue;
             }
             let decoder = &self.decoders[source];
             self.key_buf.clear();
-            for &f in &proj.key_fields {
+            for &f in &route.key_fields {
                 decoder.write_key_component(payload, f, &mut self.key_buf);
             }
             self.input_buf.clear();
             self.blob_buf.clear();
-            for input in &proj.inputs {
+            for input in &route.inputs {
                 if let Some(filter) = &input.filter {
                     if !filter.eval_predicate(&decoder.row(payload)) {
                         self.input_buf.push(InSlot::Skip);
@@ -839,9 +590,9 @@ impl Shard {
                     // The decoder dead-letters events missing a schema field, so it is present.
                     (InputKind::Presence, Some(_)) => InSlot::Int(1),
                     (InputKind::Number, Some(f)) => match decoder.num(f) {
-                        crate::value::Num::Int(v) => InSlot::Int(v),
-                        crate::value::Num::Float(v) => InSlot::Float(v),
-                        crate::value::Num::Null => InSlot::Null,
+                        crate::types::Num::Int(v) => InSlot::Int(v),
+                        crate::types::Num::Float(v) => InSlot::Float(v),
+                        crate::types::Num::Null => InSlot::Null,
                     },
                     (InputKind::Bytes, Some(f)) => {
                         let start = self.blob_buf.len() as u32;
@@ -854,12 +605,12 @@ impl Shard {
                 };
                 self.input_buf.push(slot);
             }
-            let dest = shard_for_key(&self.key_buf, self.ctx.shards);
+            let dest = self.ctx.key_groups.shard_for_key(&self.key_buf, self.ctx.shards);
             if dest == self.ctx.id {
-                self.ops[q].update(t, &self.key_buf, &self.input_buf, &self.blob_buf);
+                self.ops[q].process(port, t, &self.key_buf, &self.input_buf, &self.blob_buf);
             } else {
                 let b = &mut self.building[dest];
-                b.push(q, &self.key_buf, t, &self.input_buf, &self.blob_buf);
+                b.push(q, port, &self.key_buf, t, &self.input_buf, &self.blob_buf);
                 if b.recs.len() >= self.ctx.config.pipeline.exchange_batch {
                     self.seal_batch(dest);
                 }
@@ -869,17 +620,13 @@ impl Shard {
 
     /// A bad record. For file sources `topic` is the file name, `partition` is -1 and `offset`
     /// the byte offset of the line.
-    fn dead_letter_at(&mut self, origin: Origin, file: &str, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
-        let (source, topic, partition, tally) = match origin {
-            Origin::Partition(pi) => {
-                let part = &mut self.parts[pi];
-                (part.source, part.topic.to_string(), part.partition, &mut part.tally)
-            }
-            Origin::File(fi) => (self.files[fi].source, file.to_string(), -1, &mut self.files[fi].tally),
-        };
-        tally.dead_letters[reason_index(reason)] += 1;
+    fn dead_letter_at(&mut self, input: usize, file: &str, offset: i64, payload: &[u8], reason: DeadLetterReason, error: String) {
+        let input = &mut self.inputs[input];
+        let (source, partition) = (input.source, input.partition);
+        let topic = if file.is_empty() { input.label.to_string() } else { file.to_string() };
+        input.tally.dead_letters[reason_index(reason)] += 1;
         let stats = &self.ctx.stats.shards[self.ctx.id];
-        match self.ctx.source_dlq[source] {
+        match self.ctx.plan.source_dlq[source] {
             Some(sink) => {
                 if let Some(hidden) = self.bad_input_warnings.check(Instant::now()) {
                     let sink_name = &self.ctx.config.sinks[sink].name;
@@ -912,45 +659,6 @@ impl Shard {
         }
     }
 
-    /// The broker no longer has the offset we asked for: find which partitions, report the gap.
-    fn handle_out_of_range(&mut self, consumer: &BaseConsumer) -> Result<(), ShardError> {
-        let mut reassign = false;
-        for pi in 0..self.parts.len() {
-            let part = &self.parts[pi];
-            let src = &self.ctx.config.sources[part.source];
-            let Some(next) = part.next_offset else { continue };
-            let (offset, skipped) = resolve_start(consumer, &src.topic, part.partition, Some(next), src.starting_offsets, src.on_gap)?;
-            if let Some((from, to)) = skipped {
-                debug_assert_eq!(src.on_gap, GapPolicy::Skip);
-                record_skipped_gap(&self.ctx.stats.shards[self.ctx.id], &src.topic, part.partition, from, to);
-                self.parts[pi].next_offset = known_offset(offset).or(self.parts[pi].next_offset);
-                reassign = true;
-            }
-        }
-        if reassign {
-            let list: Vec<_> = self
-                .parts
-                .iter()
-                .map(|p| {
-                    (
-                        p.topic.to_string(),
-                        p.partition,
-                        p.next_offset.map_or(rdkafka::Offset::Beginning, rdkafka::Offset::Offset),
-                    )
-                })
-                .collect();
-            let tpl = assignment_list(&list).map_err(|source| SourceError::Client {
-                bootstrap: self.ctx.bootstrap.clone(),
-                source,
-            })?;
-            consumer.assign(&tpl).map_err(|source| SourceError::Client {
-                bootstrap: self.ctx.bootstrap.clone(),
-                source,
-            })?;
-        }
-        Ok(())
-    }
-
     /// All barriers are in: close windows, report the epoch. Returns true after the last epoch.
     async fn complete_epoch(&mut self) -> Result<bool, ShardError> {
         let a = self.aligning.take().expect("called while aligning");
@@ -966,31 +674,29 @@ impl Shard {
             if rows.is_empty() {
                 continue;
             }
-            let sink = self.ctx.query_sink[qi];
+            let sink = self.ctx.plan.query_sink[qi];
             match &mut self.outputs[sink] {
                 Some(existing) => existing.append(SinkRows::Windows(rows)),
                 slot => *slot = Some(SinkRows::Windows(rows)),
             }
         }
+        let mut positions = SourcePositions::default();
+        for (source, &first) in self.sources.iter().zip(&self.first_input) {
+            source.positions(|i| self.inputs[first + i].clock.max_event_time, &mut positions);
+        }
         let report = EpochReport {
             shard: self.ctx.id,
             epoch: a.epoch,
             watermark: self.watermark,
-            changes: self.ops.iter_mut().map(WindowOperator::take_changes).collect(),
-            positions: self
-                .parts
-                .iter()
-                .filter_map(|p| {
-                    p.next_offset.map(|next_offset| PartitionPosition {
-                        topic: p.topic.to_string(),
-                        partition: p.partition,
-                        next_offset,
-                        max_event_time: p.clock.max_event_time,
-                    })
-                })
+            writes: self
+                .ops
+                .iter_mut()
+                .zip(&self.ctx.plan.layout.tables)
+                .flat_map(|(op, tables)| tables.iter().copied().zip(op.take_writes()))
+                .filter(|(_, w)| !w.is_empty())
                 .collect(),
-            file_positions: self.file_positions(),
-            outputs: std::mem::replace(&mut self.outputs, (0..self.ctx.sink_count).map(|_| None).collect()),
+            positions,
+            outputs: std::mem::replace(&mut self.outputs, (0..self.ctx.plan.sinks.len()).map(|_| None).collect()),
             last: a.last,
             latency: std::mem::replace(
                 &mut self.latency,
@@ -1003,3 +709,6 @@ impl Shard {
         Ok(a.last)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,19 +1,24 @@
-//! RocksDB state: one DB per process, one column family per (shard, query) for window state,
-//! and a `meta` column family for epochs, source positions, the watermark and pending output.
+//! RocksDB state: one DB per process, one column family per state table (operators ask for
+//! tables by name; the store knows nothing of what is in them), and a `meta` column family for
+//! epochs, source positions, the watermark, the key groups and pending output.
 //!
 //! Everything an epoch changes is written in ONE `WriteBatch` (all shards, all column
 //! families), synced, by the committer: after a crash the store holds exactly the state as of
-//! the last flushed epoch, consistent across shards. Window keys are
-//! `window start (order-preserving big endian) ++ group key`, so a closed time range is one
-//! `delete_range`.
+//! the last flushed epoch, consistent across shards.
+//!
+//! Tables are not split by shard: every shard writes its keys into the operator's one table,
+//! and on restore reads back the entries whose key group it owns ([`KeyGroups`]). The number
+//! of key groups is fixed when the store is created, so a restart with another shard count
+//! redistributes whole groups and reads the same state.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use crate::value::EventTime;
-use crate::window::{OperatorChanges, WindowOperator};
+#[cfg(test)]
+use crate::types::{decode_time_key, encode_time_key};
+use crate::types::{EventTime, KeyGroups};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -21,8 +26,8 @@ pub enum StateError {
         "cannot open the state store at {path}: {source}. If another tidemark process uses this state_dir, stop it or point [pipeline] state_dir elsewhere"
     )]
     Open { path: PathBuf, source: rocksdb::Error },
-    #[error("the state in {path} was written with {stored} shards, but this run has {configured}; set [pipeline] shards = {stored} (state is partitioned by shard), or start from an empty state_dir")]
-    ShardCountChanged { path: PathBuf, stored: usize, configured: usize },
+    #[error("the state in {path} is split into {key_groups} key groups, so at most {key_groups} shards can share it, but this run has {configured}; set [pipeline] shards to at most {key_groups}, or start from an empty state_dir")]
+    TooManyShards { path: PathBuf, key_groups: u32, configured: usize },
     #[error("cannot create the state_dir {path}: {source}; check the path and its permissions")]
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("state store I/O failed: {0} (external: check disk space and permissions of the state_dir; a restart resumes from the last flushed epoch)")]
@@ -36,7 +41,9 @@ pub type StateResult<T> = Result<T, StateError>;
 const META: &str = "meta";
 const K_EPOCH: &[u8] = b"epoch";
 const K_WATERMARK: &[u8] = b"watermark";
+/// The shard count of the last run (for the log; the state does not depend on it).
 const K_SHARDS: &[u8] = b"shards";
+const K_KEY_GROUPS: &[u8] = b"key_groups";
 const P_POSITION: &[u8] = b"pos\0";
 const P_PENDING: &[u8] = b"pending\0";
 const P_FILES: &[u8] = b"files\0";
@@ -62,13 +69,29 @@ pub struct Recovered {
     pub file_positions: HashMap<String, Vec<u8>>,
 }
 
+/// What one epoch changes in one state table, in the table owner's own key encoding. Applied
+/// in this order: range deletes, deletes, puts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableWrites {
+    /// `[from, to)` key ranges to delete.
+    pub delete_ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    pub deletes: Vec<Vec<u8>>,
+    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TableWrites {
+    pub fn is_empty(&self) -> bool {
+        self.delete_ranges.is_empty() && self.deletes.is_empty() && self.puts.is_empty()
+    }
+}
+
 /// Everything one epoch flushes, across all shards.
 #[derive(Debug, Default)]
 pub struct EpochWrite<'a> {
     pub epoch: u64,
     pub watermark: EventTime,
-    /// (shard, query index, changes)
-    pub changes: Vec<(usize, usize, &'a OperatorChanges)>,
+    /// (table index, writes), from any shard.
+    pub changes: Vec<(usize, &'a TableWrites)>,
     pub positions: Vec<&'a PartitionPosition>,
     /// (file-source name, encoded position).
     pub file_positions: Vec<(&'a str, Vec<u8>)>,
@@ -79,16 +102,21 @@ pub struct EpochWrite<'a> {
 pub struct StateStore {
     db: DB,
     path: PathBuf,
-    /// Column family names indexed by [shard][query].
-    cf_names: Vec<Vec<String>>,
+    /// Column family name of each table, by table index.
+    tables: Vec<String>,
+    key_groups: KeyGroups,
 }
 
-pub fn encode_window_start(start: EventTime) -> [u8; 8] {
-    ((start as u64) ^ (1 << 63)).to_be_bytes()
+/// The column family of a state table.
+fn table_cf(table: &str) -> String {
+    format!("t/{table}")
 }
 
-fn decode_window_start(b: &[u8]) -> EventTime {
-    (u64::from_be_bytes(b.try_into().unwrap()) ^ (1 << 63)) as i64
+/// Column families of stores written before key groups: one per (shard, query) of window
+/// state, named `s<shard>/<query>`; `Some(query)` for such a name.
+fn shard_layout_query(cf: &str) -> Option<&str> {
+    let (shard, query) = cf.split_once('/')?;
+    (shard.len() > 1 && shard.starts_with('s') && shard[1..].bytes().all(|b| b.is_ascii_digit())).then_some(query)
 }
 
 fn position_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -114,43 +142,101 @@ fn column_family_options() -> Options {
 }
 
 impl StateStore {
-    /// Opens (or creates) the store for `shards` shards running `queries` (query names).
-    pub fn open(dir: &Path, shards: usize, queries: &[String]) -> StateResult<Self> {
+    /// Opens (or creates) the store for `shards` shards and the state tables named `tables`
+    /// (table index = position). A store from a version that split window state by shard is
+    /// moved into one table per query first.
+    pub fn open(dir: &Path, shards: usize, tables: &[String]) -> StateResult<Self> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.into(), source })?;
         let mut opts = column_family_options();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         // All memtables together stay under this: RocksDB flushes the largest when it is
-        // reached. Without it each column family (shards × queries) may hold 2 × 64 MB.
+        // reached. Without it each column family may hold 2 × 64 MB.
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
-        let cf_names: Vec<Vec<String>> = (0..shards).map(|s| queries.iter().map(|q| format!("s{s}/{q}")).collect()).collect();
+        let table_cfs: Vec<String> = tables.iter().map(|t| table_cf(t)).collect();
         let mut names: Vec<String> = DB::list_cf(&opts, dir).unwrap_or_default();
-        for n in std::iter::once(META.to_string()).chain(cf_names.iter().flatten().cloned()) {
+        for n in std::iter::once(META.to_string()).chain(table_cfs.iter().cloned()) {
             if !names.contains(&n) {
                 names.push(n);
             }
         }
         let descriptors = names.iter().map(|n| ColumnFamilyDescriptor::new(n, column_family_options()));
         let db = DB::open_cf_descriptors(&opts, dir, descriptors).map_err(|source| StateError::Open { path: dir.into(), source })?;
-        let store = StateStore {
+        let mut store = StateStore {
             db,
             path: dir.into(),
-            cf_names,
+            tables: table_cfs,
+            key_groups: KeyGroups::DEFAULT,
         };
-        match store.meta_get(K_SHARDS)? {
+        match store.meta_get(K_KEY_GROUPS)? {
             Some(v) => {
-                let stored = u64::from_le_bytes(store.fixed8(K_SHARDS, &v)?) as usize;
-                if stored != shards {
-                    return Err(StateError::ShardCountChanged {
-                        path: dir.into(),
-                        stored,
-                        configured: shards,
-                    });
-                }
+                let count = u64::from_le_bytes(store.fixed8(K_KEY_GROUPS, &v)?);
+                store.key_groups = u32::try_from(count).ok().and_then(KeyGroups::new).ok_or_else(|| StateError::Corrupt {
+                    key: "key_groups".into(),
+                    what: format!("{count} key groups is out of range"),
+                })?;
             }
-            None => store.db.put_cf(store.meta(), K_SHARDS, (shards as u64).to_le_bytes())?,
+            None => {
+                if store.meta_get(K_SHARDS)?.is_some() {
+                    store.move_shard_layout(&names)?;
+                }
+                store.db.put_cf(store.meta(), K_KEY_GROUPS, (store.key_groups.count() as u64).to_le_bytes())?;
+            }
         }
+        if shards > store.key_groups.count() as usize {
+            return Err(StateError::TooManyShards {
+                path: dir.into(),
+                key_groups: store.key_groups.count(),
+                configured: shards,
+            });
+        }
+        if let Some(v) = store.meta_get(K_SHARDS)? {
+            let previous = u64::from_le_bytes(store.fixed8(K_SHARDS, &v)?) as usize;
+            if previous != shards {
+                tracing::info!(
+                    previous,
+                    shards,
+                    key_groups = store.key_groups.count(),
+                    "the shard count changed: key groups are redistributed over the new shards"
+                );
+            }
+        }
+        store.db.put_cf(store.meta(), K_SHARDS, (shards as u64).to_le_bytes())?;
         Ok(store)
+    }
+
+    /// Moves window state kept per (shard, query) (`s<shard>/<query>`, before key groups) into
+    /// the query's table, then drops the old column families. The copy is synced before any
+    /// drop, and the key groups are recorded only after, so a crash in between repeats it.
+    fn move_shard_layout(&mut self, names: &[String]) -> StateResult<()> {
+        let old: Vec<(String, String)> = names
+            .iter()
+            .filter_map(|n| shard_layout_query(n).map(|q| (n.clone(), table_cf(&format!("{q}/windows")))))
+            .collect();
+        for (from, to) in &old {
+            if self.db.cf_handle(to).is_none() {
+                self.db.create_cf(to, &column_family_options())?;
+            }
+            let (src, dst) = (self.db.cf_handle(from).expect("listed"), self.db.cf_handle(to).expect("created"));
+            let mut batch = WriteBatch::default();
+            for item in self.db.iterator_cf(src, IteratorMode::Start) {
+                let (k, v) = item?;
+                batch.put_cf(dst, k, v);
+            }
+            let mut sync = WriteOptions::default();
+            sync.set_sync(true);
+            self.db.write_opt(batch, &sync)?;
+            tracing::info!(from = %from, to = %to, "moved window state into its query's table (state is now split by key group, not by shard)");
+        }
+        for (from, _) in &old {
+            self.db.drop_cf(from)?;
+        }
+        Ok(())
+    }
+
+    /// The key groups keyed state is split into (fixed when the store was created).
+    pub fn key_groups(&self) -> KeyGroups {
+        self.key_groups
     }
 
     pub fn path(&self) -> &Path {
@@ -217,26 +303,18 @@ impl StateStore {
         Ok(r)
     }
 
-    /// Loads the open windows of (shard, query) into `op`; returns how many keys were loaded.
-    pub fn load_windows(&self, shard: usize, query: usize, op: &mut WindowOperator) -> StateResult<usize> {
-        let cf = self
-            .db
-            .cf_handle(&self.cf_names[shard][query])
-            .expect("query column families are created at open");
+    /// Calls `restore` with every entry of table `table`, in key order; an entry `restore`
+    /// rejects is reported as corrupt state, with the table and key.
+    pub fn scan(&self, table: usize, mut restore: impl FnMut(&[u8], &[u8]) -> Result<(), String>) -> StateResult<usize> {
+        let name = &self.tables[table];
+        let cf = self.db.cf_handle(name).expect("table column families are created at open");
         let mut n = 0;
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
-            let restored = if k.len() >= 8 {
-                op.restore(decode_window_start(&k[..8]), &k[8..], &v)
-            } else {
-                Err("key shorter than 8 bytes".into())
-            };
-            if let Err(what) = restored {
-                return Err(StateError::Corrupt {
-                    key: format!("{}:{:?}", self.cf_names[shard][query], k),
-                    what: format!("{what}: window state does not match the query's aggregates (did the query change? use a new state_dir)"),
-                });
-            }
+            restore(&k, &v).map_err(|what| StateError::Corrupt {
+                key: format!("{name}:{k:?}"),
+                what,
+            })?;
             n += 1;
         }
         Ok(n)
@@ -266,19 +344,16 @@ impl StateStore {
     /// Flushes one epoch atomically and durably (WAL fsync).
     pub fn write_epoch(&self, w: &EpochWrite) -> StateResult<()> {
         let mut batch = WriteBatch::default();
-        for (shard, query, changes) in &w.changes {
-            let cf = self
-                .db
-                .cf_handle(&self.cf_names[*shard][*query])
-                .expect("query column families are created at open");
-            if let Some(through) = changes.closed_through {
-                batch.delete_range_cf(cf, encode_window_start(EventTime::MIN), encode_window_start(through.saturating_add(1)));
+        for (table, writes) in &w.changes {
+            let cf = self.db.cf_handle(&self.tables[*table]).expect("table column families are created at open");
+            for (from, to) in &writes.delete_ranges {
+                batch.delete_range_cf(cf, from, to);
             }
-            for (start, key) in &changes.deletes {
-                batch.delete_cf(cf, [&encode_window_start(*start)[..], key].concat());
+            for key in &writes.deletes {
+                batch.delete_cf(cf, key);
             }
-            for (start, key, value) in &changes.puts {
-                batch.put_cf(cf, [&encode_window_start(*start)[..], key].concat(), value);
+            for (key, value) in &writes.puts {
+                batch.put_cf(cf, key, value);
             }
         }
         let meta = self.meta();
@@ -320,31 +395,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn window_start_encoding_preserves_order() {
+    fn time_key_encoding_preserves_order() {
         let xs = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
         for w in xs.windows(2) {
-            assert!(encode_window_start(w[0]) < encode_window_start(w[1]));
-            assert_eq!(decode_window_start(&encode_window_start(w[0])), w[0]);
+            assert!(encode_time_key(w[0]) < encode_time_key(w[1]));
+            assert_eq!(decode_time_key(encode_time_key(w[0])), w[0]);
         }
     }
 
+    fn entries(store: &StateStore, table: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        store
+            .scan(table, |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
     #[test]
-    fn epoch_write_round_trips_and_shard_count_is_checked() {
+    fn epoch_write_round_trips_and_any_shard_count_reopens() {
         let dir = tempfile::tempdir().unwrap();
-        let queries = vec!["q".to_string()];
-        let store = StateStore::open(dir.path(), 2, &queries).unwrap();
+        let tables = vec!["q/windows".to_string(), "other".to_string()];
+        let store = StateStore::open(dir.path(), 2, &tables).unwrap();
+        assert_eq!(store.key_groups(), KeyGroups::DEFAULT);
         let r = store.recover().unwrap();
         assert_eq!(r.epoch, 0);
-        let cfg = crate::config::parse_config(include_str!("../tests/data/minimal.toml")).unwrap();
-        let op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
-        let accs: Vec<crate::agg::Acc> = op.specs().iter().map(crate::agg::AggSpec::new_acc).collect();
-        let mut state = Vec::new();
-        crate::agg::encode_accs(&accs, &mut state);
-        let changes = OperatorChanges {
+        let key = |t: EventTime, k: &[u8]| [&encode_time_key(t)[..], k].concat();
+        let writes = TableWrites {
             puts: vec![
-                (10, b"k1".to_vec(), state.clone()),
-                (20, b"k2".to_vec(), state.clone()),
-                (30, b"k3".to_vec(), state),
+                (key(10, b"k1"), b"a".to_vec()),
+                (key(20, b"k2"), b"b".to_vec()),
+                (key(30, b"k3"), b"c".to_vec()),
             ],
             ..Default::default()
         };
@@ -358,22 +441,22 @@ mod tests {
             .write_epoch(&EpochWrite {
                 epoch: 1,
                 watermark: 5,
-                changes: vec![(1, 0, &changes)],
+                changes: vec![(0, &writes)],
                 positions: vec![&pos],
                 file_positions: vec![("drops", b"{}".to_vec())],
                 pending: vec![("sink", b"rows".to_vec())],
             })
             .unwrap();
-        let close = OperatorChanges {
-            closed_through: Some(10),
-            deletes: vec![(30, b"k3".to_vec())],
-            ..Default::default()
+        let close = TableWrites {
+            delete_ranges: vec![(encode_time_key(EventTime::MIN).to_vec(), encode_time_key(11).to_vec())],
+            deletes: vec![key(30, b"k3")],
+            puts: vec![(b"x".to_vec(), b"y".to_vec())],
         };
         store
             .write_epoch(&EpochWrite {
                 epoch: 2,
                 watermark: 15,
-                changes: vec![(1, 0, &close)],
+                changes: vec![(0, &close)],
                 positions: vec![],
                 file_positions: vec![],
                 pending: vec![],
@@ -381,7 +464,8 @@ mod tests {
             .unwrap();
         drop(store);
 
-        let store = StateStore::open(dir.path(), 2, &queries).unwrap();
+        // Another shard count reads the same state: it is not split by shard.
+        let store = StateStore::open(dir.path(), 3, &tables).unwrap();
         let r = store.recover().unwrap();
         assert_eq!((r.epoch, r.watermark), (2, Some(15)));
         assert_eq!(r.positions[&("t".to_string(), 3)], pos);
@@ -389,15 +473,42 @@ mod tests {
         assert_eq!(store.pending().unwrap(), vec![(1, "sink".to_string(), b"rows".to_vec())]);
         store.clear_pending(1, "sink").unwrap();
         assert!(store.pending().unwrap().is_empty());
-        let mut op = WindowOperator::new(&cfg.queries[0], &cfg.sources[0]);
-        // Window 10 was range-deleted and 30 point-deleted by epoch 2; 20 survives, on shard 1 only.
-        assert_eq!(store.load_windows(1, 0, &mut op).unwrap(), 1);
-        assert_eq!(store.load_windows(0, 0, &mut op).unwrap(), 0);
+        // Window 10 was range-deleted and 30 point-deleted by epoch 2; 20 and the put survive.
+        assert_eq!(entries(&store, 0), vec![(b"x".to_vec(), b"y".to_vec()), (key(20, b"k2"), b"b".to_vec())]);
+        assert!(entries(&store, 1).is_empty());
+        let err = store.scan(0, |_, _| Err("no".into())).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
         drop(store);
 
-        match StateStore::open(dir.path(), 3, &queries) {
-            Err(e @ StateError::ShardCountChanged { .. }) => assert!(e.to_string().contains("shards = 2")),
-            other => panic!("expected ShardCountChanged, got {:?}", other.err()),
+        match StateStore::open(dir.path(), 257, &tables) {
+            Err(e @ StateError::TooManyShards { .. }) => assert!(e.to_string().contains("at most 256"), "{e}"),
+            other => panic!("expected TooManyShards, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn state_split_by_shard_moves_into_one_table_per_query() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before key groups: `s<shard>/<query>` column families and a shard count.
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let db = DB::open_cf(&opts, dir.path(), [META, "s0/clicks", "s1/clicks", "s1/other"]).unwrap();
+            db.put_cf(db.cf_handle(META).unwrap(), K_SHARDS, 2u64.to_le_bytes()).unwrap();
+            db.put_cf(db.cf_handle("s0/clicks").unwrap(), b"a", b"1").unwrap();
+            db.put_cf(db.cf_handle("s1/clicks").unwrap(), b"b", b"2").unwrap();
+            db.put_cf(db.cf_handle("s1/other").unwrap(), b"c", b"3").unwrap();
+        }
+        let tables = vec!["clicks/windows".to_string(), "other/windows".to_string()];
+        let store = StateStore::open(dir.path(), 1, &tables).unwrap();
+        assert_eq!(entries(&store, 0), vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(entries(&store, 1), vec![(b"c".to_vec(), b"3".to_vec())]);
+        drop(store);
+        let cfs = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(!cfs.iter().any(|c| shard_layout_query(c).is_some()), "old column families dropped: {cfs:?}");
+        // Reopening does not move anything again.
+        let store = StateStore::open(dir.path(), 2, &tables).unwrap();
+        assert_eq!(entries(&store, 0).len(), 2);
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::decode::DeadLetterReason;
-use crate::value::EventTime;
+use crate::types::DeadLetterReason;
+use crate::types::EventTime;
 use crate::watermark::UNKNOWN;
 
 /// How often a shard publishes its tallies, lag, watermarks, busy time and queue lengths.

@@ -3,8 +3,8 @@
 //! The RFC 3339 parser is hand-written for the hot path (no allocation, no locale, no regex);
 //! it is checked against chrono by a property test.
 
-use crate::config::TimeFormat;
-use crate::value::EventTime;
+use crate::types::EventTime;
+use crate::types::TimeFormat;
 
 /// Parses `YYYY-MM-DD(T| )HH:MM:SS[.fraction](Z|z|±HH:MM)` into µs since the epoch.
 pub fn parse_rfc3339_micros(s: &str) -> Option<EventTime> {

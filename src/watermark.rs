@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::value::EventTime;
+use crate::types::EventTime;
 
 pub const IDLE: EventTime = EventTime::MAX;
 pub const UNKNOWN: EventTime = EventTime::MIN;

@@ -24,8 +24,9 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 use crate::agg::{decode_accs, encode_accs, Acc, AggFunc, AggSpec, In};
 use crate::config::{AggFn, AggregateConfig, CalendarUnit, FieldType, OutputMode, QueryConfig, SourceConfig, WindowConfig};
 use crate::expr::Expr;
+use crate::state::TableWrites;
 use crate::time::{civil_from_days, days_from_civil};
-use crate::value::{decode_key, EventTime, Value};
+use crate::types::{decode_key, decode_time_key, encode_time_key, EventTime, Value};
 
 mod keytable;
 use keytable::KeyTable;
@@ -106,6 +107,7 @@ pub fn input_kind(a: &AggregateConfig) -> InputKind {
 /// Output column types of a query's values (aggregates, then derived columns), and the
 /// compiled derived expressions. Column order of the expressions' input row: window columns,
 /// group keys, aggregates, derived columns.
+#[derive(Debug, Clone)]
 pub struct OutputShape {
     pub specs: Vec<AggSpec>,
     pub key_types: Vec<FieldType>,
@@ -114,32 +116,14 @@ pub struct OutputShape {
 }
 
 impl OutputShape {
-    /// Panics only on a config that did not pass `config::compile` (which type-checks every
-    /// derived expression against the same columns).
+    /// From the compiled query: its derived expressions were type-checked and compiled with the
+    /// configuration, against these same columns.
     pub fn new(query: &QueryConfig, source: &SourceConfig) -> OutputShape {
         let specs: Vec<AggSpec> = query.aggregates.iter().map(|a| agg_spec(a, source)).collect();
-        let key_types: Vec<FieldType> = query
-            .group_by
-            .iter()
-            .map(|g| source.schema[source.field_index(g).expect("compiled config: group_by field in schema")].ty)
-            .collect();
-        let mut columns: Vec<(String, FieldType)> = query
-            .window
-            .columns()
-            .iter()
-            .map(|c| (c.to_string(), if *c == "duration" { FieldType::Float } else { FieldType::Timestamp }))
-            .collect();
-        columns.extend(query.group_by.iter().cloned().zip(key_types.iter().copied()));
-        columns.extend(query.aggregates.iter().zip(&specs).map(|(a, s)| (a.name.clone(), s.output_type())));
+        let key_types: Vec<FieldType> = query.key_fields.iter().map(|&i| source.schema[i].ty).collect();
         let mut value_types: Vec<FieldType> = specs.iter().map(AggSpec::output_type).collect();
-        let mut derived = Vec::new();
-        for d in &query.derive {
-            let cols: Vec<(&str, FieldType)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-            let expr = Expr::compile(&d.expr, &cols).unwrap_or_else(|e| panic!("compiled config: derive {} = {:?}: {e}", d.name, d.expr));
-            columns.push((d.name.clone(), expr.output_type()));
-            value_types.push(expr.output_type());
-            derived.push(expr);
-        }
+        let derived: Vec<Expr> = query.derive.iter().map(|d| d.expr.expr.clone()).collect();
+        value_types.extend(derived.iter().map(Expr::output_type));
         OutputShape {
             specs,
             key_types,
@@ -171,6 +155,29 @@ pub struct OperatorChanges {
     pub deletes: Vec<(EventTime, Vec<u8>)>,
     /// Every entry with start ≤ this value is closed and can be deleted.
     pub closed_through: Option<EventTime>,
+}
+
+impl OperatorChanges {
+    /// The writes to the operator's state table, whose keys are `start ++ group key` (start
+    /// as [`encode_time_key`]), so the entries up to a start are one key range.
+    pub fn into_table_writes(self) -> TableWrites {
+        let entry_key = |start: EventTime, key: &[u8]| [&encode_time_key(start)[..], key].concat();
+        TableWrites {
+            delete_ranges: self
+                .closed_through
+                .map(|through| (encode_time_key(EventTime::MIN).to_vec(), encode_time_key(through.saturating_add(1)).to_vec()))
+                .into_iter()
+                .collect(),
+            deletes: self.deletes.iter().map(|(start, key)| entry_key(*start, key)).collect(),
+            puts: self.puts.into_iter().map(|(start, key, value)| (entry_key(start, &key), value)).collect(),
+        }
+    }
+
+    /// Splits a state-table key into its start and group key.
+    pub fn split_entry_key(key: &[u8]) -> Option<(EventTime, &[u8])> {
+        let (start, group_key) = key.split_first_chunk::<8>()?;
+        Some((decode_time_key(*start), group_key))
+    }
 }
 
 /// Where events go in time, for bucketed windows.
@@ -750,8 +757,13 @@ pub enum WindowOperator {
 
 impl WindowOperator {
     pub fn new(query: &QueryConfig, source: &SourceConfig) -> Self {
+        WindowOperator::with_shape(query, OutputShape::new(query, source))
+    }
+
+    /// With the query's output shape from the plan.
+    pub fn with_shape(query: &QueryConfig, shape: OutputShape) -> Self {
         let common = Common {
-            shape: OutputShape::new(query, source),
+            shape,
             lateness_us: query.allowed_lateness.as_micros() as i64,
             mode: query.output,
         };

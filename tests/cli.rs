@@ -172,16 +172,31 @@ fn demo_runs_and_writes_a_readable_delta_table() {
 
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    crash_and_restart_until_the_oracle("crash", |_| 2);
+}
+
+/// Every restart runs with 1, 2 or 3 shards (more shards than this machine's cores share
+/// them): the key groups move between shards, and the tables still equal the oracle.
+#[test]
+fn shard_count_changed_between_sigkills_gives_the_oracle() {
+    crash_and_restart_until_the_oracle("rescale", |rng| rng.random_range(1..=3));
+}
+
+/// Produces events in two phases while the daemon is killed with SIGKILL at random moments
+/// and restarted with `shards(rng)` shards each time; then the tables must equal the oracle.
+fn crash_and_restart_until_the_oracle(name: &str, shards: impl Fn(&mut rand_chacha::ChaCha8Rng) -> usize) {
     let dir = tempfile::tempdir().unwrap();
     let (mut broker, addr) = start_broker(dir.path());
     let config = dir.path().join("pipeline.toml");
-    std::fs::write(&config, pipeline_toml("crash", &addr, dir.path(), 2)).unwrap();
     let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("crash test seed {seed}");
+    eprintln!("{name} test seed {seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let run = || Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
+    let run = |rng: &mut rand_chacha::ChaCha8Rng| {
+        std::fs::write(&config, pipeline_toml(name, &addr, dir.path(), shards(rng))).unwrap();
+        Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap()
+    };
     let crash_after = |rng: &mut rand_chacha::ChaCha8Rng, max_ms: u64| {
-        let mut child = run();
+        let mut child = run(rng);
         std::thread::sleep(Duration::from_millis(rng.random_range(50..max_ms)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -194,7 +209,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     }
     // Very-late events are only deterministic once a watermark is committed: wait for the
     // first closed windows, crash again, then produce them.
-    let mut child = run();
+    let mut child = run(&mut rng);
     wait_for("first committed windows", Duration::from_secs(60), || {
         !read_views(&dir.path().join("views")).is_empty()
     });
@@ -219,7 +234,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     trickle.join().unwrap();
     crash_after(&mut rng, 1_500);
 
-    let mut child = run();
+    let mut child = run(&mut rng);
     let expected = oracle(&events, final_watermark_us(&events));
     let expected_dlq = expected_dead_letters(&events);
     wait_for("the tables to match the oracle after crashes", Duration::from_secs(90), || {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
     AggFn, AggregateConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, KafkaConfig, OutputMode, PipelineConfig, QueryConfig,
-    SinkConfig, SinkKind, SourceConfig, WindowConfig,
+    SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
 use super::raw::{RawConfig, RawGenerator, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
@@ -273,12 +273,15 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
     });
     let expressions = Expressions { query: &query_name, diag };
 
-    if let (Some(filter), Some(columns)) = (&q.filter, &schema_columns) {
-        expressions.check(filter, "where", columns, true);
-    }
-    if let Some((source_name, schema)) = &source {
-        check_group_by(&q.group_by, source_name, schema, diag);
-    }
+    let filter = match (&q.filter, &schema_columns) {
+        (Some(filter), Some(columns)) => Some(expressions.check(filter, "where", columns, true)),
+        (Some(filter), None) => Some(Sql::unusable(&filter.value)),
+        (None, _) => None,
+    };
+    let key_fields = match &source {
+        Some((source_name, schema)) => check_group_by(&q.group_by, source_name, schema, diag),
+        None => Vec::new(),
+    };
     let aggregates: Vec<AggregateConfig> = q
         .aggregates
         .iter()
@@ -290,16 +293,19 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
             if let (Some(func), Some((_, schema))) = (&a.func, &source) {
                 check_aggregate_field(a.at.path.as_str(), a.at.line, func, a.field.as_ref(), field_index.map(|i| &schema[i]), diag);
             }
-            if let (Some(filter), Some(columns)) = (&a.filter, &schema_columns) {
-                let name = a.name.as_ref().map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone());
-                expressions.check(filter, &format!("aggregate \"{name}\": filter"), columns, true);
-            }
+            let filter = a.filter.as_ref().map(|filter| match &schema_columns {
+                Some(columns) => {
+                    let name = a.name.as_ref().map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone());
+                    expressions.check(filter, &format!("aggregate \"{name}\": filter"), columns, true)
+                }
+                None => Sql::unusable(&filter.value),
+            });
             AggregateConfig {
                 name: a.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
                 func: a.func.as_ref().map_or(AggFn::Count, |f| f.value),
                 field: a.field.as_ref().map(|f| f.value.clone()),
                 field_index,
-                filter: a.filter.as_ref().map(|f| f.value.clone()),
+                filter,
                 percentile: a.percentile,
             }
         })
@@ -334,16 +340,20 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
     }
     let mut derive = Vec::with_capacity(q.derive.len());
     for d in &q.derive {
-        let ty = match (&d.name, &d.expr) {
+        let expr = match (&d.name, &d.expr) {
             (Some(name), Some(expr)) => expressions.check(expr, &format!("derived column \"{}\": expr", name.value), &columns, false),
-            _ => None,
+            (None, Some(expr)) => Sql::unusable(&expr.value),
+            (_, None) => Sql::unusable(""),
         };
         if let Some(name) = &d.name {
-            columns.push(Column { name: name.value.clone(), ty });
+            columns.push(Column {
+                name: name.value.clone(),
+                ty: expr.is_usable().then(|| expr.expr.output_type()),
+            });
         }
         derive.push(DerivedColumn {
             name: d.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
-            expr: d.expr.as_ref().map(|e| e.value.clone()).unwrap_or_default(),
+            expr,
         });
     }
 
@@ -377,12 +387,13 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         name: q.name.map(|n| n.value).unwrap_or_default(),
         from: q.from.map(|f| f.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),
-        filter: q.filter.map(|f| f.value),
+        filter,
         window: window.unwrap_or(WindowConfig::Tumbling {
             size: std::time::Duration::ZERO,
             offset: std::time::Duration::ZERO,
         }),
         group_by: q.group_by.into_iter().map(|g| g.value).collect(),
+        key_fields,
         aggregates,
         derive,
         output: q.output.map_or(OutputMode::Append, |o| o.value),
@@ -467,9 +478,10 @@ struct Expressions<'a> {
 
 impl Expressions<'_> {
     /// Type-checks `text` (written as `key = "text"`) against `columns`; a condition must be
-    /// boolean. Returns the expression's type, or `None` when it is broken (reported) or reads a
-    /// column whose type is unknown (not reported again: that column's own error says why).
-    fn check(&self, text: &At<String>, key: &str, columns: &[Column], condition: bool) -> Option<FieldType> {
+    /// boolean. Returns the compiled expression, or an unusable one when it is broken (reported)
+    /// or reads a column whose type is unknown (not reported again: that column's own error
+    /// says why).
+    fn check(&self, text: &At<String>, key: &str, columns: &[Column], condition: bool) -> Sql {
         let typed: Vec<(&str, FieldType)> = columns.iter().filter_map(|c| Some((c.name.as_str(), c.ty?))).collect();
         let compiled = if condition {
             Expr::compile_predicate(&text.value, &typed)
@@ -477,15 +489,17 @@ impl Expressions<'_> {
             Expr::compile(&text.value, &typed)
         };
         match compiled {
-            Ok(expr) => Some(expr.output_type()),
-            Err(ExprError::UnknownColumn { name, .. }) if columns.iter().any(|c| c.ty.is_none() && c.name.eq_ignore_ascii_case(&name)) => None,
+            Ok(expr) => Sql::checked(expr),
+            Err(ExprError::UnknownColumn { name, .. }) if columns.iter().any(|c| c.ty.is_none() && c.name.eq_ignore_ascii_case(&name)) => {
+                Sql::unusable(&text.value)
+            }
             Err(problem) => {
                 self.diag.report(
                     text.path.clone(),
                     text.line,
                     format!("query \"{}\": {key} = \"{}\": {problem}", self.query, text.value),
                 );
-                None
+                Sql::unusable(&text.value)
             }
         }
     }
@@ -509,7 +523,9 @@ fn find_field(field: &At<String>, role: &str, source_name: &str, schema: &[Field
     index
 }
 
-fn check_group_by(group_by: &[At<String>], source_name: &str, schema: &[FieldDef], diag: &Diagnostics) {
+/// Reports problems of `group_by`; returns the schema indexes of its fields.
+fn check_group_by(group_by: &[At<String>], source_name: &str, schema: &[FieldDef], diag: &Diagnostics) -> Vec<usize> {
+    let mut indexes = Vec::with_capacity(group_by.len());
     for (i, key) in group_by.iter().enumerate() {
         if group_by[..i].iter().any(|k| k.value == key.value) {
             diag.report(
@@ -529,7 +545,9 @@ fn check_group_by(group_by: &[At<String>], source_name: &str, schema: &[FieldDef
                 format!("cannot group by float field \"{}\"; group by string, int, bool or timestamp fields", key.value),
             );
         }
+        indexes.push(index);
     }
+    indexes
 }
 
 /// Which input field types an aggregate function takes.

@@ -26,7 +26,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
     AggFn, AggregateConfig, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
-    GeneratorConfig, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, StartingOffsets,
+    GeneratorConfig, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets,
     TimeFormat, WatermarkConfig, WindowConfig,
 };
 

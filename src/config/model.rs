@@ -4,6 +4,64 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::types::{FieldType, TimeFormat};
+
+use crate::expr::Expr;
+
+/// A SQL expression of the pipeline file: the text as written, and its compiled form,
+/// type-checked against the columns it reads when the configuration was compiled (so nothing
+/// compiles it again). Reads as its text; two are equal when their texts are.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    pub expr: Expr,
+    /// False for a placeholder of an expression that did not compile (the configuration is
+    /// invalid and never runs).
+    usable: bool,
+}
+
+impl Sql {
+    pub(crate) fn checked(expr: Expr) -> Sql {
+        Sql { expr, usable: true }
+    }
+
+    pub(crate) fn unusable(text: &str) -> Sql {
+        Sql {
+            expr: Expr::unusable(text),
+            usable: false,
+        }
+    }
+
+    pub fn is_usable(&self) -> bool {
+        self.usable
+    }
+
+    pub fn text(&self) -> &str {
+        self.expr.text()
+    }
+}
+
+impl std::ops::Deref for Sql {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.text()
+    }
+}
+
+/// Expected values in tests: an unusable expression with this text (equal to a compiled one).
+#[cfg(test)]
+impl From<&str> for Sql {
+    fn from(text: &str) -> Sql {
+        Sql::unusable(text)
+    }
+}
+
+impl PartialEq for Sql {
+    fn eq(&self, other: &Sql) -> bool {
+        self.text() == other.text()
+    }
+}
+
 /// A complete, validated pipeline configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -156,44 +214,11 @@ pub struct FieldDef {
     pub ty: FieldType,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FieldType {
-    String,
-    Int,
-    Float,
-    Bool,
-    Timestamp,
-}
-
-impl FieldType {
-    /// The name used in configuration files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FieldType::String => "string",
-            FieldType::Int => "int",
-            FieldType::Float => "float",
-            FieldType::Bool => "bool",
-            FieldType::Timestamp => "timestamp",
-        }
-    }
-}
-
 /// `event_time = { field = "ts", format = "auto" }`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventTimeConfig {
     pub field: String,
     pub format: TimeFormat,
-}
-
-/// How the event-time field is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeFormat {
-    /// Detected from each value.
-    Auto,
-    Rfc3339,
-    EpochSeconds,
-    EpochMillis,
-    EpochMicros,
 }
 
 /// `watermark = { delay = "10s", idle_timeout = "30s" }`
@@ -229,10 +254,12 @@ pub struct QueryConfig {
     pub source_index: usize,
     /// `where = "<SQL expression>"` over the source's fields: only events for which it is TRUE
     /// reach the query.
-    pub filter: Option<String>,
+    pub filter: Option<Sql>,
     pub window: WindowConfig,
     /// Schema fields of the source, none of them float.
     pub group_by: Vec<String>,
+    /// Schema indexes of the `group_by` fields, in order.
+    pub key_fields: Vec<usize>,
     pub aggregates: Vec<AggregateConfig>,
     /// `derive = [{ name = "ctr", expr = "clicks / views" }]`: output columns computed from the
     /// row's window columns, keys, aggregates and earlier derived columns.
@@ -313,11 +340,11 @@ impl CalendarUnit {
 }
 
 /// `{ name = "ctr", expr = "clicks / views" }`
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DerivedColumn {
     pub name: String,
-    /// SQL expression text.
-    pub expr: String,
+    /// Over the window columns, keys, aggregates and earlier derived columns, in that order.
+    pub expr: Sql,
 }
 
 /// `{ name = "total", fn = "sum", field = "amount" }`
@@ -332,7 +359,7 @@ pub struct AggregateConfig {
     /// Index of `field` in the source schema.
     pub field_index: Option<usize>,
     /// `filter = "<SQL expression>"`: only events for which it is TRUE are aggregated.
-    pub filter: Option<String>,
+    pub filter: Option<Sql>,
     /// `percentile = 0.99` for `approx_percentile` (0..=1).
     pub percentile: Option<f64>,
 }

@@ -218,6 +218,7 @@ fn full_config_parses_into_expected_values() {
                 offset: Duration::from_secs(30),
             },
             group_by: vec!["page".into(), "user_id".into()],
+            key_fields: vec![1, 0],
             aggregates: vec![
                 agg("views", AggFn::Count, None),
                 agg("total", AggFn::Sum, Some(("amount", 3))),
@@ -888,7 +889,7 @@ fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
         func,
         field: field.map(|(f, _)| f.to_string()),
         field_index: field.map(|(_, i)| i),
-        filter: filter.map(str::to_string),
+        filter: filter.map(Sql::from),
         percentile,
     };
     let derived = |name: &str, expr: &str| DerivedColumn {
@@ -908,6 +909,7 @@ fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
                 offset: Duration::from_secs(60),
             },
             group_by: vec!["page".into()],
+            key_fields: vec![1],
             aggregates: vec![
                 agg("views", AggFn::Count, None, Some("action = 'view'"), None),
                 agg("clicks", AggFn::Count, None, Some("action = 'click'"), None),

@@ -38,18 +38,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use deltalake::arrow::compute::{cast_with_options, concat_batches, filter_record_batch, take_record_batch, CastOptions};
+use deltalake::arrow::array::{RecordBatch, UInt32Array};
+use deltalake::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, DataType as DeltaDataType, StructType, Transaction};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
-use deltalake::{DeltaTable, DeltaTableError, ObjectStoreError};
+use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
-use super::table_files::{keep_mask, last_row_per_key, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile};
+pub use super::delta_error::{DeltaSinkError, SinkResult};
+use super::table_files::{conform_batch, keep_mask, last_row_per_key, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile};
 
 /// Attempts per epoch (the first try plus retries) before an epoch write gives up.
 const APPEND_ATTEMPTS: u32 = 4;
@@ -57,228 +58,6 @@ const APPEND_ATTEMPTS: u32 = 4;
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 /// [`DeltaTableSink::compact`] leaves a partition alone until it has this many small files.
 pub const DEFAULT_COMPACTION_MIN_FILES: usize = 4;
-
-pub type SinkResult<T> = Result<T, DeltaSinkError>;
-
-/// What went wrong in the Delta sink, whose fault it is, and whether retrying can help
-/// (see [`DeltaSinkError::is_retryable`]).
-#[derive(Debug, thiserror::Error)]
-pub enum DeltaSinkError {
-    /// User configuration: the sink points at a table made for a different query.
-    #[error(
-        "the Delta table at {} has columns ({found}); the query produces ({expected}); \
-         point the sink at a new path or drop the table",
-        path.display()
-    )]
-    SchemaMismatch {
-        path: PathBuf,
-        /// Columns the query produces, as `name type` pairs.
-        expected: String,
-        /// Columns the existing table has, as `name type` pairs.
-        found: String,
-    },
-
-    /// User configuration: the sink points at a table partitioned differently from what the
-    /// sink asks for.
-    #[error(
-        "the Delta table at {} is partitioned by ({found}); the sink asks for partitioning by \
-         ({expected}); point the sink at a new path or drop the table (the sink never \
-         rewrites an existing table's layout)",
-        path.display()
-    )]
-    PartitionMismatch {
-        path: PathBuf,
-        /// Partition columns asked for, comma separated, `none` if unpartitioned.
-        expected: String,
-        /// Partition columns of the existing table, likewise.
-        found: String,
-    },
-
-    /// User configuration: the table options do not fit the query's columns.
-    #[error("invalid options for the Delta table at {}: {reason}", path.display())]
-    InvalidOptions { path: PathBuf, reason: String },
-
-    /// User configuration: the query produces a column type Delta Lake cannot store.
-    #[error(
-        "the query's output cannot be stored in the Delta table at {}: {reason}; \
-         change the column's type in the query (Delta stores int8/16/32/64, float32/64, \
-         utf8, binary, boolean, decimal, date and timestamp µs UTC)",
-        path.display()
-    )]
-    UnsupportedSchema { path: PathBuf, reason: String },
-
-    /// Internal bug: a batch handed to the sink does not fit the table's columns.
-    #[error(
-        "internal error: a batch for the Delta table at {} does not match its columns: {reason}",
-        path.display()
-    )]
-    BatchSchema { path: PathBuf, reason: String },
-
-    /// Internal bug or configuration: an upsert's key columns are not usable.
-    #[error(
-        "cannot upsert into the Delta table at {} by key ({columns}): {reason}; key the view \
-         by columns the query outputs",
-        path.display()
-    )]
-    InvalidKeyColumns { path: PathBuf, columns: String, reason: String },
-
-    /// Internal bug: Delta `txn` versions are i64.
-    #[error("internal error: epoch {epoch} does not fit in a Delta txn version (i64)")]
-    EpochOutOfRange { epoch: u64 },
-
-    /// Local file system: the table directory cannot be created or resolved.
-    #[error(
-        "cannot prepare the Delta table directory {}: {source}; check that the path exists \
-         or can be created, and is writable",
-        path.display()
-    )]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// Reading a table that does not exist (there is no `_delta_log` at the path).
-    #[error("there is no Delta table at {}; check the path", path.display())]
-    TableNotFound { path: PathBuf },
-
-    /// Operator error: another process committed with the same app id while we were
-    /// committing. Two daemons share one app id (a zombie, or a copied config).
-    #[error(
-        "another writer committed to the Delta table at {} with app id `{app_id}` at the same \
-         time; two daemons are writing with one app id: stop the other one, or give each its \
-         own app id",
-        path.display()
-    )]
-    ConcurrentWriter {
-        path: PathBuf,
-        app_id: String,
-        #[source]
-        source: Box<DeltaTableError>,
-    },
-
-    /// External system: delta-rs or the object store failed. [`Self::is_retryable`] says
-    /// whether the cause looks transient.
-    #[error("Delta Lake {operation} failed for the table at {}: {source}", path.display())]
-    Delta {
-        path: PathBuf,
-        operation: &'static str,
-        #[source]
-        source: Box<DeltaTableError>,
-    },
-
-    /// The table uses something this sink does not write and cannot read or rewrite (deletion
-    /// vectors, data files missing columns).
-    #[error("cannot read the Delta table at {}: {reason}", path.display())]
-    UnsupportedTable { path: PathBuf, reason: String },
-
-    /// An epoch write retried a transient failure and ran out of attempts. Nothing was
-    /// committed for this epoch; writing it again later is safe.
-    #[error("gave up writing epoch {epoch} (app id `{app_id}`) after {attempts} attempts: {source}")]
-    RetriesExhausted {
-        app_id: String,
-        epoch: u64,
-        attempts: u32,
-        #[source]
-        source: Box<DeltaSinkError>,
-    },
-}
-
-impl DeltaSinkError {
-    /// Whether trying the same call again may succeed (a transient storage or commit-race
-    /// failure), as opposed to a problem a person has to fix.
-    /// Whether the cause is a commit conflict: another writer committed the version this
-    /// commit was for (or a conflicting change) first.
-    pub fn is_conflict(&self) -> bool {
-        let delta_conflict = |e: &DeltaTableError| {
-            matches!(
-                e,
-                DeltaTableError::VersionAlreadyExists(_)
-                    | DeltaTableError::Transaction {
-                        source: TransactionError::CommitConflict(_) | TransactionError::VersionAlreadyExists(_)
-                    }
-            )
-        };
-        match self {
-            DeltaSinkError::ConcurrentWriter { .. } => true,
-            DeltaSinkError::Delta { source, .. } => delta_conflict(source),
-            DeltaSinkError::RetriesExhausted { source, .. } => source.is_conflict(),
-            _ => false,
-        }
-    }
-
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            DeltaSinkError::Io { source, .. } => io_error_is_transient(source),
-            DeltaSinkError::Delta { source, .. } => delta_error_is_transient(source),
-            DeltaSinkError::RetriesExhausted { source, .. } => source.is_retryable(),
-            DeltaSinkError::SchemaMismatch { .. }
-            | DeltaSinkError::PartitionMismatch { .. }
-            | DeltaSinkError::InvalidOptions { .. }
-            | DeltaSinkError::UnsupportedSchema { .. }
-            | DeltaSinkError::BatchSchema { .. }
-            | DeltaSinkError::InvalidKeyColumns { .. }
-            | DeltaSinkError::EpochOutOfRange { .. }
-            | DeltaSinkError::TableNotFound { .. }
-            | DeltaSinkError::ConcurrentWriter { .. }
-            | DeltaSinkError::UnsupportedTable { .. } => false,
-        }
-    }
-}
-
-fn io_error_is_transient(err: &std::io::Error) -> bool {
-    use std::io::ErrorKind;
-    matches!(err.kind(), ErrorKind::Interrupted | ErrorKind::TimedOut | ErrorKind::WouldBlock)
-}
-
-fn object_store_error_is_transient(err: &ObjectStoreError) -> bool {
-    !matches!(
-        err,
-        ObjectStoreError::NotFound { .. }
-            | ObjectStoreError::InvalidPath { .. }
-            | ObjectStoreError::NotSupported { .. }
-            | ObjectStoreError::NotImplemented
-            | ObjectStoreError::PermissionDenied { .. }
-            | ObjectStoreError::Unauthenticated { .. }
-            | ObjectStoreError::UnknownConfigurationKey { .. }
-    )
-}
-
-fn delta_error_is_transient(err: &DeltaTableError) -> bool {
-    match err {
-        DeltaTableError::ObjectStore { source } => object_store_error_is_transient(source),
-        DeltaTableError::Io { .. } | DeltaTableError::VersionAlreadyExists(_) => true,
-        DeltaTableError::Transaction { source } => match source {
-            TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction) => false,
-            TransactionError::CommitConflict(_)
-            | TransactionError::MaxCommitAttempts(_)
-            | TransactionError::VersionAlreadyExists(_)
-            | TransactionError::LogStoreError { .. } => true,
-            TransactionError::ObjectStore { source } => object_store_error_is_transient(source),
-            _ => false,
-        },
-        DeltaTableError::NotATable(_)
-        | DeltaTableError::InvalidTableLocation(_)
-        | DeltaTableError::SchemaMismatch { .. }
-        | DeltaTableError::InvalidData { .. }
-        | DeltaTableError::Arrow { .. } => false,
-        // Kernel and generic errors wrap many things; storage trouble shows up as an object
-        // store or io error somewhere in the source chain.
-        other => {
-            let mut cause = std::error::Error::source(other);
-            while let Some(err) = cause {
-                if let Some(store_err) = err.downcast_ref::<ObjectStoreError>() {
-                    return object_store_error_is_transient(store_err);
-                }
-                if err.downcast_ref::<std::io::Error>().is_some() {
-                    return true;
-                }
-                cause = err.source();
-            }
-            false
-        }
-    }
-}
 
 /// How a table is laid out and maintained; given when the sink opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1223,57 +1002,11 @@ fn check_columns(path: &Path, wanted: &StructType, found: &StructType) -> SinkRe
     })
 }
 
-/// Rebuilds `batch` with exactly `schema`'s fields (matched by name, in the schema's order),
-/// casting columns whose Arrow type differs but maps to the same Delta type.
-pub(crate) fn conform_batch(path: &Path, schema: &SchemaRef, batch: &RecordBatch) -> SinkResult<RecordBatch> {
-    if batch.schema() == *schema {
-        return Ok(batch.clone());
-    }
-    let mismatch = |reason: String| DeltaSinkError::BatchSchema {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if batch.num_columns() != schema.fields().len() {
-        return Err(mismatch(format!(
-            "the batch has {} columns, the table {}",
-            batch.num_columns(),
-            schema.fields().len()
-        )));
-    }
-    let cast_options = CastOptions {
-        safe: false,
-        ..Default::default()
-    };
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let column = batch
-                .column_by_name(field.name())
-                .ok_or_else(|| mismatch(format!("column `{}` is missing", field.name())))?;
-            if column.data_type() == field.data_type() {
-                return Ok(column.clone());
-            }
-            let as_delta = |dt: &DataType| -> Option<DeltaDataType> { dt.try_into_kernel().ok() };
-            let compatible = as_delta(column.data_type()).is_some_and(|dt| Some(dt) == as_delta(field.data_type()));
-            if !compatible {
-                return Err(mismatch(format!(
-                    "column `{}` is {} but the table stores {}",
-                    field.name(),
-                    column.data_type(),
-                    field.data_type()
-                )));
-            }
-            cast_with_options(column, field.data_type(), &cast_options).map_err(|err| mismatch(format!("column `{}`: {err}", field.name())))
-        })
-        .collect::<SinkResult<Vec<ArrayRef>>>()?;
-    RecordBatch::try_new(schema.clone(), columns).map_err(|err| mismatch(err.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use deltalake::arrow::array::{Array, BinaryArray, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use deltalake::ObjectStoreError;
 
     const APP: &str = "tidemark-test";
 

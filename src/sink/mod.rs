@@ -5,8 +5,10 @@
 //! store until the table holds them (pending output), and become Arrow only at commit time.
 
 pub mod delta;
+mod delta_error;
 #[cfg(test)]
 mod delta_ops_tests;
+pub mod epoch;
 mod table_files;
 
 use std::path::PathBuf;
@@ -19,8 +21,8 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, FieldType, OutputMode, SinkConfig};
-use crate::decode::DeadLetterReason;
-use crate::value::{decode_key, EventTime, Value};
+use crate::types::DeadLetterReason;
+use crate::types::{decode_key, EventTime, Value};
 use crate::window::{OutputRow, OutputShape};
 
 /// A record that could not be processed, with everything needed to replay or debug it.
@@ -107,6 +109,8 @@ impl SinkPlan {
 pub enum PlanError {
     #[error("sink \"{sink}\" is fed by {first} and by {second}; give each query and each dead-letter stream its own sink")]
     SharedSink { sink: String, first: String, second: String },
+    #[error("query \"{query}\" has no sink to write to (internal error: the configuration compiler resolves every query's sink)")]
+    NoSink { query: String },
 }
 
 fn arrow_type(ty: FieldType) -> DataType {
@@ -124,7 +128,8 @@ fn timestamp_type() -> DataType {
 }
 
 /// Decides which rows each sink receives and the table schema that follows.
-pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
+/// `shapes`: each query's output shape, by query index.
+pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPlan>, PlanError> {
     let mut feeders: Vec<Option<(String, SinkRole)>> = vec![None; config.sinks.len()];
     let mut claim = |sink: usize, who: String, role: SinkRole| -> Result<(), PlanError> {
         match &feeders[sink] {
@@ -144,9 +149,8 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
         }
     };
     for q in &config.queries {
-        let source = &config.sources[q.source_index];
-        let shape = OutputShape::new(q, source);
         let query = config.queries.iter().position(|x| x.name == q.name).unwrap();
+        let shape = &shapes[query];
         let window_columns = q.window.columns().to_vec();
         let merge_keys = window_columns.iter().take(1).map(|c| c.to_string()).chain(q.group_by.iter().cloned()).collect();
         claim(
@@ -155,8 +159,8 @@ pub fn plan_sinks(config: &Config) -> Result<Vec<SinkPlan>, PlanError> {
             SinkRole::Windows {
                 query,
                 window_columns,
-                key_types: shape.key_types,
-                value_types: shape.value_types,
+                key_types: shape.key_types.clone(),
+                value_types: shape.value_types.clone(),
                 mode: q.output,
                 merge_keys,
             },

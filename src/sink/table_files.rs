@@ -15,14 +15,15 @@ use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, UInt32A
 use deltalake::arrow::compute::{cast_with_options, concat_batches, take_record_batch, CastOptions};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::arrow::row::{RowConverter, SortField};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::scalars::ScalarExt;
-use deltalake::kernel::{Add, LogicalFileView, Remove};
+use deltalake::kernel::{Add, DataType as DeltaDataType, LogicalFileView, Remove};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, ObjectStore};
 
-use super::delta::{conform_batch, DeltaSinkError, SinkResult};
+use super::delta_error::{DeltaSinkError, SinkResult};
 
 /// The values of a row's key columns, in a byte form that compares like the values
 /// (Arrow's row format), so keys of any column types can be hashed.
@@ -483,6 +484,53 @@ pub(crate) fn last_row_per_key(keys: &[Key]) -> Vec<u32> {
     let mut keep: Vec<u32> = (0..keys.len()).rev().filter(|&i| seen.insert(&keys[i])).map(|i| i as u32).collect();
     keep.reverse();
     keep
+}
+
+/// Rebuilds `batch` with exactly `schema`'s fields (matched by name, in the schema's order),
+/// casting columns whose Arrow type differs but maps to the same Delta type.
+pub(crate) fn conform_batch(path: &Path, schema: &SchemaRef, batch: &RecordBatch) -> SinkResult<RecordBatch> {
+    if batch.schema() == *schema {
+        return Ok(batch.clone());
+    }
+    let mismatch = |reason: String| DeltaSinkError::BatchSchema {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if batch.num_columns() != schema.fields().len() {
+        return Err(mismatch(format!(
+            "the batch has {} columns, the table {}",
+            batch.num_columns(),
+            schema.fields().len()
+        )));
+    }
+    let cast_options = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = batch
+                .column_by_name(field.name())
+                .ok_or_else(|| mismatch(format!("column `{}` is missing", field.name())))?;
+            if column.data_type() == field.data_type() {
+                return Ok(column.clone());
+            }
+            let as_delta = |dt: &DataType| -> Option<DeltaDataType> { dt.try_into_kernel().ok() };
+            let compatible = as_delta(column.data_type()).is_some_and(|dt| Some(dt) == as_delta(field.data_type()));
+            if !compatible {
+                return Err(mismatch(format!(
+                    "column `{}` is {} but the table stores {}",
+                    field.name(),
+                    column.data_type(),
+                    field.data_type()
+                )));
+            }
+            cast_with_options(column, field.data_type(), &cast_options).map_err(|err| mismatch(format!("column `{}`: {err}", field.name())))
+        })
+        .collect::<SinkResult<Vec<ArrayRef>>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|err| mismatch(err.to_string()))
 }
 
 #[cfg(test)]

@@ -9,9 +9,13 @@
 pub mod envelope;
 pub mod families;
 pub mod generator;
+pub mod kafka;
 pub mod loadgen;
+pub mod memory;
 pub mod producer;
 
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -19,8 +23,215 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Bootstrap, Config, GapPolicy, StartingOffsets};
+use crate::state::{PartitionPosition, Recovered, StateError};
+use crate::types::EventTime;
 
 pub mod files;
+
+use files::{FilePosition, FileSource, FileSourceOptions};
+use kafka::KafkaSource;
+use memory::MemorySource;
+
+/// What one shard reads, as assigned by the daemon.
+pub enum SourceSpec {
+    /// These partitions of Kafka sources, through one consumer.
+    Kafka(Vec<SourcePartition>),
+    /// The file source with this index.
+    Files(usize),
+    /// Records held in memory (tests).
+    Memory(MemorySource),
+}
+
+/// One input of a shard, with its own watermark clock and counters: a Kafka partition, a
+/// file source, a partition of an in-memory source.
+#[derive(Debug, Clone)]
+pub struct InputInfo {
+    /// Index of the configured source.
+    pub source: usize,
+    /// The partition; -1 for a file source.
+    pub partition: i32,
+    /// The topic (or source name) dead letters name.
+    pub label: Rc<str>,
+    /// The largest event time seen on it as of the last flushed epoch.
+    pub restored_max_event_time: Option<EventTime>,
+}
+
+/// One record a source read.
+pub struct Polled<'a> {
+    /// Index into the source's [`ShardSource::inputs`].
+    pub input: usize,
+    /// Kafka offset, or byte offset of a file's line (-1 for a whole file).
+    pub offset: i64,
+    pub payload: &'a [u8],
+    /// The file a file-source record came from (empty otherwise).
+    pub file: &'a str,
+    /// Bytes received with it; 0 when it is not a record (a file skipped whole).
+    pub bytes: u64,
+    /// Set when it cannot be read: it becomes a `decode` dead letter with this message.
+    pub problem: Option<String>,
+}
+
+/// Where a shard's sources stand at the end of an epoch.
+#[derive(Debug, Default)]
+pub struct SourcePositions {
+    pub partitions: Vec<PartitionPosition>,
+    /// (file-source name, encoded position).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// A file source read by one shard.
+pub struct FileInput {
+    source: usize,
+    name: Rc<str>,
+    reader: FileSource,
+}
+
+/// A source as one shard reads it. The shard polls every source the same way and keeps a
+/// watermark clock and counters per input.
+pub enum ShardSource {
+    Kafka(KafkaSource),
+    Files(Box<FileInput>),
+    Memory(MemorySource),
+}
+
+/// What opening a shard's sources needs.
+pub struct SourceContext<'a> {
+    pub config: &'a Arc<Config>,
+    pub bootstrap: &'a str,
+    pub recovered: &'a Recovered,
+    pub stats: &'a Arc<crate::telemetry::PipelineStats>,
+    pub shard: usize,
+}
+
+impl ShardSource {
+    /// Opens a source at the positions of the last flushed epoch.
+    pub fn open(spec: SourceSpec, cx: &SourceContext<'_>) -> Result<ShardSource, SourceError> {
+        match spec {
+            SourceSpec::Kafka(partitions) => Ok(ShardSource::Kafka(KafkaSource::open(
+                cx.config.clone(),
+                cx.bootstrap,
+                &partitions,
+                cx.recovered,
+                cx.stats.clone(),
+                cx.shard,
+            )?)),
+            SourceSpec::Files(si) => {
+                let src = &cx.config.sources[si];
+                let files_error = |message: String| SourceError::Files {
+                    source_name: src.name.clone(),
+                    message,
+                };
+                let fc = src
+                    .files
+                    .as_ref()
+                    .ok_or_else(|| files_error("not a file source (internal error: only file sources are assigned as files)".into()))?;
+                let position: FilePosition = match cx.recovered.file_positions.get(&src.name) {
+                    Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
+                        SourceError::State(StateError::Corrupt {
+                            key: format!("files/{}", src.name),
+                            what: format!("unreadable file-source position: {e}"),
+                        })
+                    })?,
+                    None => FilePosition::default(),
+                };
+                let mut options = FileSourceOptions::new(fc.path.clone());
+                options.settle = fc.settle;
+                let reader = FileSource::open(options, position).map_err(|e| files_error(e.to_string()))?;
+                Ok(ShardSource::Files(Box::new(FileInput {
+                    source: si,
+                    name: src.name.as_str().into(),
+                    reader,
+                })))
+            }
+            SourceSpec::Memory(mut m) => {
+                m.resume(cx.recovered);
+                Ok(ShardSource::Memory(m))
+            }
+        }
+    }
+
+    pub fn inputs(&self) -> Vec<InputInfo> {
+        match self {
+            ShardSource::Kafka(k) => k.inputs(),
+            ShardSource::Files(f) => vec![InputInfo {
+                source: f.source,
+                partition: -1,
+                label: f.name.clone(),
+                restored_max_event_time: None,
+            }],
+            ShardSource::Memory(m) => m.inputs(),
+        }
+    }
+
+    pub fn input_count(&self) -> usize {
+        match self {
+            ShardSource::Kafka(k) => k.input_count(),
+            ShardSource::Files(_) => 1,
+            ShardSource::Memory(m) => m.input_count(),
+        }
+    }
+
+    /// Reads up to `max` records without waiting; returns how many it read.
+    pub fn poll(&mut self, max: usize, mut on: impl FnMut(Polled<'_>)) -> Result<usize, SourceError> {
+        match self {
+            ShardSource::Kafka(k) => k.poll(max, on),
+            ShardSource::Files(f) => {
+                let result = f.reader.poll(max, |line| {
+                    on(Polled {
+                        input: 0,
+                        offset: line.offset as i64,
+                        payload: line.bytes,
+                        file: line.file,
+                        bytes: line.bytes.len() as u64 + 1,
+                        problem: line
+                            .problem
+                            .as_ref()
+                            .map(|problem| format!("line {} bytes into {}: {problem}", line.offset, line.file)),
+                    })
+                });
+                // Files skipped as corrupt, truncated or vanished are dead letters too: nothing
+                // is dropped without a trace in the dead-letter table.
+                for event in f.reader.take_events() {
+                    on(Polled {
+                        input: 0,
+                        offset: -1,
+                        payload: b"",
+                        file: event.file(),
+                        bytes: 0,
+                        problem: Some(event.to_string()),
+                    });
+                }
+                result.map_err(|e| SourceError::Files {
+                    source_name: f.name.to_string(),
+                    message: e.to_string(),
+                })
+            }
+            ShardSource::Memory(m) => Ok(m.poll(max, on)),
+        }
+    }
+
+    /// Records behind the end of input `input`'s log; -1 when unknown or not a log.
+    pub fn lag(&self, input: usize) -> i64 {
+        match self {
+            ShardSource::Kafka(k) => k.lag(input),
+            ShardSource::Files(_) => -1,
+            ShardSource::Memory(m) => m.lag(input),
+        }
+    }
+
+    /// Adds where this source stands to `out` (`max_event_time(input)`: the largest event
+    /// time the shard saw on that input).
+    pub fn positions(&self, max_event_time: impl Fn(usize) -> Option<EventTime>, out: &mut SourcePositions) {
+        match self {
+            ShardSource::Kafka(k) => k.positions(max_event_time, &mut out.partitions),
+            ShardSource::Files(f) => {
+                let bytes = serde_json::to_vec(&f.reader.position()).expect("a file position serializes");
+                out.files.push((f.name.to_string(), bytes));
+            }
+            ShardSource::Memory(m) => m.positions(max_event_time, &mut out.partitions),
+        }
+    }
+}
 
 /// File sources dealt round-robin over the shards: `result[shard]` lists source indexes. A file
 /// source is read by one shard; its rows still reach every shard by key.
@@ -57,6 +268,8 @@ pub fn assign_partitions(partition_counts: &[i32], shards: usize) -> Vec<Vec<Sou
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("cannot create a Kafka client for {bootstrap}: {source} (check [kafka] options)")]
     Client { bootstrap: String, source: rdkafka::error::KafkaError },
     #[error(

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::value::encode_key_str;
+use crate::types::encode_key_str;
 
 /// count(), sum(x), max(x), first(x) by event time.
 fn specs() -> Vec<AggSpec> {
@@ -65,7 +65,7 @@ fn inputs(x: i64, blob: &mut Vec<u8>) -> Vec<InSlot> {
     ]
 }
 
-use crate::value::encode_key_value;
+use crate::types::encode_key_value;
 
 /// Model aggregate over accepted events of one window: (count, sum, max, first by (t, x)).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,4 +1,6 @@
-//! Typed values, aggregate inputs and the binary group-key encoding.
+//! The small types every stage shares, in a leaf module that imports nothing of ours: event
+//! time, field types and time formats of a schema, dead-letter reasons, typed values, aggregate
+//! inputs, the binary group-key encoding and key groups.
 //!
 //! A group key is encoded once at the source shard into a compact byte string; that string is
 //! hashed to pick the owning shard, used as the in-memory map key and as the suffix of the
@@ -8,6 +10,63 @@ use serde::{Deserialize, Serialize};
 
 /// Event time and window bounds: microseconds since the Unix epoch, UTC.
 pub type EventTime = i64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    String,
+    Int,
+    Float,
+    Bool,
+    Timestamp,
+}
+
+impl FieldType {
+    /// The name used in configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Int => "int",
+            FieldType::Float => "float",
+            FieldType::Bool => "bool",
+            FieldType::Timestamp => "timestamp",
+        }
+    }
+}
+
+/// How the event-time field is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// Detected from each value.
+    Auto,
+    Rfc3339,
+    EpochSeconds,
+    EpochMillis,
+    EpochMicros,
+}
+
+/// Why a record went to the dead-letter sink (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DeadLetterReason {
+    Decode,
+    Schema,
+    EventTime,
+    Late,
+    Sink,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 5] = [Self::Decode, Self::Schema, Self::EventTime, Self::Late, Self::Sink];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Decode => "decode",
+            Self::Schema => "schema",
+            Self::EventTime => "event_time",
+            Self::Late => "late",
+            Self::Sink => "sink",
+        }
+    }
+}
 
 /// A typed column value as written to a sink.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,15 +177,62 @@ pub fn decode_key(mut bytes: &[u8]) -> Result<Vec<Value>, KeyDecodeError> {
     Ok(values)
 }
 
+/// A time as an 8-byte key prefix that sorts like the time (big endian, sign bit flipped), so
+/// entries up to a time are one key range.
+pub fn encode_time_key(t: EventTime) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn decode_time_key(b: [u8; 8]) -> EventTime {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
 /// Stable 64-bit hash of a group key. Stable across runs and builds (xxh3 is a fixed
 /// algorithm), because the key → shard mapping decides which shard's state holds the key.
 pub fn key_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
-/// The shard that owns `key` among `shards`.
-pub fn shard_for_key(key: &[u8], shards: usize) -> usize {
-    (key_hash(key) % shards as u64) as usize
+/// Keyed state is split into a fixed number of key groups, chosen when the state is created
+/// and stored with it; a shard owns a contiguous range of them. Changing the shard count
+/// between runs only moves whole groups between shards, so the state written by any shard
+/// count can be read back by any other (at most `count` shards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyGroups {
+    count: u32,
+}
+
+impl KeyGroups {
+    /// The number of key groups of a new state store.
+    pub const DEFAULT: KeyGroups = KeyGroups { count: 256 };
+
+    /// `None` for 0 or more than 65,536 groups.
+    pub fn new(count: u32) -> Option<KeyGroups> {
+        (1..=1 << 16).contains(&count).then_some(KeyGroups { count })
+    }
+
+    pub fn count(self) -> u32 {
+        self.count
+    }
+
+    /// The key group of an encoded group key.
+    #[inline]
+    pub fn group_of(self, key: &[u8]) -> u32 {
+        (key_hash(key) % self.count as u64) as u32
+    }
+
+    /// The shard that owns key group `group` among `shards` (≤ `count`): shard `i` owns groups
+    /// `[ceil(i·count/shards), ceil((i+1)·count/shards))`.
+    #[inline]
+    pub fn owner(self, group: u32, shards: usize) -> usize {
+        (group as u64 * shards as u64 / self.count as u64) as usize
+    }
+
+    /// The shard that owns `key` among `shards`.
+    #[inline]
+    pub fn shard_for_key(self, key: &[u8], shards: usize) -> usize {
+        self.owner(self.group_of(key), shards)
+    }
 }
 
 #[cfg(test)]
@@ -182,10 +288,37 @@ mod tests {
 
     #[test]
     fn shard_for_key_is_in_range_and_stable() {
+        let groups = KeyGroups::DEFAULT;
         for n in 1..8 {
-            let s = shard_for_key(b"\x01\x03\0\0\0abc", n);
+            let s = groups.shard_for_key(b"\x01\x03\0\0\0abc", n);
             assert!(s < n);
-            assert_eq!(s, shard_for_key(b"\x01\x03\0\0\0abc", n));
+            assert_eq!(s, groups.shard_for_key(b"\x01\x03\0\0\0abc", n));
+        }
+    }
+
+    #[test]
+    fn key_groups_bounds() {
+        assert_eq!(KeyGroups::new(0), None);
+        assert_eq!(KeyGroups::new((1 << 16) + 1), None);
+        assert_eq!(KeyGroups::new(256), Some(KeyGroups::DEFAULT));
+    }
+
+    proptest! {
+        /// Every shard count splits the groups into contiguous, non-empty, ordered ranges that
+        /// cover them all, and a key stays in its group whatever the shard count.
+        #[test]
+        fn shards_own_contiguous_ranges_of_key_groups(count in 1u32..600, shards in 1usize..64, key in proptest::collection::vec(any::<u8>(), 0..20)) {
+            prop_assume!(shards as u32 <= count);
+            let groups = KeyGroups::new(count).unwrap();
+            let owners: Vec<usize> = (0..count).map(|g| groups.owner(g, shards)).collect();
+            prop_assert_eq!(owners[0], 0);
+            prop_assert_eq!(*owners.last().unwrap(), shards - 1);
+            for w in owners.windows(2) {
+                prop_assert!(w[1] == w[0] || w[1] == w[0] + 1, "ranges are contiguous and none is empty: {:?}", w);
+            }
+            let g = groups.group_of(&key);
+            prop_assert!(g < count);
+            prop_assert_eq!(groups.shard_for_key(&key, shards), owners[g as usize]);
         }
     }
 }

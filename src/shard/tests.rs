@@ -1,0 +1,163 @@
+//! A shard run on its own, fed by an in-memory source: no broker, no committer.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::parse_config;
+use crate::source::memory::MemorySource;
+use crate::state::EpochWrite;
+use crate::telemetry::PipelineStats;
+use crate::types::{decode_key, Value};
+
+const SECOND: i64 = 1_000_000;
+
+fn event(key: &str, ts_s: i64) -> Vec<u8> {
+    format!(r#"{{"key":"{key}","value":1,"ts":{}}}"#, ts_s).into_bytes()
+}
+
+fn config(dir: &std::path::Path) -> Arc<Config> {
+    let text = include_str!("../../tests/data/minimal.toml")
+        .replace(
+            "name = \"events\"\ntopic = \"events\"\nevent_time = { field = \"ts\" }",
+            "name = \"events\"\ntopic = \"events\"\nevent_time = { field = \"ts\", format = \"epoch_seconds\" }",
+        )
+        .replace("./data/minimal/out", &dir.join("out").display().to_string());
+    let mut config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+    config.pipeline.state_dir = dir.join("state");
+    Arc::new(config)
+}
+
+/// Runs one shard over `source` until it has read `expect_read` records more than it had
+/// stored, closing epoch `epoch` once right away and epoch `epoch + 1` (the last) after
+/// reading. Returns the two epoch reports.
+fn run_one_shard(config: &Arc<Config>, store: &Arc<StateStore>, source: MemorySource, epoch: u64, expect_read: u64) -> Vec<EpochReport> {
+    let plan = Arc::new(Plan::new(config).unwrap());
+    let stats = Arc::new(PipelineStats::new(1, config.queries.len(), plan.sinks.len()));
+    let (control_tx, control_rx) = flume::unbounded();
+    let (report_tx, report_rx) = flume::unbounded();
+    let ctx = ShardContext {
+        id: 0,
+        shards: 1,
+        config: config.clone(),
+        bootstrap: String::new(),
+        store: store.clone(),
+        plan,
+        key_groups: store.key_groups(),
+        recovered: Arc::new(store.recover().unwrap()),
+        sources: vec![SourceSpec::Memory(source)],
+        inbound: Vec::new(),
+        outbound: vec![None],
+        control: control_rx,
+        reports: report_tx,
+        stats: stats.clone(),
+        abort: Arc::new(AtomicBool::new(false)),
+    };
+    let shard = glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move { run_shard(ctx).await })
+        .unwrap();
+    control_tx.send(Control::Barrier { epoch, last: false }).unwrap();
+    let first = report_rx.recv_timeout(Duration::from_secs(20)).expect("first epoch report");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = || stats.shards[0].partitions().iter().map(|p| p.received.load(Relaxed)).sum::<u64>();
+    while read() < expect_read {
+        assert!(Instant::now() < deadline, "the shard read {} of {expect_read} records", read());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    control_tx.send(Control::Barrier { epoch: epoch + 1, last: true }).unwrap();
+    let second = report_rx.recv_timeout(Duration::from_secs(20)).expect("last epoch report");
+    shard.join().unwrap().unwrap();
+    vec![first, second]
+}
+
+/// (window start, key) → count from the rows of some reports.
+fn counts(reports: &[EpochReport]) -> BTreeMap<(i64, String), i64> {
+    let mut out = BTreeMap::new();
+    for r in reports {
+        for rows in r.outputs.iter().flatten() {
+            let SinkRows::Windows(rows) = rows else { panic!("window rows expected") };
+            for row in rows {
+                let Value::Str(key) = decode_key(&row.key).unwrap().remove(0) else {
+                    panic!("string key")
+                };
+                let Value::Int(n) = row.values[0] else { panic!("int count") };
+                assert!(out.insert((row.window_start, key), n).is_none(), "a window emitted twice");
+            }
+        }
+    }
+    out
+}
+
+/// Flushes a report's state changes and positions as the committer would.
+fn flush(store: &StateStore, report: &EpochReport) {
+    store
+        .write_epoch(&EpochWrite {
+            epoch: report.epoch,
+            watermark: report.watermark,
+            changes: report.writes.iter().map(|(t, w)| (*t, w)).collect(),
+            positions: report.positions.partitions.iter().collect(),
+            file_positions: Vec::new(),
+            pending: Vec::new(),
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_shard_reads_an_in_memory_source_closes_windows_and_resumes_from_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let plan = Plan::new(&config).unwrap();
+    // Two partitions, event times 0..=99 s, keys a and b; then more up to 130 s.
+    let part = |p: i64, range: std::ops::Range<i64>| {
+        range
+            .filter(|t| t % 2 == p)
+            .map(|t| event(if t % 3 == 0 { "a" } else { "b" }, t))
+            .collect::<Vec<_>>()
+    };
+    let first: Vec<Vec<Vec<u8>>> = vec![part(0, 0..100), part(1, 0..100)];
+    let all: Vec<Vec<Vec<u8>>> = vec![part(0, 0..131), part(1, 0..131)];
+    let mut expected: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for t in 0..131i64 {
+        *expected
+            .entry(((t / 10) * 10 * SECOND, if t % 3 == 0 { "a" } else { "b" }.to_string()))
+            .or_default() += 1;
+    }
+
+    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, 1, &plan.layout.names).unwrap());
+    let reports = run_one_shard(&config, &store, MemorySource::new(0, "mem", first), 1, 100);
+    let positions: Vec<(i32, i64)> = reports[1].positions.partitions.iter().map(|p| (p.partition, p.next_offset)).collect();
+    assert_eq!(positions, [(0, 50), (1, 50)]);
+    // Watermark: the min over the partitions of their newest event time (no delay), 98 s: the
+    // windows up to [80, 90) closed; [90, 100) is open state.
+    assert_eq!(reports[1].watermark, 98 * SECOND);
+    let emitted = counts(&reports);
+    assert_eq!(
+        emitted,
+        expected
+            .iter()
+            .filter(|((start, _), _)| *start < 90 * SECOND)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    );
+    assert!(reports[1].writes.iter().any(|(_, w)| !w.puts.is_empty()), "the open window is written to state");
+    for r in &reports {
+        flush(&store, r);
+    }
+    drop(reports);
+
+    // The same partitions, longer: the shard resumes after what it read, with the open
+    // window restored, and emits only what closes now.
+    let reports = run_one_shard(&config, &store, MemorySource::new(0, "mem", all), 3, 31);
+    assert_eq!(reports[1].watermark, 129 * SECOND);
+    let later = counts(&reports);
+    assert_eq!(
+        later,
+        expected
+            .iter()
+            .filter(|((start, _), _)| (90 * SECOND..120 * SECOND).contains(start))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    );
+}

@@ -1,0 +1,133 @@
+//! The one interface the committer writes through. An epoch sink takes numbered epochs of
+//! rows, says which epoch it already holds, and skips an epoch it has (Delta: the
+//! `txn(appId, epoch)` action), so a replay after a crash writes nothing twice. How the rows
+//! change the table — append, upsert on the window and group keys, or replace — follows the
+//! sink's plan; table maintenance runs between epochs. Dispatch is by enum on the sink kind.
+
+use super::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions, WriteAttempts};
+use super::{to_record_batch, SinkPlan, SinkRole, SinkRows};
+use crate::config::OutputMode;
+
+/// What writing an epoch did.
+pub type WriteOutcome = AppendOutcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Delta(#[from] DeltaSinkError),
+    /// Internal: rows that do not fit the sink's columns.
+    #[error("{0}")]
+    Rows(String),
+}
+
+/// A sink of numbered epochs.
+pub enum EpochSink {
+    Delta(DeltaEpochSink),
+}
+
+/// A Delta table written one commit per epoch.
+pub struct DeltaEpochSink {
+    plan: SinkPlan,
+    table: DeltaTableSink,
+    /// Commits since the last compaction.
+    since_compaction: u64,
+}
+
+/// The table options a sink's config asks for.
+pub fn table_options(plan: &SinkPlan) -> TableOptions {
+    TableOptions {
+        partition_by: plan.config.partition_by.clone(),
+        target_file_size_bytes: plan.config.target_file_size_bytes,
+        checkpoint_interval: plan.config.checkpoint_interval,
+    }
+}
+
+impl EpochSink {
+    /// Opens (or creates) the sink's table; an existing table with other columns is an error.
+    pub async fn open(plan: SinkPlan) -> Result<EpochSink, SinkError> {
+        let table = DeltaTableSink::open_or_create(&plan.path, plan.schema.clone(), &table_options(&plan)).await?;
+        Ok(EpochSink::Delta(DeltaEpochSink {
+            plan,
+            table,
+            since_compaction: 0,
+        }))
+    }
+
+    pub fn plan(&self) -> &SinkPlan {
+        match self {
+            EpochSink::Delta(d) => &d.plan,
+        }
+    }
+
+    /// The last epoch the sink holds for its application id, if any.
+    pub async fn committed_epoch(&mut self) -> Result<Option<u64>, SinkError> {
+        match self {
+            EpochSink::Delta(d) => Ok(d.table.committed_epoch(&d.plan.app_id).await?),
+        }
+    }
+
+    /// Writes one epoch's rows (skipped when the sink already holds the epoch).
+    pub async fn write_epoch(&mut self, epoch: u64, rows: &SinkRows) -> Result<WriteOutcome, SinkError> {
+        match self {
+            EpochSink::Delta(d) => d.write_epoch(epoch, rows).await,
+        }
+    }
+
+    /// Failed attempts so far (retries and commit conflicts), for the metrics.
+    pub fn attempts(&self) -> WriteAttempts {
+        match self {
+            EpochSink::Delta(d) => d.table.attempts(),
+        }
+    }
+
+    /// Between epochs: compaction (and vacuum after it) every `compact_every` commits. Never
+    /// fails the pipeline: the data is committed already; a failure is logged and retried at
+    /// the next interval.
+    pub async fn maintain(&mut self) {
+        match self {
+            EpochSink::Delta(d) => d.maintain().await,
+        }
+    }
+}
+
+impl DeltaEpochSink {
+    async fn write_epoch(&mut self, epoch: u64, rows: &SinkRows) -> Result<WriteOutcome, SinkError> {
+        let plan = &self.plan;
+        let batch = |rows: &SinkRows| to_record_batch(plan, rows).map_err(|message| SinkError::Rows(format!("sink \"{}\": {message}", plan.name)));
+        let table = &mut self.table;
+        let outcome = match (plan.mode(), rows, &plan.role) {
+            (OutputMode::Update, SinkRows::Windows(all), SinkRole::Windows { merge_keys, .. }) => {
+                let (retracts, upserts): (Vec<_>, Vec<_>) = all.iter().cloned().partition(|r| r.retract);
+                let upserts = batch(&SinkRows::Windows(upserts))?;
+                let deletes = batch(&SinkRows::Windows(retracts))?;
+                table.upsert_epoch(&plan.app_id, epoch, merge_keys, vec![upserts], vec![deletes]).await?
+            }
+            (OutputMode::Complete, _, _) => table.overwrite_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await?,
+            _ => table.append_epoch(&plan.app_id, epoch, vec![batch(rows)?]).await?,
+        };
+        if let AppendOutcome::Committed { .. } = outcome {
+            self.since_compaction += 1;
+        }
+        Ok(outcome)
+    }
+
+    async fn maintain(&mut self) {
+        let config = &self.plan.config;
+        if config.compact_every == 0 || self.since_compaction < config.compact_every {
+            return;
+        }
+        self.since_compaction = 0;
+        match self.table.compact(config.compact_min_files).await {
+            Ok(Some(report)) => tracing::info!(sink = %config.name, ?report, "compacted small files"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(sink = %config.name, error = %e, "compaction failed; the table is unchanged and compaction is retried later"),
+        }
+        if let Some(retention) = config.vacuum_retention {
+            match self.table.vacuum(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sink = %config.name, files = n, "vacuumed unreferenced data files"),
+                Err(e) => tracing::warn!(sink = %config.name, error = %e, "vacuum failed; retried after the next compaction"),
+            }
+        }
+    }
+}
