@@ -7,9 +7,7 @@
 //! longer has is a *gap*: reported with the lost range, and fatal unless `on_gap = "skip"`.
 
 pub mod envelope;
-pub mod families;
 pub mod generator;
-pub mod loadgen;
 pub mod producer;
 
 use std::time::Duration;
