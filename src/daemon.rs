@@ -19,7 +19,7 @@ use crate::plan::Plan;
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
 use crate::sink::PlanError;
 use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
-use crate::source::producer::{run_generator, EventProducer};
+use crate::source::producer::{produce_events, EventProducer, ProduceSettings};
 use crate::source::{assign_partitions, fetch_partition_counts, SourceError, SourceSpec};
 use crate::state::{StateError, StateStore};
 use crate::telemetry::{PipelineStats, StatsSnapshot};
@@ -331,7 +331,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                             }
                             stop.store(true, Relaxed);
                         });
-                        match run_generator(&producer, &topic, &mut generator, rate, None, &stop) {
+                        match produce_events(&producer, &topic, &mut generator, &ProduceSettings::paced(rate), &stop, |_| {}) {
                             Ok(report) => tracing::info!(produced = report.produced, "generator stopped"),
                             Err(e) => tracing::error!(error = %e, "generator failed"),
                         }

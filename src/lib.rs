@@ -11,7 +11,8 @@
 //! - [`expr`]      SQL expressions of `where`, aggregate `filter` and `derive`: parse, type-check, evaluate
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
-//!   source; the click generator, the load generator's event families and the producer
+//!   source; the click generator of the `[generator]` section, the event envelope every
+//!   generated family shares, and the producer with the one paced producing loop
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)
 //! - [`decode`]    bytes → typed row; bad records become dead letters
 //! - [`watermark`] per-partition clocks, min-combining, idleness
@@ -26,8 +27,10 @@
 //! - [`metrics`]   the HTTP endpoint: `/metrics` (Prometheus text, merged at scrape), `/healthz`, `/readyz`
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
 //!
-//! Around the pipeline: [`loadtest`] drives `tidemark run` as a child process with the load
-//! generator and reports throughput beside a consume+decode baseline, latency and RSS.
+//! Tooling lives in its own crate, `tools/` (`tidemark-tools`, not published): the load
+//! generator's other event families, `loadgen`, and the end-to-end `loadtest`, which drives
+//! `tidemark run` as a child process. It builds on [`source::producer`] and
+//! [`source::envelope`] rather than a copy of them.
 
 pub mod agg;
 pub mod broker;
@@ -36,7 +39,6 @@ pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod expr;
-pub mod loadtest;
 pub mod metrics;
 pub mod operator;
 pub mod plan;

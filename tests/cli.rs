@@ -34,16 +34,12 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// Starts `tidemark broker` as its own process; returns it and its address.
+/// Starts `tidemark broker` as its own process with topic `TOPIC` of `PARTITIONS`
+/// partitions; returns it and its address.
 fn start_broker(dir: &Path) -> (Child, String) {
-    start_broker_with(dir, TOPIC)
-}
-
-/// Starts `tidemark broker` with one topic of `PARTITIONS` partitions.
-fn start_broker_with(dir: &Path, topic: &str) -> (Child, String) {
     let addr_file = dir.join("broker.addr");
     let child = Command::new(BIN)
-        .args(["broker", "--topic", &format!("{topic}:{PARTITIONS}"), "--address-file"])
+        .args(["broker", "--topic", &format!("{TOPIC}:{PARTITIONS}"), "--address-file"])
         .arg(&addr_file)
         .stdout(Stdio::null())
         .spawn()
@@ -63,8 +59,14 @@ fn version_and_help() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("tidemark {}", env!("CARGO_PKG_VERSION")));
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["run", "validate", "broker", "generate", "loadgen"] {
+    for cmd in ["run", "validate", "broker"] {
         assert!(help.contains(cmd), "--help lists {cmd}: {help}");
+    }
+    // The load generator and the load test are tidemark-tools' commands, not the daemon's.
+    for tool in ["generate", "loadgen", "loadtest"] {
+        let out = Command::new(BIN).arg(tool).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "`tidemark {tool}` is not a command");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"), "{tool}");
     }
 }
 
@@ -246,176 +248,6 @@ fn crash_and_restart_until_the_oracle(name: &str, shards: impl Fn(&mut rand_chac
     assert_eq!(read_dead_letters(&dir.path().join("dlq")), expected_dlq);
     sigterm(&broker);
     wait_exit(&mut broker, Duration::from_secs(10));
-}
-
-#[test]
-fn generate_produces_into_a_standalone_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut broker, addr) = start_broker(dir.path());
-    let out = Command::new(BIN)
-        .args([
-            "generate",
-            "--brokers",
-            &addr,
-            "--topic",
-            TOPIC,
-            "--rate",
-            "0",
-            "--count",
-            "500",
-            "--malformed-share",
-            "0.1",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("produced 500 events"), "{text}");
-    // Read them back with an independent consumer: all 500 are on the broker.
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &addr)
-        .set("group.id", "check")
-        .create()
-        .unwrap();
-    let (mut total, mut bad_json) = (0, 0);
-    for p in 0..PARTITIONS {
-        let (low, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10)).unwrap();
-        total += high - low;
-    }
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(TOPIC, p, rdkafka::Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen < total && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            use rdkafka::message::Message;
-            seen += 1;
-            bad_json += serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).is_err() as i64;
-        }
-    }
-    assert_eq!((total, seen), (500, 500));
-    assert!(
-        bad_json > 0 && bad_json < 50,
-        "about 1 in 40 is not JSON (a quarter of the 10% malformed): {bad_json}"
-    );
-    drop(consumer); // before the broker goes: closing against a dead broker waits for timeouts
-    sigterm(&broker);
-    assert!(wait_exit(&mut broker, Duration::from_secs(10)).success());
-}
-
-/// Every message on `topic`, read from the beginning by an independent consumer; the count is
-/// checked against the broker's watermarks first.
-fn read_topic(addr: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", addr)
-        .set("group.id", "check")
-        .create()
-        .unwrap();
-    let mut total = 0;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-        total += (high - low) as usize;
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut messages = Vec::with_capacity(total);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while messages.len() < total && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            messages.push((m.key().unwrap_or_default().to_vec(), m.payload().unwrap_or_default().to_vec()));
-        }
-    }
-    assert_eq!(messages.len(), total, "every message the watermarks count can be read");
-    messages
-}
-
-#[test]
-fn loadgen_produces_nexmark_flat_out_into_a_standalone_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut broker, addr) = start_broker_with(dir.path(), "nexmark-events");
-    let out = Command::new(BIN)
-        .args(["loadgen", "--brokers", &addr, "--family", "nexmark", "--count", "5000", "--rate", "max"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    let summary = text.lines().last().unwrap_or_default();
-    assert!(
-        summary.starts_with("loadgen: nexmark 5000 events in ") && summary.contains(" events/s (") && summary.ends_with(" MB/s), target max"),
-        "{text}"
-    );
-    // On the default topic, all 5000: exactly 1 : 3 : 46, keyed by auction (person) id.
-    let messages = read_topic(&addr, "nexmark-events");
-    assert_eq!(messages.len(), 5_000);
-    let mut counts = std::collections::BTreeMap::new();
-    for (key, payload) in &messages {
-        let json: serde_json::Value = serde_json::from_slice(payload).unwrap();
-        let event_type = json["event_type"].as_str().unwrap().to_owned();
-        let key_field = if event_type == "bid" { &json["auction"] } else { &json["id"] };
-        assert_eq!(key_field.to_string().as_bytes(), key.as_slice(), "{json}");
-        *counts.entry(event_type).or_insert(0) += 1;
-    }
-    assert_eq!(
-        counts,
-        [("auction".to_owned(), 300), ("bid".to_owned(), 4_600), ("person".to_owned(), 100)].into()
-    );
-    sigterm(&broker);
-    assert!(wait_exit(&mut broker, Duration::from_secs(10)).success());
-}
-
-#[test]
-fn loadgen_paces_to_the_target_rate() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut broker, addr) = start_broker_with(dir.path(), "sensor-events");
-    let started = Instant::now();
-    let out = Command::new(BIN)
-        .args([
-            "loadgen",
-            "--brokers",
-            &addr,
-            "--family",
-            "sensor",
-            "--rate",
-            "2000",
-            "--count",
-            "3000",
-            "--report-every",
-            "500ms",
-        ])
-        .args(["--disorder", "2s", "--late-share", "0.05", "--malformed-share", "0.05"])
-        .output()
-        .unwrap();
-    let took = started.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    // 3000 events at 2000/s: the last is due at 1.5 s.
-    assert!(took >= Duration::from_secs(1) && took <= Duration::from_secs(6), "took {took:?}");
-    assert!(text.lines().any(|l| l.contains("now ") && l.contains("events/s")), "progress lines: {text}");
-    assert!(text.lines().last().unwrap().starts_with("loadgen: sensor 3000 events in "), "{text}");
-    assert!(text.trim_end().ends_with("target 2000"), "{text}");
-    let messages = read_topic(&addr, "sensor-events");
-    assert_eq!(messages.len(), 3_000);
-    let bad_json = messages.iter().filter(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).is_err()).count();
-    assert!(
-        (10..=80).contains(&bad_json),
-        "about 1 in 80 is not JSON (a quarter of the 5% malformed): {bad_json}"
-    );
-    // A bad rate is refused before connecting.
-    let out = Command::new(BIN)
-        .args(["loadgen", "--brokers", &addr, "--family", "sensor", "--rate", "fast"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("or `max`"));
-    sigterm(&broker);
-    assert!(wait_exit(&mut broker, Duration::from_secs(10)).success());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! What every generated event family shares: the envelope of clean and dirty events.
 //!
-//! A family (clicks, sensor readings, purchases, Nexmark) decides *what* an event says; the
+//! A family (clicks here; sensor readings, purchases and Nexmark in the load generator of the
+//! tools crate, which builds on this module) decides *what* an event says; the
 //! [`Envelope`] decides *how* it arrives: its event time (the base time jittered backwards by up
 //! to `disorder_ms`, or `late_by_ms` behind for very-late events) and whether the payload is
 //! malformed, and how ([`MalformedKind`], cycled so all four appear equally often). The hand
@@ -255,7 +256,7 @@ pub(crate) fn clamp_share(share: f64) -> f64 {
 }
 
 /// SplitMix64 finalizer: stable per-key traits (device, geo, prices) without per-key state.
-pub(crate) fn mix64(mut z: u64) -> u64 {
+pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -263,7 +264,7 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
 }
 
 /// Appends the decimal digits of `n`.
-pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -284,8 +285,8 @@ pub(crate) fn push_i64(out: &mut Vec<u8>, n: i64) {
     push_u64(out, n.unsigned_abs());
 }
 
-/// Appends exactly `width` digits of `n` (zero-padded; `n` must fit).
-pub(crate) fn push_padded(out: &mut Vec<u8>, n: u32, width: usize) {
+/// Appends exactly `width` (at most 4) digits of `n` (zero-padded; `n` must fit).
+pub fn push_padded(out: &mut Vec<u8>, n: u32, width: usize) {
     let mut digits = [b'0'; 4];
     let mut rest = n;
     for slot in digits[..width].iter_mut().rev() {
@@ -301,7 +302,7 @@ const MAX_RFC3339_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
 
 /// Appends `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), clamped to the
 /// years 0000..=9999.
-pub(crate) fn push_rfc3339_millis(out: &mut Vec<u8>, ms: i64) {
+pub fn push_rfc3339_millis(out: &mut Vec<u8>, ms: i64) {
     let ms = ms.clamp(MIN_RFC3339_MS, MAX_RFC3339_MS);
     let days = ms.div_euclid(86_400_000);
     let ms_of_day = ms.rem_euclid(86_400_000) as u32;

@@ -7,10 +7,8 @@
 //! longer has is a *gap*: reported with the lost range, and fatal unless `on_gap = "skip"`.
 
 pub mod envelope;
-pub mod families;
 pub mod generator;
 pub mod kafka;
-pub mod loadgen;
 pub mod memory;
 pub mod producer;
 

@@ -1,8 +1,12 @@
-//! Producing events into Kafka: a small producer wrapper and the paced generator loop.
+//! Producing events into Kafka: a small producer wrapper and the one paced producing loop.
 //!
-//! Used by `tidemark generate`, by the daemon's built-in generator thread and by tests; it
-//! works against any Kafka-protocol broker (the [embedded one](crate::broker) or a real one).
+//! [`produce_events`] is used by the daemon's built-in generator thread, by the load
+//! generator and the load test of the tools crate (`tidemark-tools`), and by tests; it works
+//! against any Kafka-protocol broker (the [embedded one](crate::broker) or a real one) with
+//! any [`EventGenerator`].
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,14 +20,16 @@ use super::generator::{ClickGenerator, EventKind, GeneratedEvent};
 
 /// How long [`EventProducer::connect`] waits for the broker to answer a metadata request.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long [`run_generator`] waits for outstanding deliveries before returning.
-pub(crate) const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`produce_events`] waits for outstanding deliveries before returning.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serve delivery reports every this many sends, so they never pile up unread.
 const POLL_EVERY_SENDS: u64 = 256;
 /// How long to wait for room when librdkafka's local queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 /// The pacing loop sleeps at most this long at a time, so it notices `stop` quickly.
 const MAX_PACING_SLEEP: Duration = Duration::from_millis(50);
+/// Events generated and queued between checks of the clock, the stop flag and the limits.
+const MAX_BATCH: u64 = 1_024;
 
 /// Why producing failed.
 #[derive(Debug, thiserror::Error)]
@@ -204,81 +210,280 @@ impl EventProducer {
     }
 }
 
-/// What [`run_generator`] produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GeneratorReport {
+/// A target rate: events per second, or as fast as the broker takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    Max,
+    PerSecond(u64),
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(Rate::Max),
+            _ => match s.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Rate::PerSecond(n)),
+                _ => Err(format!("rate `{s}` must be a positive number of events per second, or `max`")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::Max => f.write_str("max"),
+            Rate::PerSecond(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Token bucket against a fixed start: `rate` tokens a second, the first at the start, at
+/// most `burst` saved up. Tokens beyond `burst` (after a stall) are forfeited.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    start: Instant,
+    rate: u64,
+    burst: u64,
+    forfeited: u64,
+}
+
+impl Pacer {
+    pub fn new(start: Instant, rate: u64, burst: u64) -> Self {
+        Pacer {
+            start,
+            rate: rate.max(1),
+            burst: burst.max(1),
+            forfeited: 0,
+        }
+    }
+
+    /// How many more events may be sent at `now`, when `sent` have been sent.
+    pub fn available(&mut self, sent: u64, now: Instant) -> u64 {
+        let elapsed_ns = now.saturating_duration_since(self.start).as_nanos();
+        let earned = u64::try_from(elapsed_ns * u128::from(self.rate) / 1_000_000_000).unwrap_or(u64::MAX);
+        let available = earned.saturating_add(1).saturating_sub(self.forfeited).saturating_sub(sent);
+        if available > self.burst {
+            self.forfeited += available - self.burst;
+            return self.burst;
+        }
+        available
+    }
+
+    /// When the next token arrives, once `sent` events have been sent.
+    pub fn next_due(&self, sent: u64) -> Instant {
+        let ns = u128::from(sent + self.forfeited) * 1_000_000_000 / u128::from(self.rate);
+        self.start + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+}
+
+/// Anything that writes generated events: the [click generator](super::generator), and the
+/// load generator's other event families (in the tools crate).
+pub trait EventGenerator {
+    /// Overwrites `event` with the next event whose (pre-jitter) event time is `base_time_ms`.
+    fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent);
+}
+
+impl EventGenerator for ClickGenerator {
+    fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
+        ClickGenerator::next_event_into(self, base_time_ms, event);
+    }
+}
+
+/// What [`produce_events`] produces and when it stops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProduceSettings {
+    pub rate: Rate,
+    /// Stop after this many events.
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Call the progress callback this often (`None`: never).
+    pub progress_every: Option<Duration>,
+    /// Stop at the first delivery failure seen and return it as an error (a long-running
+    /// generator should not produce into a broken topic for hours); otherwise failures are
+    /// counted and reported at the end (a load test wants the rate achieved regardless).
+    pub stop_on_failure: bool,
+}
+
+impl ProduceSettings {
+    /// `rate` events a second until stopped, no progress reports, failing at the first
+    /// delivery failure: what the daemon's built-in generator runs.
+    pub fn paced(rate: u64) -> Self {
+        ProduceSettings {
+            rate: Rate::PerSecond(rate),
+            count: None,
+            duration: None,
+            progress_every: None,
+            stop_on_failure: true,
+        }
+    }
+}
+
+/// Progress so far, handed to the callback every `progress_every`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProduceProgress {
+    pub produced: u64,
+    /// Key + payload bytes queued.
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Events per second since the previous report.
+    pub recent_rate: f64,
+    pub delivery_failures: u64,
+}
+
+/// What [`produce_events`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProduceReport {
+    pub target: Rate,
+    /// Events queued (each delivered or counted in `failed`).
     pub produced: u64,
     pub valid: u64,
     pub very_late: u64,
     pub malformed: u64,
+    /// Key + payload bytes.
+    pub bytes: u64,
+    /// Until everything was delivered (the final flush included).
     pub elapsed: Duration,
+    pub failed: u64,
+    pub first_error: Option<String>,
 }
 
-/// Paced generation: produce `count` events (None = until `stop` is set) at `rate_per_sec`
-/// (0 = flat out) from `generator` into `topic`, event time = wall clock ms. Returns counts
-/// by kind. Used by `tidemark generate` and by the daemon's built-in generator thread.
+impl ProduceReport {
+    pub fn events_per_second(&self) -> f64 {
+        self.produced as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn megabytes_per_second(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The one pacing loop: produces events of `generator` into `topic` (key = the event's key,
+/// partition by key hash), event time = wall clock, until `count`, `duration` or `stop`.
+/// Used by the daemon's built-in generator, by the load generator and by the load test.
 ///
-/// Pacing follows a fixed schedule from the start (event *n* is due at *n* / rate), so a
-/// slow moment is caught up in a burst rather than lowering the average rate. `stop` is
-/// checked before every event and at least every 50 ms while waiting. Before returning, it
-/// flushes for up to 30 s, so `Ok` means everything was delivered; it stops early with an
-/// error as soon as a delivery failure is seen.
-pub fn run_generator(
+/// Pacing is a token bucket scheduled against the start instant ([`Pacer`]): event *n* is
+/// due at *n* / rate, so sleeping never accumulates drift; after a stall the loop catches up
+/// in a burst of at most one second's worth of events, and forfeits the rest rather than
+/// flooding the broker. `stop` is checked between batches of at most 1024 events and at
+/// least every 50 ms while waiting. A full local producer queue is waited out (poll, retry),
+/// never dropped. Calls `on_progress` every `progress_every`. Returns once everything is
+/// delivered or failed (the final flush waits up to 30 s); delivery failures end the run
+/// with an error under `stop_on_failure`, else they are counted in the report. Errors also
+/// when a message cannot be queued at all or the flush times out.
+pub fn produce_events(
     producer: &EventProducer,
     topic: &str,
-    generator: &mut ClickGenerator,
-    rate_per_sec: u64,
-    count: Option<u64>,
+    generator: &mut impl EventGenerator,
+    settings: &ProduceSettings,
     stop: &AtomicBool,
-) -> Result<GeneratorReport, ProducerError> {
+    mut on_progress: impl FnMut(&ProduceProgress),
+) -> Result<ProduceReport, ProducerError> {
     let start = Instant::now();
-    let mut report = GeneratorReport::default();
+    let mut pacer = match settings.rate {
+        Rate::Max => None,
+        Rate::PerSecond(rate) => Some(Pacer::new(start, rate, rate)),
+    };
+    let progress_every = settings.progress_every.map(|every| every.max(Duration::from_millis(10)));
+    // `None` also when a duration is too long to add to an instant: that time never comes.
+    let mut next_progress = progress_every.and_then(|every| start.checked_add(every));
+    let end = settings.duration.and_then(|duration| start.checked_add(duration));
+    let (mut last_progress_at, mut last_progress_produced) = (start, 0);
+    let mut report = ProduceReport {
+        target: settings.rate,
+        produced: 0,
+        valid: 0,
+        very_late: 0,
+        malformed: 0,
+        bytes: 0,
+        elapsed: Duration::ZERO,
+        failed: 0,
+        first_error: None,
+    };
     let mut event = GeneratedEvent::default();
     loop {
-        if count.is_some_and(|count| report.produced >= count) || stop.load(Ordering::Relaxed) {
-            break;
-        }
-        if rate_per_sec > 0 {
-            let due_at = Duration::from_nanos(
-                (u128::from(report.produced) * 1_000_000_000 / u128::from(rate_per_sec))
-                    .try_into()
-                    .unwrap_or(u64::MAX),
-            );
-            let elapsed = start.elapsed();
-            if due_at > elapsed {
-                // Keep serving delivery reports while idle at low rates.
-                producer.producer.poll(Duration::ZERO);
-                std::thread::sleep((due_at - elapsed).min(MAX_PACING_SLEEP));
-                continue;
+        let now = Instant::now();
+        if let (Some(due), Some(every)) = (next_progress, progress_every) {
+            if now >= due {
+                let since = now - last_progress_at;
+                on_progress(&ProduceProgress {
+                    produced: report.produced,
+                    bytes: report.bytes,
+                    elapsed: now - start,
+                    recent_rate: (report.produced - last_progress_produced) as f64 / since.as_secs_f64().max(1e-9),
+                    delivery_failures: producer.unreported_failures(),
+                });
+                (last_progress_at, last_progress_produced) = (now, report.produced);
+                // Skip reports missed during a stall instead of making them all at once.
+                let mut next = Some(due);
+                while let Some(at) = next.filter(|at| *at <= now) {
+                    next = at.checked_add(every);
+                }
+                next_progress = next;
             }
         }
-        generator.next_event_into(wall_clock_ms(), &mut event);
-        producer.send(topic, None, &event.key, &event.payload)?;
-        report.produced += 1;
-        match event.kind {
-            EventKind::Valid => report.valid += 1,
-            EventKind::VeryLate => report.very_late += 1,
-            EventKind::Malformed(_) => report.malformed += 1,
+        let remaining = settings.count.map_or(u64::MAX, |count| count.saturating_sub(report.produced));
+        if remaining == 0 || stop.load(Ordering::Relaxed) || end.is_some_and(|end| now >= end) {
+            break;
         }
-        if report.produced.is_multiple_of(4096) && producer.unreported_failures() > 0 {
+        if settings.stop_on_failure && producer.unreported_failures() > 0 {
             // Report the failure now instead of producing into a broken topic for hours.
             producer.flush(FINAL_FLUSH_TIMEOUT)?;
         }
+        let mut batch = remaining.min(MAX_BATCH);
+        if let Some(pacer) = &mut pacer {
+            batch = batch.min(pacer.available(report.produced, now));
+            if batch == 0 {
+                // Keep serving delivery reports while waiting for the next token.
+                producer.poll(Duration::ZERO);
+                let mut wake = pacer.next_due(report.produced);
+                if let Some(due) = next_progress {
+                    wake = wake.min(due);
+                }
+                if let Some(end) = end {
+                    wake = wake.min(end);
+                }
+                std::thread::sleep(wake.saturating_duration_since(Instant::now()).min(MAX_PACING_SLEEP));
+                continue;
+            }
+        }
+        for _ in 0..batch {
+            generator.next_event_into(wall_clock_ms(), &mut event);
+            producer.send(topic, None, &event.key, &event.payload)?;
+            report.produced += 1;
+            report.bytes += (event.key.len() + event.payload.len()) as u64;
+            match event.kind {
+                EventKind::Valid => report.valid += 1,
+                EventKind::VeryLate => report.very_late += 1,
+                EventKind::Malformed(_) => report.malformed += 1,
+            }
+        }
     }
-    producer.flush(FINAL_FLUSH_TIMEOUT)?;
+    match producer.flush(FINAL_FLUSH_TIMEOUT) {
+        Ok(()) => {}
+        Err(ProducerError::DeliveryFailed { failed, first_error }) if !settings.stop_on_failure => {
+            report.failed = failed;
+            report.first_error = Some(first_error);
+        }
+        Err(other) => return Err(other),
+    }
     report.elapsed = start.elapsed();
     tracing::debug!(
         produced = report.produced,
         valid = report.valid,
         very_late = report.very_late,
         malformed = report.malformed,
+        failed = report.failed,
         elapsed_ms = report.elapsed.as_millis() as u64,
-        "generator finished"
+        "producing finished"
     );
     Ok(report)
 }
 
-pub(crate) fn wall_clock_ms() -> i64 {
+/// Milliseconds since the Unix epoch by the wall clock: the base event time of live events.
+pub fn wall_clock_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
@@ -424,12 +629,48 @@ mod tests {
     }
 
     #[test]
-    fn run_generator_paces_counts_and_delivers() {
+    fn rates_parse() {
+        assert_eq!("max".parse::<Rate>(), Ok(Rate::Max));
+        assert_eq!("2500".parse::<Rate>(), Ok(Rate::PerSecond(2_500)));
+        for bad in ["0", "-3", "fast", ""] {
+            assert!(bad.parse::<Rate>().unwrap_err().contains("or `max`"), "{bad}");
+        }
+        assert_eq!(Rate::PerSecond(7).to_string(), "7");
+    }
+
+    #[test]
+    fn pacer_schedules_against_the_start_and_caps_bursts() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(start, 1_000, 100);
+        assert_eq!(pacer.available(0, start), 1, "the first event is due at once");
+        assert_eq!(pacer.available(1, start), 0);
+        assert_eq!(pacer.next_due(1), start + Duration::from_millis(1));
+        // 50 ms in: 51 tokens earned in total, whatever the sleeps in between did.
+        assert_eq!(pacer.available(1, start + Duration::from_millis(50)), 50);
+        assert_eq!(pacer.next_due(51), start + Duration::from_millis(51));
+        // After a 2 s stall only the burst is available; the rest is forfeited and the
+        // schedule continues from there.
+        let late = start + Duration::from_millis(2_051);
+        assert_eq!(pacer.available(51, late), 100);
+        assert_eq!(pacer.available(151, late), 0);
+        assert_eq!(pacer.next_due(151), late + Duration::from_millis(1));
+        assert_eq!(pacer.available(151, late + Duration::from_millis(10)), 10);
+    }
+
+    fn count_at(rate: u64, count: u64) -> ProduceSettings {
+        ProduceSettings {
+            count: Some(count),
+            ..ProduceSettings::paced(rate)
+        }
+    }
+
+    #[test]
+    fn produce_events_paces_counts_and_delivers_clicks() {
         let broker = EmbeddedBroker::start(&[("paced".to_owned(), PARTITIONS)]).unwrap();
         let producer = EventProducer::connect(broker.bootstrap_servers()).unwrap();
         let stop = AtomicBool::new(false);
         let before_ms = wall_clock_ms();
-        let report = run_generator(&producer, "paced", &mut generator(2), 2_000, Some(600), &stop).unwrap();
+        let report = produce_events(&producer, "paced", &mut generator(2), &count_at(2_000, 600), &stop, |_| {}).unwrap();
         assert_eq!(report.produced, 600);
         assert_eq!(report.valid + report.very_late + report.malformed, 600);
         assert!(report.valid > 450 && report.malformed > 10 && report.very_late > 10);
@@ -457,7 +698,7 @@ mod tests {
     }
 
     #[test]
-    fn run_generator_stops_when_asked() {
+    fn produce_events_stops_when_asked() {
         let broker = EmbeddedBroker::start(&[("endless".to_owned(), PARTITIONS)]).unwrap();
         let producer = EventProducer::connect(broker.bootstrap_servers()).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -468,7 +709,7 @@ mod tests {
                 stop.store(true, Ordering::Relaxed);
             })
         };
-        let report = run_generator(&producer, "endless", &mut generator(3), 1_000, None, &stop).unwrap();
+        let report = produce_events(&producer, "endless", &mut generator(3), &ProduceSettings::paced(1_000), &stop, |_| {}).unwrap();
         stopper.join().unwrap();
         assert!((150..=600).contains(&report.produced), "produced {}", report.produced);
         assert_eq!(producer.delivered_count(), report.produced);

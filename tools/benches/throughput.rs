@@ -3,10 +3,10 @@
 //! decode on the same number of threads, with nothing else (the practical ceiling here).
 //! Both are timed from the first event read to the last.
 //! The prefill, the pipeline file and the baseline are the load test's
-//! (`tidemark::loadtest`); here the pipeline runs in this process, `tidemark loadtest` runs
-//! it as a child process and adds the live rate search, latency and RSS.
+//! (`tidemark_tools::loadtest`); here the pipeline runs in this process, `tidemark-tools
+//! loadtest` runs it as a child process and adds the live rate search, latency and RSS.
 //!
-//! `cargo bench --bench throughput` runs the full size (TIDEMARK_BENCH_EVENTS, default 320,000:
+//! `cargo bench -p tidemark-tools --bench throughput` runs the full size (TIDEMARK_BENCH_EVENTS, default 320,000:
 //! it must fit the embedded broker's ~5 MB per partition retention). Under `cargo test` it
 //! runs a small smoke size so CI checks that it works.
 
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use tidemark::broker::EmbeddedBroker;
 use tidemark::config::parse_config;
-use tidemark::loadtest::{click_generator, click_pipeline_toml, consume_and_decode, prefill_clicks, ClickPipeline};
 use tidemark::source::producer::EventProducer;
+use tidemark_tools::loadtest::{click_generator, click_pipeline_toml, consume_and_decode, prefill_clicks, ClickPipeline};
 
 const TOPIC: &str = "bench";
 const PARTITIONS: i32 = 16;

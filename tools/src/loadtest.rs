@@ -1,4 +1,4 @@
-//! `tidemark loadtest`: the end-to-end load test. It drives the demo's click-analytics query
+//! `tidemark-tools loadtest`: the end-to-end load test. It drives the demo's click-analytics query
 //! (`page_views_5min`: a 5-minute tumbling count per `page_url`, into Delta) with click events
 //! and reports what it sustains, beside a baseline measured in the same run.
 //!
@@ -46,14 +46,12 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::config::{parse_config, Config};
-use crate::decode::SourceDecoder;
-use crate::source::consumer_config;
-use crate::source::families::FamilyGenerator;
-use crate::source::generator::{ClickGenerator, ClickGeneratorSettings, GeneratedEvent};
-use crate::source::loadgen::{run_loadgen, LoadSettings, Rate};
-use crate::source::producer::{wall_clock_ms, EventProducer, ProducerError};
+use tidemark::broker::{BrokerError, EmbeddedBroker};
+use tidemark::config::{parse_config, Config};
+use tidemark::decode::SourceDecoder;
+use tidemark::source::consumer_config;
+use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings, GeneratedEvent};
+use tidemark::source::producer::{produce_events, wall_clock_ms, EventProducer, ProduceSettings, ProducerError, Rate};
 
 /// The embedded broker (librdkafka's mock cluster) keeps the newest ~5 MB per partition.
 pub const EMBEDDED_RETENTION_BYTES_PER_PARTITION: u64 = 5_000_000;
@@ -134,8 +132,29 @@ pub enum LoadTestError {
     /// The generated pipeline file did not compile: a bug in this module.
     #[error("internal error: the generated pipeline file is invalid ({0}); this is a bug in tidemark")]
     GeneratedConfig(String),
+    /// The `tidemark` daemon binary is not where the load test looks for it (the user's to build).
+    #[error("the tidemark daemon binary, which runs the pipeline, is not at {}: build it with `cargo build --release -p tidemark` (scripts/loadtest.sh builds every workspace target), or name it with --daemon PATH", path.display())]
+    DaemonMissing { path: PathBuf },
     #[error("interrupted")]
     Interrupted,
+}
+
+/// The daemon binary to run the pipeline with: `explicit` (`--daemon`) when given, else
+/// `tidemark` in the directory of `tools_exe` (cargo puts both binaries of the workspace in
+/// one target directory). Errors with how to build it when the file is not there.
+pub fn find_daemon(tools_exe: &Path, explicit: Option<&Path>) -> Result<PathBuf, LoadTestError> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => tools_exe
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("tidemark{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LoadTestError::DaemonMissing { path })
+    }
 }
 
 impl From<BrokerError> for LoadTestError {
@@ -155,10 +174,11 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LoadTestE
     move |source| LoadTestError::Io { what, source }
 }
 
-/// What to run; see `tidemark loadtest --help`.
+/// What to run; see `tidemark-tools loadtest --help`.
 #[derive(Debug, Clone)]
 pub struct LoadTestSettings {
-    /// The tidemark binary that runs the pipeline (`tidemark run`), normally the current one.
+    /// The `tidemark` daemon binary that runs the pipeline (`tidemark run`), normally the one
+    /// next to `tidemark-tools` in the target directory.
     pub exe: PathBuf,
     /// Kafka bootstrap servers; `None` starts the embedded broker in this process.
     pub bootstrap: Option<String>,
@@ -726,7 +746,7 @@ fn round_rate(rate: u64) -> u64 {
     ((rate + unit / 2) / unit * unit).max(unit)
 }
 
-pub use crate::telemetry::ProcStats;
+pub use tidemark::telemetry::ProcStats;
 
 // ---------------------------------------------------------------------------------------
 // The report
@@ -880,9 +900,9 @@ fn verdict(met: bool) -> &'static str {
 }
 
 impl LoadTestReport {
-    /// Issue 4's targets beside what this run measured (measured, never asserted).
+    /// The performance targets beside what this run measured (measured, never asserted).
     fn write_targets(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "targets (issue 4)")?;
+        writeln!(f, "performance targets")?;
         let per_shard = self.catch_up.events_per_second() / self.shards as f64;
         let per_cpu = self.catch_up.events_per_cpu_second();
         writeln!(
@@ -1417,21 +1437,22 @@ impl Run<'_> {
     }
 
     /// One live step: produce at `rate` for the step length while scraping the lag.
-    fn live_step(&mut self, rate: u64, generator: &mut FamilyGenerator) -> Result<Step, LoadTestError> {
+    fn live_step(&mut self, rate: u64, generator: &mut ClickGenerator) -> Result<Step, LoadTestError> {
         let step = self.settings.step;
         let stop = AtomicBool::new(false);
-        let load = LoadSettings {
+        let load = ProduceSettings {
             rate: Rate::PerSecond(rate),
             count: None,
             duration: Some(step),
-            report_every: Duration::from_secs(3600),
+            progress_every: None,
+            stop_on_failure: false,
         };
         let (producer, topic, child, lag_cap, interrupt) = (&self.producer, self.topic.as_str(), &mut self.child, self.lag_cap, self.interrupt);
         let mut samples = Vec::new();
         let mut cap_hit = None;
         let started = Instant::now();
         let report = std::thread::scope(|s| {
-            let producing = s.spawn(|| run_loadgen(producer, topic, generator, &load, &stop, |_| {}));
+            let producing = s.spawn(|| produce_events(producer, topic, generator, &load, &stop, |_| {}));
             let watched = watch_producer(&producing, child, &stop, interrupt, |received| {
                 let lag = producer.delivered_count().saturating_sub(received);
                 samples.push(LagSample {
@@ -1475,7 +1496,7 @@ impl Run<'_> {
     }
 
     /// (b) Doubles, then bisects, the live rate.
-    fn search(&mut self, start_rate: u64, generator: &mut FamilyGenerator) -> Result<(Vec<Step>, Option<u64>), LoadTestError> {
+    fn search(&mut self, start_rate: u64, generator: &mut ClickGenerator) -> Result<(Vec<Step>, Option<u64>), LoadTestError> {
         let mut search = RateSearch::new(start_rate, SEARCH_BISECTIONS, SEARCH_MAX_STEPS, SEARCH_MIN_RATE);
         let mut steps = Vec::new();
         while let Some(rate) = search.next_rate() {
@@ -1503,7 +1524,7 @@ impl Run<'_> {
     }
 
     /// (c) Latency at `rate`: histogram differences between the phase's start and end.
-    fn latency(&mut self, rate: u64, generator: &mut FamilyGenerator) -> Result<Latency, LoadTestError> {
+    fn latency(&mut self, rate: u64, generator: &mut ClickGenerator) -> Result<Latency, LoadTestError> {
         self.drain(0)?;
         std::thread::sleep(SETTLE);
         let before = self.histograms()?;
@@ -1712,7 +1733,7 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
         lag_csv: "step,target_rate,seconds,lag\n".to_owned(),
     };
 
-    let mut live = FamilyGenerator::Click(click_generator(settings.seed + 1));
+    let mut live = click_generator(settings.seed + 1);
     let start_rate = (catch_up.events_per_second() / 4.0) as u64;
     let (steps, max_sustained_rate) = run.search(start_rate, &mut live)?;
     let latency = match max_sustained_rate {
@@ -1807,6 +1828,23 @@ tidemark_ingest_to_commit_seconds_bucket{shard="1",le="+Inf"} 100
 tidemark_ingest_to_commit_seconds_sum 210.5
 tidemark_ingest_to_commit_seconds_count 200
 "#;
+
+    #[test]
+    fn the_daemon_is_found_next_to_the_tools_or_where_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tidemark-tools");
+        let error = find_daemon(&tools, None).unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, LoadTestError::DaemonMissing { .. }), "{text}");
+        assert!(text.contains(&dir.path().join("tidemark").display().to_string()), "{text}");
+        assert!(text.contains("cargo build --release -p tidemark") && text.contains("--daemon"), "{text}");
+        std::fs::write(dir.path().join("tidemark"), b"").unwrap();
+        assert_eq!(find_daemon(&tools, None).unwrap(), dir.path().join("tidemark"));
+        let elsewhere = dir.path().join("bin-elsewhere");
+        assert!(matches!(find_daemon(&tools, Some(&elsewhere)), Err(LoadTestError::DaemonMissing { path }) if path == elsewhere));
+        std::fs::write(&elsewhere, b"").unwrap();
+        assert_eq!(find_daemon(&tools, Some(&elsewhere)).unwrap(), elsewhere);
+    }
 
     #[test]
     fn family_sums_add_every_series_and_tell_absent_from_zero() {

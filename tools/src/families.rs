@@ -1,7 +1,7 @@
 //! The load generator's event families: clicks, sensor readings, purchases and Nexmark.
 //!
 //! Every family is a seeded, allocation-free generator like the
-//! [click generator](super::generator) (which *is* the click family): one `ChaCha8Rng` per
+//! [click generator](tidemark::source::generator) (which *is* the click family): one `ChaCha8Rng` per
 //! generator, hand-written JSON into the reused buffers of a [`GeneratedEvent`], and the
 //! shared [`Envelope`] for disorder, very-late and malformed events. The message key is the
 //! family's natural key, so partitions get a stable spread:
@@ -19,11 +19,12 @@ use std::str::FromStr;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::envelope::{
-    mix64, push_checked_field, push_fixed2_field, push_int_field, push_key, push_rfc3339_millis, push_str_field, push_timestamp_field, push_u64, Envelope,
-    GeneratedEvent,
+use tidemark::source::envelope::{
+    mix64, push_checked_field, push_fixed2_field, push_int_field, push_key, push_padded, push_rfc3339_millis, push_str_field, push_timestamp_field, push_u64,
+    Envelope, GeneratedEvent,
 };
-use super::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use tidemark::source::producer::EventGenerator;
 
 /// One of the four event families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,7 +47,7 @@ impl Family {
         }
     }
 
-    /// The topic `tidemark loadgen` produces to unless told otherwise.
+    /// The topic `tidemark-tools loadgen` produces to unless told otherwise.
     pub fn default_topic(self) -> &'static str {
         match self {
             Family::Click => "click-events",
@@ -80,6 +81,8 @@ pub struct FamilySettings {
     pub seed: u64,
     /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark).
     pub keys: u32,
+    /// Distinct pages of the click family (`page_url`); the other families have no pages.
+    pub click_pages: u32,
     pub disorder_ms: i64,
     pub late_share: f64,
     pub late_by_ms: i64,
@@ -91,6 +94,7 @@ impl Default for FamilySettings {
         FamilySettings {
             seed: 42,
             keys: 1_000,
+            click_pages: 500,
             disorder_ms: 0,
             late_share: 0.0,
             late_by_ms: 3_600_000,
@@ -105,8 +109,7 @@ impl FamilySettings {
     }
 }
 
-/// A generator of any family; [`next_event_into`](Self::next_event_into) dispatches without
-/// boxing.
+/// A generator of any family; [`EventGenerator::next_event_into`] dispatches without boxing.
 #[derive(Debug, Clone)]
 pub enum FamilyGenerator {
     Click(ClickGenerator),
@@ -115,16 +118,13 @@ pub enum FamilyGenerator {
     Nexmark(NexmarkGenerator),
 }
 
-/// Pages of the click family under `tidemark loadgen`.
-const LOADGEN_CLICK_PAGES: u32 = 500;
-
 impl FamilyGenerator {
     pub fn new(family: Family, settings: &FamilySettings) -> Self {
         match family {
             Family::Click => FamilyGenerator::Click(ClickGenerator::new(ClickGeneratorSettings {
                 seed: settings.seed,
                 users: settings.keys,
-                pages: LOADGEN_CLICK_PAGES,
+                pages: settings.click_pages,
                 disorder_ms: settings.disorder_ms,
                 late_share: settings.late_share,
                 late_by_ms: settings.late_by_ms,
@@ -144,9 +144,10 @@ impl FamilyGenerator {
             FamilyGenerator::Nexmark(_) => Family::Nexmark,
         }
     }
+}
 
-    /// Overwrites `event` with the next event whose (pre-jitter) event time is `base_time_ms`.
-    pub fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
+impl EventGenerator for FamilyGenerator {
+    fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
         match self {
             FamilyGenerator::Click(g) => g.next_event_into(base_time_ms, event),
             FamilyGenerator::Sensor(g) => g.next_event_into(base_time_ms, event),
@@ -471,7 +472,7 @@ impl NexmarkGenerator {
                     if i > 0 {
                         out.push(b' ');
                     }
-                    super::envelope::push_padded(out, *group, 4);
+                    push_padded(out, *group, 4);
                 }
                 out.push(b'"');
                 push_str_field(out, "city", city);
@@ -551,9 +552,9 @@ fn push_lowercase(out: &mut Vec<u8>, word: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::envelope::{EventKind, MalformedKind};
     use serde_json::{Map, Value};
     use std::collections::{HashMap, HashSet};
+    use tidemark::source::envelope::{EventKind, MalformedKind};
 
     const START_MS: i64 = 1_795_464_000_000; // 2026-11-23T20:00:00Z
     const STEP_MS: i64 = 3;
@@ -562,6 +563,7 @@ mod tests {
         FamilySettings {
             seed,
             keys: 300,
+            click_pages: 40,
             disorder_ms: 2_000,
             late_share: 0.05,
             late_by_ms: 3_600_000,
@@ -840,6 +842,19 @@ mod tests {
                 assert!(count.abs_diff(total / 4) <= 1, "{family}: {malformed:?}");
             }
         }
+    }
+
+    #[test]
+    fn click_family_has_keys_users_and_click_pages_pages() {
+        let events = generate(Family::Click, &settings(5), 20_000);
+        let (mut users, mut pages) = (HashSet::new(), HashSet::new());
+        for event in well_formed(&events) {
+            let object = parse(event);
+            assert_eq!(object["user_id"].as_str().unwrap().as_bytes(), event.key.as_slice());
+            users.insert(object["user_id"].as_str().unwrap().to_owned());
+            pages.insert(object["page_url"].as_str().unwrap().to_owned());
+        }
+        assert_eq!((users.len(), pages.len()), (300, 40));
     }
 
     #[test]

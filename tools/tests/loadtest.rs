@@ -1,9 +1,23 @@
-//! `tidemark loadtest` through the real binary, tiny: every phase runs and the report has all
-//! its parts. Behaviour, not timing: numbers must be there and positive, no rate is asserted.
+//! `tidemark-tools loadtest` through the real binaries, tiny: every phase runs and the report
+//! has all its parts. Behaviour, not timing: numbers must be there and positive, no rate is
+//! asserted. The load test runs the `tidemark` daemon found next to `tidemark-tools` (cargo
+//! builds both with `--workspace`).
 
+use std::path::Path;
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+const BIN: &str = env!("CARGO_BIN_EXE_tidemark-tools");
+
+/// Fails with how to build the daemon when this test runs without it (e.g. `-p tidemark-tools`
+/// alone builds only this package's binary).
+fn require_daemon() {
+    let daemon = Path::new(BIN).with_file_name("tidemark");
+    assert!(
+        daemon.is_file(),
+        "{} is missing: build it with `cargo build --release -p tidemark`, or run the tests with --workspace",
+        daemon.display()
+    );
+}
 
 fn number(report: &serde_json::Value, pointer: &str) -> f64 {
     report
@@ -14,6 +28,7 @@ fn number(report: &serde_json::Value, pointer: &str) -> f64 {
 
 #[test]
 fn a_tiny_load_test_runs_every_phase_and_reports_it() {
+    require_daemon();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["loadtest", "--events", "8000", "--partitions", "4", "--shards", "2"])
@@ -104,6 +119,7 @@ fn a_tiny_load_test_runs_every_phase_and_reports_it() {
 
 #[test]
 fn a_load_test_too_big_for_the_embedded_broker_says_what_to_do() {
+    require_daemon();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["loadtest", "--events", "50000000", "--out"])
@@ -117,7 +133,26 @@ fn a_load_test_too_big_for_the_embedded_broker_says_what_to_do() {
     }
     let help = Command::new(BIN).args(["loadtest", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--bootstrap", "--shards", "--events", "--step-seconds", "--keys", "--out"] {
+    for flag in ["--bootstrap", "--shards", "--events", "--step-seconds", "--keys", "--out", "--daemon"] {
         assert!(help.contains(flag), "{flag} in:\n{help}");
     }
+}
+
+#[test]
+fn a_missing_daemon_binary_is_named_with_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-tidemark");
+    let out = Command::new(BIN)
+        .args(["loadtest", "--events", "8000", "--daemon"])
+        .arg(&missing)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for hint in [missing.display().to_string().as_str(), "cargo build --release -p tidemark", "--daemon PATH"] {
+        assert!(stderr.contains(hint), "{hint:?} in:\n{stderr}");
+    }
+    assert!(!dir.path().join("report.txt").exists(), "nothing ran");
 }
