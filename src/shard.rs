@@ -502,7 +502,7 @@ impl Shard {
             let mut received = 0u64;
             let polled = source.poll(POLL_ROUND, |rec| {
                 let input = first + rec.input;
-                if rec.bytes > 0 {
+                if rec.is_record {
                     let tally = &mut self.inputs[input].tally;
                     tally.received += 1;
                     tally.bytes += rec.bytes;

@@ -200,6 +200,7 @@ impl KafkaSource {
                 offset: msg.offset(),
                 payload,
                 file: "",
+                is_record: true,
                 bytes: payload.len() as u64,
                 problem: None,
             });

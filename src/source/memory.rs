@@ -66,6 +66,7 @@ impl MemorySource {
                     offset: self.next[p] as i64,
                     payload,
                     file: "",
+                    is_record: true,
                     bytes: payload.len() as u64,
                     problem: None,
                 });

@@ -63,7 +63,9 @@ pub struct Polled<'a> {
     pub payload: &'a [u8],
     /// The file a file-source record came from (empty otherwise).
     pub file: &'a str,
-    /// Bytes received with it; 0 when it is not a record (a file skipped whole).
+    /// False when it is not a record read but a whole file skipped (still a dead letter).
+    pub is_record: bool,
+    /// Bytes received with it.
     pub bytes: u64,
     /// Set when it cannot be read: it becomes a `decode` dead letter with this message.
     pub problem: Option<String>,
@@ -180,6 +182,7 @@ impl ShardSource {
                         offset: line.offset as i64,
                         payload: line.bytes,
                         file: line.file,
+                        is_record: true,
                         bytes: line.bytes.len() as u64 + 1,
                         problem: line
                             .problem
@@ -195,6 +198,7 @@ impl ShardSource {
                         offset: -1,
                         payload: b"",
                         file: event.file(),
+                        is_record: false,
                         bytes: 0,
                         problem: Some(event.to_string()),
                     });
