@@ -1,9 +1,12 @@
-//! One core's event loop. A shard owns its source partitions, one [`SourceDecoder`] per
-//! source, and the window operators for its share of every query's key space.
+//! One core's event loop. A shard owns its sources (Kafka partitions, file sources, or an
+//! in-memory source in tests, all read through [`ShardSource`]), one [`SourceDecoder`] per
+//! source, and the operators of every query for the key groups it owns. Each decoded record
+//! follows the plan's routes to (operator, input port), on this shard or on the one owning
+//! its key's group.
 //!
 //! The loop never blocks on a peer: it drains inbound channels, sends outbound batches with
 //! `try_send` (a full channel pauses reading the sources — backpressure — and never drops
-//! data), polls Kafka without waiting, and acts on epoch barriers from the coordinator.
+//! data), polls its sources without waiting, and acts on epoch barriers from the coordinator.
 //!
 //! Epoch protocol (aligned barriers; DESIGN.md §1, refined): on `Barrier(n)` a shard stops
 //! reading sources, sends `Barrier(n, its watermark)` after all rows it sent in epoch n, and
