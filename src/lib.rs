@@ -19,6 +19,8 @@
 //! - [`shard`]     one core's event loop: sources → routing by key group → operators → epoch barriers
 //! - [`operator`]  the interface the shard drives: restore, ports, lateness, epochs, state tables
 //! - [`window`]    window assignment (tumbling, sliding panes, sessions, global), keyed window operators
+//! - [`join`]      the stream-stream interval join (inner, left, right, full outer)
+//! - [`anomaly`]   rolling statistics over sliding windows and anomaly detection
 //! - [`agg`]       mergeable accumulators: exact aggregates, HyperLogLog, percentile sketch
 //! - [`state`]     RocksDB: named tables split by key group, one atomic write batch per epoch
 //! - [`commit`]    the committer: flush the epoch, Delta commits tagged txn(appId, epoch), recovery
@@ -33,12 +35,14 @@
 //! [`source::envelope`] rather than a copy of them.
 
 pub mod agg;
+pub mod anomaly;
 pub mod broker;
 pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod expr;
+pub mod join;
 pub mod metrics;
 pub mod operator;
 pub mod plan;
