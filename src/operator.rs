@@ -6,13 +6,17 @@
 //! - is restored at start from the entries of its tables whose key group its shard owns
 //!   ([`Operator::restore`]), then told the watermark it resumes at;
 //! - processes records on numbered input ports ([`Operator::process`]), after the shard asked
-//!   it whether the record is late ([`Operator::late`]);
+//!   it whether the record is late ([`Operator::late`]); a stateless query has an operator
+//!   that holds nothing (the shard emits its rows at the source);
 //! - at each epoch's watermark emits rows and hands over its table writes
 //!   ([`Operator::finish_epoch`], [`Operator::take_writes`]).
 //!
 //! Dispatch is by enum, so a record costs one match, not a virtual call.
 
-use crate::config::QueryConfig;
+use crate::anomaly::AnomalyOperator;
+use crate::config::{QueryConfig, QueryKind};
+use crate::join::JoinOperator;
+use crate::plan::OperatorSpec;
 use crate::state::TableWrites;
 use crate::types::EventTime;
 use crate::window::{InSlot, OperatorChanges, OutputRow, OutputShape, WindowOperator};
@@ -21,20 +25,45 @@ use crate::window::{InSlot, OperatorChanges, OutputRow, OutputShape, WindowOpera
 pub enum Operator {
     /// Tumbling, sliding, global and session windows of a keyed aggregate (one input port).
     Window(WindowOperator),
+    /// A stateless query: the shard emits its rows at the source; nothing reaches it.
+    Stateless,
+    /// A stream-stream interval join (ports [`crate::join::LEFT`] and [`crate::join::RIGHT`]).
+    Join(JoinOperator),
+    /// Rolling statistics and the readings judged against them (one input port).
+    Anomaly(AnomalyOperator),
+}
+
+/// Why a record is late for an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Late {
+    /// It belongs to window `[start, end)`, already closed.
+    Window(EventTime, EventTime),
+    /// Its event time is behind the watermark.
+    Behind,
 }
 
 /// The state tables a window operator owns.
 const WINDOW_TABLES: &[&str] = &["windows"];
 
 impl Operator {
-    /// The operator of `query`, producing rows of `shape` (from the plan).
-    pub fn for_query(query: &QueryConfig, shape: OutputShape) -> Operator {
-        Operator::Window(WindowOperator::with_shape(query, shape))
+    /// The operator of `query` as the plan says, producing rows of `shape`.
+    pub fn new(query: &QueryConfig, spec: &OperatorSpec, shape: OutputShape) -> Operator {
+        match spec {
+            OperatorSpec::Window => Operator::Window(WindowOperator::with_shape(query, shape)),
+            OperatorSpec::Stateless => Operator::Stateless,
+            OperatorSpec::Join(spec) => Operator::Join(JoinOperator::new(spec.clone())),
+            OperatorSpec::Anomaly(spec) => Operator::Anomaly(AnomalyOperator::new(spec.clone())),
+        }
     }
 
     /// Names of the state tables an operator for `query` owns, in table order.
-    pub fn tables_of(_query: &QueryConfig) -> &'static [&'static str] {
-        WINDOW_TABLES
+    pub fn tables_of(query: &QueryConfig) -> &'static [&'static str] {
+        match query.kind {
+            QueryKind::Aggregate => WINDOW_TABLES,
+            QueryKind::Stateless => &[],
+            QueryKind::Join(_) => JoinOperator::TABLES,
+            QueryKind::Anomaly(_) => AnomalyOperator::TABLES,
+        }
     }
 
     /// Restores one entry of its table `table` when `owns(group key)`; returns whether it was
@@ -51,6 +80,9 @@ impl Operator {
                     .map_err(|what| format!("{what}: window state does not match the query's aggregates (did the query change? use a new state_dir)"))?;
                 Ok(true)
             }
+            Operator::Stateless => Ok(false),
+            Operator::Join(op) => op.restore(table, key, value, owns),
+            Operator::Anomaly(op) => op.restore(table, key, value, owns),
         }
     }
 
@@ -58,23 +90,28 @@ impl Operator {
     pub fn resume_at(&mut self, watermark: Option<EventTime>) {
         match self {
             Operator::Window(op) => op.resume_at(watermark),
+            Operator::Stateless => {}
+            Operator::Join(op) => op.resume_at(watermark),
+            Operator::Anomaly(op) => op.resume_at(watermark),
         }
     }
 
-    /// `Some((start, end))` of the window a record at `t` on input `port` missed when it is
-    /// late at `watermark`.
+    /// Whether a record at `t` on input `port` is late at `watermark`, and why.
     #[inline]
-    pub fn late(&self, port: usize, t: EventTime, watermark: EventTime) -> Option<(EventTime, EventTime)> {
+    pub fn late(&self, port: usize, t: EventTime, watermark: EventTime) -> Option<Late> {
         match self {
             Operator::Window(op) => {
                 debug_assert_eq!(port, 0);
-                op.late_window(t, watermark)
+                op.late_window(t, watermark).map(|(start, end)| Late::Window(start, end))
             }
+            Operator::Stateless => None,
+            Operator::Join(op) => op.is_late(t, watermark).then_some(Late::Behind),
+            Operator::Anomaly(op) => op.is_late(t, watermark).then_some(Late::Behind),
         }
     }
 
-    /// One record on input `port`: its group key, event time and aggregate inputs (byte
-    /// strings as ranges of `blob`).
+    /// One record on input `port`: its key, event time and inputs (byte strings as ranges of
+    /// `blob`).
     #[inline]
     pub fn process(&mut self, port: usize, t: EventTime, key: &[u8], inputs: &[InSlot], blob: &[u8]) {
         match self {
@@ -82,6 +119,9 @@ impl Operator {
                 debug_assert_eq!(port, 0);
                 op.update(t, key, inputs, blob)
             }
+            Operator::Stateless => {}
+            Operator::Join(op) => op.process(port, t, key, inputs, blob),
+            Operator::Anomaly(op) => op.process(t, key, inputs),
         }
     }
 
@@ -89,6 +129,9 @@ impl Operator {
     pub fn finish_epoch(&mut self, prev_watermark: EventTime, watermark: EventTime, out: &mut Vec<OutputRow>) {
         match self {
             Operator::Window(op) => op.finish_epoch(prev_watermark, watermark, out),
+            Operator::Stateless => {}
+            Operator::Join(op) => op.finish_epoch(prev_watermark, watermark, out),
+            Operator::Anomaly(op) => op.finish_epoch(prev_watermark, watermark, out),
         }
     }
 
@@ -96,13 +139,19 @@ impl Operator {
     pub fn take_writes(&mut self) -> Vec<TableWrites> {
         match self {
             Operator::Window(op) => vec![op.take_changes().into_table_writes()],
+            Operator::Stateless => Vec::new(),
+            Operator::Join(op) => op.take_writes(),
+            Operator::Anomaly(op) => op.take_writes(),
         }
     }
 
-    /// Open windows (sessions count one each).
+    /// Open windows (sessions count one each; a join counts the rows it holds).
     pub fn open_windows(&self) -> usize {
         match self {
             Operator::Window(op) => op.open_windows(),
+            Operator::Stateless => 0,
+            Operator::Join(op) => op.open_rows(),
+            Operator::Anomaly(op) => op.open_windows(),
         }
     }
 
@@ -110,6 +159,9 @@ impl Operator {
     pub fn open_keys(&self) -> usize {
         match self {
             Operator::Window(op) => op.open_keys(),
+            Operator::Stateless => 0,
+            Operator::Join(op) => op.open_keys(),
+            Operator::Anomaly(op) => op.open_keys(),
         }
     }
 }

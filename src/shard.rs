@@ -25,8 +25,9 @@ use flume::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::config::Config;
 use crate::decode::SourceDecoder;
-use crate::operator::Operator;
-use crate::plan::Plan;
+use crate::expr::{Row, Val};
+use crate::operator::{Late, Operator};
+use crate::plan::{Plan, RouteAction};
 use crate::sink::{DeadLetter, SinkRows};
 use crate::source::{ShardSource, SourceContext, SourceError, SourcePositions, SourceSpec};
 use crate::state::{Recovered, StateError, StateStore, TableWrites};
@@ -234,7 +235,8 @@ impl Shard {
             .queries
             .iter()
             .zip(&plan.shapes)
-            .map(|(q, shape)| Operator::for_query(q, shape.clone()))
+            .zip(&plan.operators)
+            .map(|((q, shape), spec)| Operator::new(q, spec, shape.clone()))
             .collect();
         let (id, shards, groups) = (ctx.id, ctx.shards, ctx.key_groups);
         for (qi, op) in ops.iter_mut().enumerate() {
@@ -559,16 +561,25 @@ impl Shard {
                     continue;
                 }
             }
-            if let Some((start, end)) = self.ops[q].late(port, t, self.watermark) {
+            if let Some(late) = self.ops[q].late(port, t, self.watermark) {
                 let query = &self.ctx.config.queries[q];
+                let missed = match late {
+                    Late::Window(start, end) => format!(
+                        "window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
+                        format_micros(start),
+                        format_micros(end),
+                        query.name
+                    ),
+                    Late::Behind => format!(
+                        "query \"{}\" has already judged that time (raise watermark.delay to accept later events)",
+                        query.name
+                    ),
+                };
                 let msg = format!(
-                    "event time {} is behind the watermark {} (allowed_lateness {}): window [{}, {}) of query \"{}\" already closed (raise watermark.delay or allowed_lateness to accept later events)",
+                    "event time {} is behind the watermark {} (allowed_lateness {}): {missed}",
                     format_micros(t),
                     format_micros(self.watermark),
                     crate::config::format_duration(query.allowed_lateness),
-                    format_micros(start),
-                    format_micros(end),
-                    query.name
                 );
                 self.late_tally[q] += 1;
                 self.dead_letter_at(input, file, offset, payload, DeadLetterReason::Late, msg);
@@ -581,32 +592,65 @@ impl Shard {
             }
             self.input_buf.clear();
             self.blob_buf.clear();
-            for input in &route.inputs {
-                if let Some(filter) = &input.filter {
-                    if !filter.eval_predicate(&decoder.row(payload)) {
-                        self.input_buf.push(InSlot::Skip);
-                        continue;
+            match &route.action {
+                RouteAction::Aggregate(inputs) => {
+                    for input in inputs {
+                        let row = decoder.row(payload);
+                        if let Some(filter) = &input.filter {
+                            if !filter.eval_predicate(&row) {
+                                self.input_buf.push(InSlot::Skip);
+                                continue;
+                            }
+                        }
+                        let slot = match (&input.expr, input.kind, input.field) {
+                            (_, InputKind::Row, _) => InSlot::Null,
+                            (Some(expr), kind, _) => slot_of(expr.eval(&row), kind, &mut self.blob_buf),
+                            (None, _, None) => InSlot::Null,
+                            // The decoder dead-letters events missing a schema field, so it is present.
+                            (None, InputKind::Presence, Some(_)) => InSlot::Int(1),
+                            (None, InputKind::Number, Some(f)) => num_slot(decoder.num(f)),
+                            (None, InputKind::Bytes, Some(f)) => {
+                                let start = self.blob_buf.len() as u32;
+                                decoder.write_key_component(payload, f, &mut self.blob_buf);
+                                InSlot::Bytes {
+                                    start,
+                                    end: self.blob_buf.len() as u32,
+                                }
+                            }
+                        };
+                        self.input_buf.push(slot);
                     }
                 }
-                let slot = match (input.kind, input.field) {
-                    (InputKind::Row, _) | (_, None) => InSlot::Null,
-                    // The decoder dead-letters events missing a schema field, so it is present.
-                    (InputKind::Presence, Some(_)) => InSlot::Int(1),
-                    (InputKind::Number, Some(f)) => match decoder.num(f) {
-                        crate::types::Num::Int(v) => InSlot::Int(v),
-                        crate::types::Num::Float(v) => InSlot::Float(v),
-                        crate::types::Num::Null => InSlot::Null,
-                    },
-                    (InputKind::Bytes, Some(f)) => {
-                        let start = self.blob_buf.len() as u32;
+                RouteAction::Emit(select) => {
+                    let label = &self.inputs[input].label;
+                    let row = WithMetadata {
+                        row: decoder.row(payload),
+                        fields: self.ctx.config.sources[source].schema.len(),
+                        topic: if file.is_empty() { label } else { file },
+                        partition: i64::from(self.inputs[input].partition),
+                        offset,
+                    };
+                    let values = select.iter().map(|e| e.eval(&row).into_value()).collect();
+                    let sink = self.ctx.plan.query_sink[q];
+                    rows_of(&mut self.outputs[sink]).push(OutputRow {
+                        window_start: t,
+                        window_end: t,
+                        key: Vec::new(),
+                        values,
+                        retract: false,
+                    });
+                    continue;
+                }
+                RouteAction::Carry(fields) => {
+                    for &f in fields {
                         decoder.write_key_component(payload, f, &mut self.blob_buf);
-                        InSlot::Bytes {
-                            start,
-                            end: self.blob_buf.len() as u32,
-                        }
                     }
-                };
-                self.input_buf.push(slot);
+                    self.input_buf.push(InSlot::Bytes {
+                        start: 0,
+                        end: self.blob_buf.len() as u32,
+                    });
+                }
+                RouteAction::Reading(f) => self.input_buf.push(num_slot(decoder.num(*f))),
             }
             let dest = self.ctx.key_groups.shard_for_key(&self.key_buf, self.ctx.shards);
             if dest == self.ctx.id {
@@ -710,6 +754,65 @@ impl Shard {
         self.publish(Instant::now());
         self.ctx.reports.send_async(report).await.map_err(|_| ShardError::PeerGone(self.ctx.id))?;
         Ok(a.last)
+    }
+}
+
+/// The rows of a query's sink in this epoch, created empty if none yet.
+fn rows_of(slot: &mut Option<SinkRows>) -> &mut Vec<OutputRow> {
+    let rows = slot.get_or_insert_with(|| SinkRows::Windows(Vec::new()));
+    match rows {
+        SinkRows::Windows(rows) => rows,
+        SinkRows::DeadLetters(_) => unreachable!("a query's sink receives result rows (checked by plan_sinks)"),
+    }
+}
+
+fn num_slot(n: crate::types::Num) -> InSlot {
+    match n {
+        crate::types::Num::Int(v) => InSlot::Int(v),
+        crate::types::Num::Float(v) => InSlot::Float(v),
+        crate::types::Num::Null => InSlot::Null,
+    }
+}
+
+/// An aggregate's `expr` result as the input its function reads.
+fn slot_of(v: Val<'_>, kind: InputKind, blob: &mut Vec<u8>) -> InSlot {
+    match (kind, v) {
+        (_, Val::Null) => InSlot::Null,
+        (InputKind::Row | InputKind::Presence, _) => InSlot::Int(1),
+        (InputKind::Number, Val::Int(i) | Val::Time(i)) => InSlot::Int(i),
+        (InputKind::Number, Val::Float(f)) => InSlot::Float(f),
+        (InputKind::Number, Val::Bool(b)) => InSlot::Int(i64::from(b)),
+        (InputKind::Number, Val::Str(_)) => InSlot::Null,
+        (InputKind::Bytes, v) => {
+            let start = blob.len() as u32;
+            crate::types::encode_key_value(blob, &v.into_value());
+            InSlot::Bytes {
+                start,
+                end: blob.len() as u32,
+            }
+        }
+    }
+}
+
+/// An event as a stateless query's `select` reads it: its schema fields, then where it was
+/// read from (see [`crate::config::METADATA_COLUMNS`]).
+struct WithMetadata<'a> {
+    row: crate::decode::DecodedRow<'a>,
+    fields: usize,
+    topic: &'a str,
+    partition: i64,
+    offset: i64,
+}
+
+impl Row for WithMetadata<'_> {
+    fn get(&self, column: usize) -> Val<'_> {
+        match column.checked_sub(self.fields) {
+            None => self.row.get(column),
+            Some(0) => Val::Str(std::borrow::Cow::Borrowed(self.topic)),
+            Some(1) => Val::Int(self.partition),
+            Some(2) => Val::Int(self.offset),
+            Some(_) => Val::Null,
+        }
     }
 }
 

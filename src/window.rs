@@ -88,17 +88,19 @@ pub fn agg_spec(a: &AggregateConfig, source: &SourceConfig) -> AggSpec {
         AggFn::First => AggFunc::First,
         AggFn::Last => AggFunc::Last,
     };
-    AggSpec {
-        func,
-        input: a.field_index.map(|i| source.schema[i].ty),
-    }
+    let input = match &a.expr {
+        Some(expr) => Some(expr.expr.output_type()),
+        None => a.field_index.map(|i| source.schema[i].ty),
+    };
+    AggSpec { func, input }
 }
 
-/// How the input of aggregate `a` is read from an event.
+/// How the input of aggregate `a` is read from an event (its field or its `expr`).
 pub fn input_kind(a: &AggregateConfig) -> InputKind {
-    match (a.func, a.field_index) {
-        (AggFn::Count, None) => InputKind::Row,
-        (AggFn::Count, Some(_)) => InputKind::Presence,
+    let input = a.field_index.is_some() || a.expr.is_some();
+    match (a.func, input) {
+        (AggFn::Count, false) => InputKind::Row,
+        (AggFn::Count, true) => InputKind::Presence,
         (AggFn::CountDistinct | AggFn::ApproxCountDistinct | AggFn::First | AggFn::Last, _) => InputKind::Bytes,
         _ => InputKind::Number,
     }
@@ -113,6 +115,9 @@ pub struct OutputShape {
     pub key_types: Vec<FieldType>,
     pub derived: Vec<Expr>,
     pub value_types: Vec<FieldType>,
+    /// Names of the value columns (aggregates, then derived columns; or every column of a
+    /// query whose rows carry all their columns as values).
+    pub value_names: Vec<String>,
 }
 
 impl OutputShape {
@@ -129,6 +134,19 @@ impl OutputShape {
             key_types,
             derived,
             value_types,
+            value_names: query.aggregates.iter().map(|a| a.name.clone()).chain(query.derive.iter().map(|d| d.name.clone())).collect(),
+        }
+    }
+
+    /// Rows that carry every column as a value (stateless queries, joins, anomalies).
+    pub fn columns(columns: Vec<(String, FieldType)>) -> OutputShape {
+        let (value_names, value_types) = columns.into_iter().unzip();
+        OutputShape {
+            specs: Vec::new(),
+            key_types: Vec::new(),
+            derived: Vec::new(),
+            value_types,
+            value_names,
         }
     }
 }

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
-    AggFn, AggregateConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, KafkaConfig, OutputMode, PipelineConfig, QueryConfig,
-    SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, JoinConfig, KafkaConfig,
+    OutputMode, PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
-use super::raw::{RawConfig, RawGenerator, RawQuery, RawSink, RawSource, RawWindow};
+use super::raw::{RawAggregate, RawAnomaly, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
 use crate::expr::{Expr, ExprError};
 
@@ -262,15 +262,7 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         let s = &refs.raw_sources[i];
         Some((display_name(s.name.as_ref()), s.schema.as_deref()?))
     });
-    let schema_columns: Option<Vec<Column>> = source.as_ref().map(|(_, schema)| {
-        schema
-            .iter()
-            .map(|d| Column {
-                name: d.name.clone(),
-                ty: Some(d.ty),
-            })
-            .collect()
-    });
+    let schema_columns: Option<Vec<Column>> = source.as_ref().map(|(_, schema)| columns_of(schema));
     let expressions = Expressions { query: &query_name, diag };
 
     let filter = match (&q.filter, &schema_columns) {
@@ -282,83 +274,116 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         Some((source_name, schema)) => check_group_by(&q.group_by, source_name, schema, diag),
         None => Vec::new(),
     };
-    let aggregates: Vec<AggregateConfig> = q
-        .aggregates
+    let shape = check_query_shape(&q, &query_name, diag);
+    let raw_aggregates = q.aggregates.as_deref().unwrap_or_default();
+    let aggregates: Vec<AggregateConfig> = raw_aggregates
         .iter()
-        .map(|a| {
-            let field_index = match (&source, &a.field) {
-                (Some((source_name, schema)), Some(field)) => find_field(field, "aggregate field", source_name, schema, diag),
-                _ => None,
-            };
-            if let (Some(func), Some((_, schema))) = (&a.func, &source) {
-                check_aggregate_field(a.at.path.as_str(), a.at.line, func, a.field.as_ref(), field_index.map(|i| &schema[i]), diag);
-            }
-            let filter = a.filter.as_ref().map(|filter| match &schema_columns {
-                Some(columns) => {
-                    let name = a.name.as_ref().map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone());
-                    expressions.check(filter, &format!("aggregate \"{name}\": filter"), columns, true)
-                }
-                None => Sql::unusable(&filter.value),
-            });
-            AggregateConfig {
-                name: a.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
-                func: a.func.as_ref().map_or(AggFn::Count, |f| f.value),
-                field: a.field.as_ref().map(|f| f.value.clone()),
-                field_index,
-                filter,
-                percentile: a.percentile,
-            }
-        })
+        .map(|a| compile_aggregate(a, source.as_ref().map(|(n, s)| (n.as_str(), *s)), schema_columns.as_deref(), &expressions, diag))
         .collect();
-    check_output_names(&q, diag);
 
     // Output columns in row order; derived expressions see the ones before them.
     let window = q.window.as_ref().and_then(|w| w.config);
-    let mut columns: Vec<Column> = q
-        .window
-        .as_ref()
-        .map_or(&[][..], |w| w.columns)
-        .iter()
-        .map(|&name| window_column(name))
-        .collect();
-    for key in &q.group_by {
-        let ty = source
-            .as_ref()
-            .and_then(|(_, schema)| schema.iter().find(|d| d.name == key.value))
-            .map(|d| d.ty);
-        columns.push(Column { name: key.value.clone(), ty });
-    }
-    for (raw, compiled) in q.aggregates.iter().zip(&aggregates) {
-        let Some(name) = &raw.name else { continue };
-        let input = source.as_ref().zip(compiled.field_index).map(|((_, schema), i)| schema[i].ty);
-        let ty = match (&raw.func, input, &raw.field) {
-            (Some(func), Some(input), _) => Some(agg_output_type(func.value, Some(input))),
-            (Some(func), None, None) => Some(agg_output_type(func.value, None)),
-            _ => None,
-        };
-        columns.push(Column { name: name.value.clone(), ty });
-    }
-    let mut derive = Vec::with_capacity(q.derive.len());
-    for d in &q.derive {
-        let expr = match (&d.name, &d.expr) {
-            (Some(name), Some(expr)) => expressions.check(expr, &format!("derived column \"{}\": expr", name.value), &columns, false),
-            (None, Some(expr)) => Sql::unusable(&expr.value),
-            (_, None) => Sql::unusable(""),
-        };
-        if let Some(name) = &d.name {
-            columns.push(Column {
-                name: name.value.clone(),
-                ty: expr.is_usable().then(|| expr.expr.output_type()),
-            });
+    let mut kind = QueryKind::Aggregate;
+    let mut select = Vec::new();
+    let mut columns: Vec<Column> = Vec::new();
+    let mut derive = Vec::new();
+    match shape {
+        Shape::Aggregate => {
+            check_output_names(&q, diag);
+            columns.extend(q.window.as_ref().map_or(&[][..], |w| w.columns).iter().map(|&name| window_column(name)));
+            for key in &q.group_by {
+                let ty = source
+                    .as_ref()
+                    .and_then(|(_, schema)| schema.iter().find(|d| d.name == key.value))
+                    .map(|d| d.ty);
+                columns.push(Column { name: key.value.clone(), ty });
+            }
+            for (raw, compiled) in raw_aggregates.iter().zip(&aggregates) {
+                let Some(name) = &raw.name else { continue };
+                let input = match (&compiled.expr, compiled.field_index) {
+                    (Some(expr), _) => expr.is_usable().then(|| expr.expr.output_type()),
+                    (None, Some(i)) => source.as_ref().map(|(_, schema)| schema[i].ty),
+                    (None, None) => None,
+                };
+                let ty = match (&raw.func, input) {
+                    (Some(func), Some(input)) => Some(agg_output_type(func.value, Some(input))),
+                    (Some(func), None) if raw.field.is_none() && raw.expr.is_none() => Some(agg_output_type(func.value, None)),
+                    _ => None,
+                };
+                columns.push(Column { name: name.value.clone(), ty });
+            }
+            for d in &q.derive {
+                let expr = match (&d.name, &d.expr) {
+                    (Some(name), Some(expr)) => expressions.check(expr, &format!("derived column \"{}\": expr", name.value), &columns, false),
+                    (None, Some(expr)) => Sql::unusable(&expr.value),
+                    (_, None) => Sql::unusable(""),
+                };
+                if let Some(name) = &d.name {
+                    columns.push(Column {
+                        name: name.value.clone(),
+                        ty: expr.is_usable().then(|| expr.expr.output_type()),
+                    });
+                }
+                derive.push(DerivedColumn {
+                    name: d.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
+                    expr,
+                });
+            }
+            if let Some((raw_window, window)) = q.window.as_ref().zip(window) {
+                check_output_mode(&q, &query_name, raw_window, window, warnings, diag);
+            }
         }
-        derive.push(DerivedColumn {
-            name: d.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
-            expr,
-        });
-    }
-
-    if let Some((raw_window, window)) = q.window.as_ref().zip(window) {
-        check_output_mode(&q, &query_name, raw_window, window, warnings, diag);
+        Shape::Stateless => {
+            kind = QueryKind::Stateless;
+            if let Some((_, schema)) = &source {
+                let mut input = columns_of(schema);
+                input.extend(METADATA_COLUMNS.iter().map(|(name, ty)| Column {
+                    name: name.to_string(),
+                    ty: Some(*ty),
+                }));
+                select = match &q.select {
+                    Some(raw) => compile_select(raw, &input, &expressions, diag),
+                    None => schema
+                        .iter()
+                        .map(|d| DerivedColumn {
+                            name: d.name.clone(),
+                            expr: expressions.check(
+                                &At {
+                                    value: format!("\"{}\"", d.name.replace('"', "\"\"")),
+                                    path: format!("{}.select", q.at.path),
+                                    line: q.at.line,
+                                },
+                                "select",
+                                &input,
+                                false,
+                            ),
+                        })
+                        .collect(),
+                };
+            }
+            columns = select_columns(&select);
+        }
+        Shape::Join => {
+            let raw = q.join.as_ref().expect("a join shape has a join table");
+            if let Some((left_name, left_schema)) = &source {
+                if let Some(join) = compile_join(raw, (left_name, left_schema), q.select.as_deref(), refs, &expressions, diag) {
+                    select = join.1;
+                    kind = QueryKind::Join(join.0);
+                }
+            }
+            columns = select_columns(&select);
+        }
+        Shape::Anomaly => {
+            let raw = q.anomaly.as_ref().expect("an anomaly shape has an anomaly table");
+            if let Some((source_name, schema)) = &source {
+                if let Some(anomaly) = compile_anomaly(raw, &q, window, source_name, schema, diag) {
+                    let event_time = refs.raw_sources[source_index.unwrap_or(0)].event_time_field.as_deref();
+                    columns = anomaly_columns(&anomaly, &q.group_by, schema, event_time);
+                    check_unique_columns(&query_name, &columns, &q.at, diag);
+                    kind = QueryKind::Anomaly(anomaly);
+                }
+            }
+        }
     }
 
     let sink_index = q.sink.as_ref().and_then(|sink| {
@@ -388,6 +413,8 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         from: q.from.map(|f| f.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),
         filter,
+        kind,
+        select,
         window: window.unwrap_or(WindowConfig::Tumbling {
             size: std::time::Duration::ZERO,
             offset: std::time::Duration::ZERO,
@@ -400,6 +427,421 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         allowed_lateness: q.allowed_lateness,
         sink: q.sink.map(|s| s.value).unwrap_or_default(),
         sink_index: sink_index.unwrap_or(0),
+    }
+}
+
+/// Columns a stateless query's `select` may read besides the schema fields: where each event
+/// was read from (for a file source: the file name, -1, the byte offset of its line).
+pub const METADATA_COLUMNS: [(&str, FieldType); 3] = [("_topic", FieldType::String), ("_partition", FieldType::Int), ("_offset", FieldType::Int)];
+
+fn columns_of(schema: &[FieldDef]) -> Vec<Column> {
+    schema
+        .iter()
+        .map(|d| Column {
+            name: d.name.clone(),
+            ty: Some(d.ty),
+        })
+        .collect()
+}
+
+fn select_columns(select: &[DerivedColumn]) -> Vec<Column> {
+    select
+        .iter()
+        .map(|s| Column {
+            name: s.name.clone(),
+            ty: s.expr.is_usable().then(|| s.expr.expr.output_type()),
+        })
+        .collect()
+}
+
+/// What a query computes, from the keys it has; reports the keys that do not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Aggregate,
+    Stateless,
+    Join,
+    Anomaly,
+}
+
+fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shape {
+    let shape = if q.join.is_some() {
+        Shape::Join
+    } else if q.anomaly.is_some() {
+        Shape::Anomaly
+    } else if q.window.is_some() {
+        Shape::Aggregate
+    } else {
+        Shape::Stateless
+    };
+    let report = |key: &str, message: String| diag.report(format!("{}.{key}", q.at.path), q.at.line, format!("query \"{query_name}\": {message}"));
+    let what = match shape {
+        Shape::Aggregate => "a windowed aggregation",
+        Shape::Stateless => "a stateless query (no window)",
+        Shape::Join => "a join",
+        Shape::Anomaly => "an anomaly detector",
+    };
+    let forbid = |written: bool, key: &str, instead: &str| {
+        if written {
+            report(key, format!("{what} has no {key}; {instead}"));
+        }
+    };
+    match shape {
+        Shape::Aggregate => {
+            if q.aggregates.is_none() {
+                report(
+                    "aggregates",
+                    "missing required key \"aggregates\"; a windowed query needs them, e.g. aggregates = [{ name = \"events\", fn = \"count\" }] (or remove window for a stateless query)".to_string(),
+                );
+            }
+            forbid(q.select.is_some(), "select", "its columns are the window's, group_by, aggregates and derive");
+        }
+        Shape::Stateless => {
+            let instead = "add a window to aggregate, or remove it to pass events through with select";
+            forbid(q.aggregates.is_some(), "aggregates", instead);
+            forbid(!q.group_by.is_empty(), "group_by", instead);
+            forbid(!q.derive.is_empty(), "derive", "compute columns in select = [{ name, expr }]");
+        }
+        Shape::Join => {
+            forbid(q.window.is_some(), "window", "its time bounds are join.between");
+            forbid(q.anomaly.is_some(), "anomaly", "detect anomalies in a query of its own");
+            forbid(q.aggregates.is_some(), "aggregates", "aggregate the joined rows in a query reading their table");
+            forbid(!q.group_by.is_empty(), "group_by", "its keys are join.on");
+            forbid(!q.derive.is_empty(), "derive", "compute columns in select = [{ name, expr }]");
+            if q.select.is_none() {
+                report(
+                    "select",
+                    "missing required key \"select\"; a join names its output columns, e.g. select = [{ name = \"user_id\", expr = \"c.user_id\" }]".to_string(),
+                );
+            }
+        }
+        Shape::Anomaly => {
+            if q.window.is_none() {
+                report(
+                    "window",
+                    "missing required key \"window\"; an anomaly detector needs the window of its statistics, e.g. window = { sliding = \"15m\", slide = \"1m\" }".to_string(),
+                );
+            }
+            forbid(q.aggregates.is_some(), "aggregates", "its statistics are fixed (mean, standard deviation, count)");
+            forbid(q.select.is_some(), "select", "its columns are fixed");
+            forbid(!q.derive.is_empty(), "derive", "its columns are fixed");
+        }
+    }
+    if shape != Shape::Aggregate {
+        if let Some(output) = q.output.as_ref().filter(|o| o.value != OutputMode::Append) {
+            diag.report(
+                output.path.clone(),
+                output.line,
+                format!("query \"{query_name}\": {what} appends its rows; remove output (or set output = \"append\")"),
+            );
+        }
+        if !q.allowed_lateness.is_zero() {
+            report("allowed_lateness", format!("{what} takes no allowed_lateness; raise the source's watermark.delay to accept later events"));
+        }
+    }
+    shape
+}
+
+/// `select = [{ name, expr }]` over `input`, with unique names.
+fn compile_select(raw: &[RawDerived], input: &[Column], expressions: &Expressions<'_>, diag: &Diagnostics) -> Vec<DerivedColumn> {
+    let mut out: Vec<DerivedColumn> = Vec::with_capacity(raw.len());
+    for s in raw {
+        let expr = match (&s.name, &s.expr) {
+            (Some(name), Some(expr)) => expressions.check(expr, &format!("select \"{}\": expr", name.value), input, false),
+            (None, Some(expr)) => Sql::unusable(&expr.value),
+            (_, None) => Sql::unusable(""),
+        };
+        if let Some(name) = &s.name {
+            if out.iter().any(|c| c.name == name.value) {
+                diag.report(
+                    name.path.clone(),
+                    name.line,
+                    format!("select column name \"{}\" is used twice; output column names must be unique", name.value),
+                );
+            }
+        }
+        out.push(DerivedColumn {
+            name: s.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
+            expr,
+        });
+    }
+    out
+}
+
+fn compile_aggregate(
+    a: &RawAggregate,
+    source: Option<(&str, &[FieldDef])>,
+    schema_columns: Option<&[Column]>,
+    expressions: &Expressions<'_>,
+    diag: &Diagnostics,
+) -> AggregateConfig {
+    let name = a.name.as_ref().map_or_else(|| "(unnamed)".to_string(), |n| n.value.clone());
+    let field_index = match (source, &a.field) {
+        (Some((source_name, schema)), Some(field)) => find_field(field, "aggregate field", source_name, schema, diag),
+        _ => None,
+    };
+    let expr = a.expr.as_ref().map(|text| match schema_columns {
+        Some(columns) => expressions.check(text, &format!("aggregate \"{name}\": expr"), columns, false),
+        None => Sql::unusable(&text.value),
+    });
+    if let (Some(field), Some(_)) = (&a.field, &a.expr) {
+        diag.report(
+            field.path.clone(),
+            field.line,
+            format!("aggregate \"{name}\" has both field and expr; keep one (expr = \"{}\" computes the input from any fields)", field.value),
+        );
+    }
+    if let (Some(func), Some((_, schema))) = (&a.func, source) {
+        let input = match (&expr, field_index) {
+            (Some(e), _) => e.is_usable().then(|| (e.expr.output_type(), a.expr.as_ref().expect("expr written"))),
+            (None, Some(i)) => Some((schema[i].ty, a.field.as_ref().expect("field written"))),
+            (None, None) => None,
+        };
+        let written = a.field.is_some() || a.expr.is_some();
+        check_aggregate_input(a.at.path.as_str(), a.at.line, func, written, input, diag);
+    }
+    let filter = a.filter.as_ref().map(|filter| match schema_columns {
+        Some(columns) => expressions.check(filter, &format!("aggregate \"{name}\": filter"), columns, true),
+        None => Sql::unusable(&filter.value),
+    });
+    AggregateConfig {
+        name: a.name.as_ref().map(|n| n.value.clone()).unwrap_or_default(),
+        func: a.func.as_ref().map_or(AggFn::Count, |f| f.value),
+        field: a.field.as_ref().map(|f| f.value.clone()),
+        field_index,
+        expr,
+        filter,
+        percentile: a.percentile,
+    }
+}
+
+/// The join table: the right source, keys, interval, aliases and the `select` over both
+/// sides (compiled against the columns the sides carry).
+fn compile_join(
+    raw: &RawJoin,
+    (left_name, left_schema): (&str, &[FieldDef]),
+    select: Option<&[RawDerived]>,
+    refs: &Refs<'_>,
+    expressions: &Expressions<'_>,
+    diag: &Diagnostics,
+) -> Option<(JoinConfig, Vec<DerivedColumn>)> {
+    let right_ref = raw.source.as_ref()?;
+    let right_index = refs
+        .sources
+        .resolve(diag, right_ref, &format!("query \"{}\" joins", expressions.query), "source", "sources")?;
+    let right = &refs.raw_sources[right_index];
+    let right_name = display_name(right.name.as_ref());
+    let right_schema = right.schema.as_deref()?;
+    let left_as = raw.left_as.as_ref().map_or(left_name.to_string(), |a| a.value.clone());
+    let right_as = raw.right_as.as_ref().map_or(right_name.clone(), |a| a.value.clone());
+    if left_as == right_as {
+        diag.report(
+            raw.at.path.clone(),
+            raw.at.line,
+            format!(
+                "query \"{}\": both sides of the join are called \"{left_as}\"; name them apart with left_as = \"l\" and right_as = \"r\"",
+                expressions.query
+            ),
+        );
+        return None;
+    }
+    if raw.on.is_empty() {
+        diag.report(
+            format!("{}.on", raw.at.path),
+            raw.at.line,
+            format!("query \"{}\": a join needs at least one key field, e.g. on = [\"user_id\"]", expressions.query),
+        );
+    }
+    let right_on = raw.right_on.as_ref().unwrap_or(&raw.on);
+    if right_on.len() != raw.on.len() {
+        diag.report(
+            format!("{}.right_on", raw.at.path),
+            raw.at.line,
+            format!(
+                "query \"{}\": on names {} key fields and right_on {}; name the right side's field for each of on's, in order",
+                expressions.query,
+                raw.on.len(),
+                right_on.len()
+            ),
+        );
+    }
+    let mut left_keys = Vec::new();
+    let mut right_keys = Vec::new();
+    for (l, r) in raw.on.iter().zip(right_on) {
+        let li = find_field(l, "join key field", left_name, left_schema, diag);
+        let ri = find_field(r, "join key field", &right_name, right_schema, diag);
+        if let (Some(li), Some(ri)) = (li, ri) {
+            let (lt, rt) = (left_schema[li].ty, right_schema[ri].ty);
+            if lt != rt || lt == FieldType::Float {
+                diag.report(
+                    r.path.clone(),
+                    r.line,
+                    format!(
+                        "query \"{}\": join key \"{}\" is {} on the left and \"{}\" is {} on the right; join on fields of one type, not float",
+                        expressions.query,
+                        l.value,
+                        lt.as_str(),
+                        r.value,
+                        rt.as_str()
+                    ),
+                );
+            }
+            left_keys.push(li);
+            right_keys.push(ri);
+        }
+    }
+    let right_filter = raw
+        .filter
+        .as_ref()
+        .map(|f| expressions.check(f, "join.where", &columns_of(right_schema), true));
+    let qualified = |alias: &str, schema: &[FieldDef]| -> Vec<Column> {
+        schema
+            .iter()
+            .map(|d| Column {
+                name: format!("{alias}.{}", d.name),
+                ty: Some(d.ty),
+            })
+            .collect()
+    };
+    let mut combined = qualified(&left_as, left_schema);
+    combined.extend(qualified(&right_as, right_schema));
+    let full = compile_select(select.unwrap_or_default(), &combined, expressions, diag);
+    // Each side carries only the fields the select reads; compile again over those.
+    let mut read: Vec<usize> = full.iter().flat_map(|c| c.expr.expr.columns()).collect();
+    read.sort_unstable();
+    read.dedup();
+    let left_fields: Vec<usize> = read.iter().copied().filter(|&i| i < left_schema.len()).collect();
+    let right_fields: Vec<usize> = read.iter().filter(|&&i| i >= left_schema.len()).map(|&i| i - left_schema.len()).collect();
+    let carried: Vec<Column> = read
+        .iter()
+        .map(|&i| Column {
+            name: combined[i].name.clone(),
+            ty: combined[i].ty,
+        })
+        .collect();
+    let typed: Vec<(&str, FieldType)> = carried.iter().filter_map(|c| Some((c.name.as_str(), c.ty?))).collect();
+    let select = full
+        .into_iter()
+        .map(|c| {
+            let expr = if c.expr.is_usable() {
+                Expr::compile(c.expr.text(), &typed).map_or_else(|_| Sql::unusable(c.expr.text()), Sql::checked)
+            } else {
+                c.expr
+            };
+            DerivedColumn { name: c.name, expr }
+        })
+        .collect();
+    let (lower, upper) = raw.between?;
+    Some((
+        JoinConfig {
+            source: right_name,
+            source_index: right_index,
+            join_type: raw.join_type,
+            left_keys,
+            right_keys,
+            lower,
+            upper,
+            left_as,
+            right_as,
+            right_filter,
+            left_fields,
+            right_fields,
+        },
+        select,
+    ))
+}
+
+/// The anomaly table over the query's sliding window.
+fn compile_anomaly(
+    raw: &RawAnomaly,
+    q: &RawQuery,
+    window: Option<WindowConfig>,
+    source_name: &str,
+    schema: &[FieldDef],
+    diag: &Diagnostics,
+) -> Option<AnomalyConfig> {
+    let query = display_name(q.name.as_ref());
+    let field = raw.field.as_ref()?;
+    let field_index = find_field(field, "anomaly field", source_name, schema, diag)?;
+    if !matches!(schema[field_index].ty, FieldType::Int | FieldType::Float) {
+        diag.report(
+            field.path.clone(),
+            field.line,
+            format!(
+                "query \"{query}\": anomaly field \"{}\" is {}; readings must be an int or float field",
+                field.value,
+                schema[field_index].ty.as_str()
+            ),
+        );
+    }
+    let window_ok = match window? {
+        WindowConfig::Sliding { size, slide, offset } => offset.is_zero() && size.as_micros() % slide.as_micros() == 0,
+        WindowConfig::Tumbling { offset, .. } => offset.is_zero(),
+        _ => false,
+    };
+    if !window_ok {
+        let at = q.window.as_ref().expect("a window was compiled");
+        diag.report(
+            at.path.clone(),
+            at.line,
+            format!(
+                "query \"{query}\": an anomaly detector's statistics need a sliding window whose size is a multiple of its slide, without offset, e.g. window = {{ sliding = \"15m\", slide = \"1m\" }} (or a tumbling one)"
+            ),
+        );
+        return None;
+    }
+    if q.group_by.iter().any(|g| g.value == field.value) {
+        diag.report(
+            field.path.clone(),
+            field.line,
+            format!("query \"{query}\": the anomaly field \"{}\" is also a group_by field; group by the series' identifiers, not its readings", field.value),
+        );
+    }
+    Some(AnomalyConfig {
+        field: field.value.clone(),
+        field_index,
+        threshold: raw.threshold,
+        min_count: raw.min_count,
+        judge: raw.judge,
+    })
+}
+
+/// Output columns of an anomaly detector, in row order.
+fn anomaly_columns(a: &AnomalyConfig, group_by: &[At<String>], schema: &[FieldDef], event_time: Option<&str>) -> Vec<Column> {
+    let mut columns = Vec::new();
+    let col = |name: &str, ty: FieldType| Column {
+        name: name.to_string(),
+        ty: Some(ty),
+    };
+    if a.judge == AnomalyJudge::Containing {
+        columns.push(col("window_start", FieldType::Timestamp));
+        columns.push(col("window_end", FieldType::Timestamp));
+    }
+    for g in group_by {
+        columns.push(Column {
+            name: g.value.clone(),
+            ty: schema.iter().find(|d| d.name == g.value).map(|d| d.ty),
+        });
+    }
+    columns.push(col(&a.field, FieldType::Float));
+    columns.push(col(event_time.unwrap_or("timestamp"), FieldType::Timestamp));
+    for name in ANOMALY_STAT_COLUMNS {
+        columns.push(col(name, FieldType::Float));
+    }
+    columns
+}
+
+/// The statistics columns of an anomaly detector's rows.
+pub const ANOMALY_STAT_COLUMNS: [&str; 3] = ["expected_value", "expected_stddev", "z_score"];
+
+fn check_unique_columns(query: &str, columns: &[Column], at: &At<()>, diag: &Diagnostics) {
+    for (i, c) in columns.iter().enumerate() {
+        if columns[..i].iter().any(|d| d.name == c.name) {
+            diag.report(
+                at.path.clone(),
+                at.line,
+                format!("query \"{query}\": output column \"{}\" appears twice; rename the source field or group by another one", c.name),
+            );
+        }
     }
 }
 
@@ -587,13 +1029,15 @@ impl InputTypes {
     }
 }
 
-fn check_aggregate_field(path: &str, line: Option<usize>, func: &At<AggFn>, field: Option<&At<String>>, def: Option<&FieldDef>, diag: &Diagnostics) {
+/// The input of an aggregate: `input` is its type and where it is written (field or expr)
+/// when known; `written` whether either is.
+fn check_aggregate_input(path: &str, line: Option<usize>, func: &At<AggFn>, written: bool, input: Option<(FieldType, &At<String>)>, diag: &Diagnostics) {
     let name = func.value.as_str();
     if func.value == AggFn::Count {
-        return; // any field type may be counted, and the field is optional
+        return; // any type may be counted, and the input is optional
     }
     let inputs = InputTypes::of(func.value);
-    let Some(field) = field else {
+    if !written {
         let placeholder = match inputs {
             InputTypes::Numbers => "<int or float field>",
             InputTypes::Ordered => "<int, float or timestamp field>",
@@ -602,26 +1046,22 @@ fn check_aggregate_field(path: &str, line: Option<usize>, func: &At<AggFn>, fiel
         diag.report(
             format!("{path}.field"),
             line,
-            format!("fn \"{name}\" needs a field; add field = \"{placeholder}\""),
+            format!("fn \"{name}\" needs a field; add field = \"{placeholder}\" (or expr = \"<SQL expression>\")"),
         );
         return;
-    };
-    let Some(def) = def else { return };
-    if !inputs.accepts(def.ty) {
-        let hint = if inputs == InputTypes::Ordered && def.ty == FieldType::String {
+    }
+    let Some((ty, at)) = input else { return };
+    if !inputs.accepts(ty) {
+        let hint = if inputs == InputTypes::Ordered && ty == FieldType::String {
             "; for strings use fn = \"first\" or \"last\""
         } else {
             ""
         };
+        let what = if at.path.ends_with(".expr") { "expression" } else { "field" };
         diag.report(
-            field.path.clone(),
-            field.line,
-            format!(
-                "fn \"{name}\" needs {} field, but \"{}\" is {}{hint}",
-                inputs.describe(),
-                field.value,
-                def.ty.as_str()
-            ),
+            at.path.clone(),
+            at.line,
+            format!("fn \"{name}\" needs {} {what}, but \"{}\" is {}{hint}", inputs.describe(), at.value, ty.as_str()),
         );
     }
 }
@@ -642,7 +1082,7 @@ fn check_output_names(q: &RawQuery, diag: &Diagnostics) {
     // A value column clashing with a window column or a group key.
     let leading_clash =
         |name: &str| window_clash(name).or_else(|| q.group_by.iter().any(|k| k.value == name).then(|| format!("the group_by field \"{name}\"")));
-    let aggregate_names: Vec<&At<String>> = q.aggregates.iter().filter_map(|a| a.name.as_ref()).collect();
+    let aggregate_names: Vec<&At<String>> = q.aggregates.iter().flatten().filter_map(|a| a.name.as_ref()).collect();
     for (i, name) in aggregate_names.iter().enumerate() {
         let clash = leading_clash(&name.value).or_else(|| {
             aggregate_names[..i]

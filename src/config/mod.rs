@@ -21,12 +21,13 @@ use std::path::Path;
 
 use toml::de::DeTable;
 
+pub use compile::{ANOMALY_STAT_COLUMNS, METADATA_COLUMNS};
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
-    AggFn, AggregateConfig, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
-    GeneratorConfig, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
+    GeneratorConfig, JoinConfig, JoinType, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets,
     TimeFormat, WatermarkConfig, WindowConfig,
 };
 

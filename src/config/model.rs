@@ -245,7 +245,7 @@ pub enum GapPolicy {
     Skip,
 }
 
-/// One `[[queries]]` entry: a windowed aggregation from a source into a sink.
+/// One `[[queries]]` entry: from a source (or two, joined) into a sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueryConfig {
     pub name: String,
@@ -255,6 +255,13 @@ pub struct QueryConfig {
     /// `where = "<SQL expression>"` over the source's fields: only events for which it is TRUE
     /// reach the query.
     pub filter: Option<Sql>,
+    /// What the query computes.
+    pub kind: QueryKind,
+    /// `select = [{ name = "user_id", expr = "c.user_id" }]`: the output columns of a stateless
+    /// query or a join, in order.
+    pub select: Vec<DerivedColumn>,
+    /// The window of an aggregation or of an anomaly detector's statistics (unused by
+    /// stateless queries and joins).
     pub window: WindowConfig,
     /// Schema fields of the source, none of them float.
     pub group_by: Vec<String>,
@@ -270,6 +277,92 @@ pub struct QueryConfig {
     pub sink: String,
     /// Index into [`Config::sinks`] of `sink`.
     pub sink_index: usize,
+}
+
+/// What a query computes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryKind {
+    /// `window` + `aggregates`: a keyed windowed aggregation.
+    Aggregate,
+    /// No window: each event that passes `where` becomes one output row (`select`).
+    Stateless,
+    /// `join = { ... }`: a stream-stream interval join of `from` (left) with another source.
+    Join(JoinConfig),
+    /// `anomaly = { ... }` with a sliding `window`: readings judged against rolling statistics.
+    Anomaly(AnomalyConfig),
+}
+
+/// `join = { source = "purchases", type = "left", on = ["user_id"], between = ["0s", "30m"] }`
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinConfig {
+    /// The right side's source.
+    pub source: String,
+    pub source_index: usize,
+    pub join_type: JoinType,
+    /// Schema indexes of the join key on each side, in key order.
+    pub left_keys: Vec<usize>,
+    pub right_keys: Vec<usize>,
+    /// µs: a right row matches when `left time + lower <= right time <= left time + upper`.
+    pub lower: i64,
+    pub upper: i64,
+    /// Aliases qualifying the columns in `select` (default: the source names).
+    pub left_as: String,
+    pub right_as: String,
+    /// `where` over the right side's fields.
+    pub right_filter: Option<Sql>,
+    /// Schema indexes of the fields each side carries to the join (those `select` reads).
+    pub left_fields: Vec<usize>,
+    pub right_fields: Vec<usize>,
+}
+
+/// Which unmatched rows a join emits, null-padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinType {
+    Inner,
+    Left,
+    Right,
+    Full,
+}
+
+impl JoinType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinType::Inner => "inner",
+            JoinType::Left => "left",
+            JoinType::Right => "right",
+            JoinType::Full => "full",
+        }
+    }
+}
+
+/// `anomaly = { field = "value", threshold = 3.0, min_count = 10, judge = "trailing" }`
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyConfig {
+    pub field: String,
+    pub field_index: usize,
+    /// Bounds are mean ± threshold·σ. Default 3.
+    pub threshold: f64,
+    /// Fewer readings in the window: no judgement. Default 2, at least 2.
+    pub min_count: u64,
+    pub judge: AnomalyJudge,
+}
+
+/// Which statistics a reading is judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnomalyJudge {
+    /// The latest window ending at or before the reading (excluding it).
+    Trailing,
+    /// Every window containing the reading (including it): the seed's SQL, literally.
+    Containing,
+}
+
+impl AnomalyJudge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnomalyJudge::Trailing => "trailing",
+            AnomalyJudge::Containing => "containing",
+        }
+    }
 }
 
 impl QueryConfig {
@@ -353,11 +446,14 @@ pub struct AggregateConfig {
     /// Output column name.
     pub name: String,
     pub func: AggFn,
-    /// Input field; required except for `count`, where it counts rows with
+    /// Input field; required (or `expr`) except for `count`, where it counts rows with
     /// the field present and non-null.
     pub field: Option<String>,
     /// Index of `field` in the source schema.
     pub field_index: Option<usize>,
+    /// `expr = "CASE WHEN action = 'click' THEN 1 ELSE 0 END"`: the input computed from the
+    /// event instead of read from one field.
+    pub expr: Option<Sql>,
     /// `filter = "<SQL expression>"`: only events for which it is TRUE are aggregated.
     pub filter: Option<Sql>,
     /// `percentile = 0.99` for `approx_percentile` (0..=1).

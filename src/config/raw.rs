@@ -13,10 +13,10 @@ use toml::de::DeValue;
 
 use super::duration::format_duration;
 use super::model::{
-    AggFn, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, LogConfig, MetricsConfig, OutputMode, SinkKind, StartingOffsets,
-    TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, AnomalyJudge, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, JoinType, LogConfig, MetricsConfig, OutputMode,
+    SinkKind, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
 };
-use super::reader::{found, At, Fields};
+use super::reader::{found, number, At, Fields, Value};
 
 pub(crate) const FIELD_TYPES: [(&str, FieldType); 5] = [
     ("string", FieldType::String),
@@ -139,8 +139,15 @@ pub(crate) struct RawQuery {
     pub filter: Option<At<String>>,
     pub window: Option<RawWindow>,
     pub group_by: Vec<At<String>>,
-    pub aggregates: Vec<RawAggregate>,
+    /// `None` when not written.
+    pub aggregates: Option<Vec<RawAggregate>>,
     pub derive: Vec<RawDerived>,
+    /// `select = [{ name, expr }]`; `None` when not written.
+    pub select: Option<Vec<RawDerived>>,
+    pub join: Option<RawJoin>,
+    pub anomaly: Option<RawAnomaly>,
+    /// Path and line of the query's table.
+    pub at: At<()>,
     /// `None` when absent (append) or invalid (reported; see `output_valid`).
     pub output: Option<At<OutputMode>>,
     pub output_valid: bool,
@@ -174,8 +181,35 @@ pub(crate) struct RawAggregate {
     pub name: Option<At<String>>,
     pub func: Option<At<AggFn>>,
     pub field: Option<At<String>>,
+    pub expr: Option<At<String>>,
     pub filter: Option<At<String>>,
     pub percentile: Option<f64>,
+}
+
+/// `join = { source = "purchases", type = "left", on = ["user_id"], between = ["0s", "30m"] }`
+#[derive(Debug)]
+pub(crate) struct RawJoin {
+    pub at: At<()>,
+    pub source: Option<At<String>>,
+    pub join_type: JoinType,
+    pub on: Vec<At<String>>,
+    /// `right_on`: the right side's key fields when they are named differently.
+    pub right_on: Option<Vec<At<String>>>,
+    /// µs, `None` when missing or invalid (reported).
+    pub between: Option<(i64, i64)>,
+    pub left_as: Option<At<String>>,
+    pub right_as: Option<At<String>>,
+    /// `where` over the right side's fields.
+    pub filter: Option<At<String>>,
+}
+
+/// `anomaly = { field = "value", threshold = 3.0, min_count = 10, judge = "trailing" }`
+#[derive(Debug)]
+pub(crate) struct RawAnomaly {
+    pub field: Option<At<String>>,
+    pub threshold: f64,
+    pub min_count: u64,
+    pub judge: AnomalyJudge,
 }
 
 /// `{ name = "ctr", expr = "clicks / views" }`
@@ -532,10 +566,24 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
     let name = f.require("name", Fields::take_str);
     let from = f.require("from", Fields::take_str);
     let filter = f.take_str("where");
-    let window = f.require("window", read_window);
+    let at = At {
+        value: (),
+        path: f.path().to_string(),
+        line: f.line(),
+    };
+    let window = read_window(&mut f, "window");
     let group_by = f.take_str_list("group_by").unwrap_or_default();
-    let aggregates = f.require("aggregates", read_aggregates).unwrap_or_default();
-    let derive = read_derive(&mut f);
+    let aggregates = if f.has("aggregates") {
+        Some(read_aggregates(&mut f, "aggregates").unwrap_or_default())
+    } else {
+        f.take_value("aggregates"); // listed as allowed
+        None
+    };
+    let derive = read_derive(&mut f, "derive");
+    let select = f.has("select").then(|| read_derive(&mut f, "select"));
+    f.take_value("select"); // listed as allowed
+    let join = f.take_table("join").map(read_join);
+    let anomaly = f.take_table("anomaly").map(read_anomaly);
     let output_written = f.has("output");
     let output = f.take_choice("output", &OUTPUT_MODES);
     let output_valid = !output_written || output.is_some();
@@ -550,6 +598,10 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
         group_by,
         aggregates,
         derive,
+        select,
+        join,
+        anomaly,
+        at,
         output,
         output_valid,
         allowed_lateness,
@@ -724,9 +776,91 @@ fn check_offset(w: &Fields<'_, '_>, offset: Option<At<Duration>>, period: Durati
     }
 }
 
-/// `derive = [{ name = "ctr", expr = "clicks / views" }]`, optional.
-fn read_derive(f: &mut Fields<'_, '_>) -> Vec<RawDerived> {
-    let Some(tables) = f.take_tables("derive") else {
+const JOIN_TYPES: [(&str, JoinType); 4] = [
+    ("inner", JoinType::Inner),
+    ("left", JoinType::Left),
+    ("right", JoinType::Right),
+    ("full", JoinType::Full),
+];
+
+/// `join = { source, type, on, right_on, between, left_as, right_as, where }`.
+fn read_join(mut j: Fields<'_, '_>) -> RawJoin {
+    let at = At {
+        value: (),
+        path: j.path().to_string(),
+        line: j.line(),
+    };
+    let source = j.require("source", Fields::take_str);
+    let join_type = value_or(j.take_choice("type", &JOIN_TYPES), JoinType::Inner);
+    let on = j.require("on", Fields::take_str_list).unwrap_or_default();
+    let right_on = j.take_str_list("right_on");
+    let between = j.require("between", |j, key| j.take_with(key, to_interval)).map(|b| b.value);
+    let left_as = j.take_str("left_as");
+    let right_as = j.take_str("right_as");
+    let filter = j.take_str("where");
+    j.finish();
+    RawJoin {
+        at,
+        source,
+        join_type,
+        on,
+        right_on,
+        between,
+        left_as,
+        right_as,
+        filter,
+    }
+}
+
+/// `between = ["0s", "30m"]`: two durations, each may start with `-`, the first not after the
+/// second; in µs.
+fn to_interval(value: &Value<'_>) -> Result<(i64, i64), String> {
+    const WHAT: &str = "an array of two durations [lower, upper], e.g. [\"0s\", \"30m\"] (a right row matches when its event time is between the left row's plus lower and plus upper; lower may be negative, e.g. \"-5m\")";
+    let items = value.get_ref().as_array().filter(|a| a.len() == 2).ok_or_else(|| format!("expected {WHAT}"))?;
+    let mut bounds = [0i64; 2];
+    for (bound, item) in bounds.iter_mut().zip(items) {
+        let text = item.get_ref().as_str().ok_or_else(|| format!("expected {WHAT}"))?;
+        let (negative, magnitude) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let d = super::parse_duration(magnitude).map_err(|e| format!("{e} (in {WHAT})"))?;
+        let us = i64::try_from(d.as_micros()).map_err(|_| format!("\"{text}\" is too long"))?;
+        *bound = if negative { -us } else { us };
+    }
+    if bounds[0] > bounds[1] {
+        return Err(format!(
+            "the lower bound is after the upper bound; write {WHAT}"
+        ));
+    }
+    Ok((bounds[0], bounds[1]))
+}
+
+const ANOMALY_JUDGES: [(&str, AnomalyJudge); 2] = [("trailing", AnomalyJudge::Trailing), ("containing", AnomalyJudge::Containing)];
+
+/// `anomaly = { field, threshold, min_count, judge }`.
+fn read_anomaly(mut a: Fields<'_, '_>) -> RawAnomaly {
+    let field = a.require("field", Fields::take_str);
+    let threshold = a
+        .take_with("threshold", |v| match number(v) {
+            Some(t) if t > 0.0 && t.is_finite() => Ok(t),
+            _ => Err(found("a positive number of standard deviations (e.g. 3.0)", v)),
+        })
+        .map_or(3.0, |t| t.value);
+    let min_count = value_or(a.take_int("min_count", 2, u64::from(u32::MAX)), 2);
+    let judge = value_or(a.take_choice("judge", &ANOMALY_JUDGES), AnomalyJudge::Trailing);
+    a.finish();
+    RawAnomaly {
+        field,
+        threshold,
+        min_count,
+        judge,
+    }
+}
+
+/// `derive = [{ name = "ctr", expr = "clicks / views" }]` (or `select`), optional.
+fn read_derive(f: &mut Fields<'_, '_>, key: &'static str) -> Vec<RawDerived> {
+    let Some(tables) = f.take_tables(key) else {
         return Vec::new();
     };
     tables
@@ -757,6 +891,7 @@ fn read_aggregates(f: &mut Fields<'_, '_>, key: &'static str) -> Option<Vec<RawA
             let name = a.require("name", Fields::take_str);
             let func = a.require("fn", |a, key| a.take_choice(key, &agg_fns));
             let field = a.take_str("field");
+            let expr = a.take_str("expr");
             let filter = a.take_str("filter");
             let at = At {
                 value: (),
@@ -770,6 +905,7 @@ fn read_aggregates(f: &mut Fields<'_, '_>, key: &'static str) -> Option<Vec<RawA
                 name,
                 func,
                 field,
+                expr,
                 filter,
                 percentile,
             }

@@ -360,6 +360,15 @@ fn to_int(value: &Value<'_>, min: u64, max: u64) -> Result<u64, String> {
     u64::try_from(n).map_err(|_| format!("must be at most {max}, found {n}"))
 }
 
+/// An integer or float as a float.
+pub(crate) fn number(value: &Value<'_>) -> Option<f64> {
+    match value.get_ref() {
+        DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+        DeValue::Integer(_) => integer(value).map(|n| n as f64),
+        _ => None,
+    }
+}
+
 fn to_fraction(value: &Value<'_>, what: &str) -> Result<f64, String> {
     let share = match value.get_ref() {
         DeValue::Float(f) => f.as_str().parse::<f64>().ok(),

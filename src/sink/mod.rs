@@ -20,7 +20,7 @@ use deltalake::arrow::array::{
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, FieldType, OutputMode, SinkConfig};
+use crate::config::{Config, FieldType, OutputMode, QueryKind, SinkConfig};
 use crate::types::DeadLetterReason;
 use crate::types::{decode_key, EventTime, Value};
 use crate::window::{OutputRow, OutputShape};
@@ -73,8 +73,11 @@ pub enum SinkRole {
         query: usize,
         /// Leading window columns (`window_start`, `window_end`; for sessions also `duration`).
         window_columns: Vec<&'static str>,
+        /// Group-key columns (aggregations only).
+        key_names: Vec<String>,
         key_types: Vec<FieldType>,
-        /// Aggregates, then derived columns.
+        /// Aggregates, then derived columns (or every column of the other query kinds).
+        value_names: Vec<String>,
         value_types: Vec<FieldType>,
         mode: OutputMode,
         /// Columns identifying a row for upserts: window start (if any) and the group keys.
@@ -148,18 +151,24 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
             }
         }
     };
-    for q in &config.queries {
-        let query = config.queries.iter().position(|x| x.name == q.name).unwrap();
+    for (query, q) in config.queries.iter().enumerate() {
         let shape = &shapes[query];
-        let window_columns = q.window.columns().to_vec();
-        let merge_keys = window_columns.iter().take(1).map(|c| c.to_string()).chain(q.group_by.iter().cloned()).collect();
+        // Only aggregations have window and key columns of their own; the other kinds carry
+        // every column as a value.
+        let (window_columns, key_names) = match q.kind {
+            QueryKind::Aggregate => (q.window.columns().to_vec(), q.group_by.clone()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let merge_keys = window_columns.iter().take(1).map(|c| c.to_string()).chain(key_names.iter().cloned()).collect();
         claim(
             q.sink_index,
             format!("query \"{}\"", q.name),
             SinkRole::Windows {
                 query,
                 window_columns,
+                key_names,
                 key_types: shape.key_types.clone(),
+                value_names: shape.value_names.clone(),
                 value_types: shape.value_types.clone(),
                 mode: q.output,
                 merge_keys,
@@ -180,13 +189,13 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
         };
         let schema = match &role {
             SinkRole::Windows {
-                query,
                 window_columns,
+                key_names,
                 key_types,
+                value_names,
                 value_types,
                 ..
             } => {
-                let q = &config.queries[*query];
                 let mut fields: Vec<Field> = window_columns
                     .iter()
                     .map(|c| match *c {
@@ -194,9 +203,8 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
                         _ => Field::new(*c, timestamp_type(), false),
                     })
                     .collect();
-                fields.extend(q.group_by.iter().zip(key_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
-                let value_names = q.aggregates.iter().map(|a| &a.name).chain(q.derive.iter().map(|d| &d.name));
-                fields.extend(value_names.zip(value_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
+                fields.extend(key_names.iter().zip(key_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
+                fields.extend(value_names.iter().zip(value_types).map(|(n, t)| Field::new(n, arrow_type(*t), true)));
                 Arc::new(Schema::new(fields))
             }
             SinkRole::DeadLetters => delta::dead_letter_schema(),
