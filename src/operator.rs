@@ -13,10 +13,9 @@
 //!
 //! Dispatch is by enum, so a record costs one match, not a virtual call.
 
-use crate::anomaly::AnomalyOperator;
+use crate::anomaly::{AnomalyOperator, AnomalySpec};
 use crate::config::{QueryConfig, QueryKind};
-use crate::join::JoinOperator;
-use crate::plan::OperatorSpec;
+use crate::join::{JoinOperator, JoinSpec};
 use crate::state::TableWrites;
 use crate::types::EventTime;
 use crate::window::{InSlot, OperatorChanges, OutputRow, OutputShape, WindowOperator};
@@ -31,6 +30,17 @@ pub enum Operator {
     Join(JoinOperator),
     /// Rolling statistics and the readings judged against them (one input port).
     Anomaly(AnomalyOperator),
+}
+
+/// The operator a query runs.
+#[derive(Debug, Clone)]
+pub enum OperatorSpec {
+    /// Windows of a keyed aggregate (its shape is the plan's).
+    Window,
+    /// Nothing keyed: the shard emits each record's row itself.
+    Stateless,
+    Join(JoinSpec),
+    Anomaly(AnomalySpec),
 }
 
 /// Why a record is late for an operator.

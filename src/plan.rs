@@ -13,7 +13,7 @@ use crate::anomaly::{AnomalyMode, AnomalySpec};
 use crate::config::{AnomalyJudge, Config, FieldType, JoinType, QueryConfig, QueryKind, WindowConfig, ANOMALY_STAT_COLUMNS};
 use crate::expr::Expr;
 use crate::join::{JoinKind, JoinSpec, LEFT, RIGHT};
-use crate::operator::StateLayout;
+use crate::operator::{OperatorSpec, StateLayout};
 use crate::sink::{plan_sinks, PlanError, SinkPlan, SinkRole};
 use crate::window::{input_kind, InputKind, OutputShape};
 
@@ -31,17 +31,6 @@ pub struct Plan {
     /// Per source: index into `sinks` of its dead-letter sink, if any.
     pub source_dlq: Vec<Option<usize>>,
     pub layout: StateLayout,
-}
-
-/// The operator a query runs.
-#[derive(Debug, Clone)]
-pub enum OperatorSpec {
-    /// Windows of a keyed aggregate (its shape is the plan's).
-    Window,
-    /// Nothing keyed: the shard emits each record's row itself.
-    Stateless,
-    Join(JoinSpec),
-    Anomaly(AnomalySpec),
 }
 
 /// Events of one source feeding one input port of one operator.

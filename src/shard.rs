@@ -786,10 +786,7 @@ fn slot_of(v: Val<'_>, kind: InputKind, blob: &mut Vec<u8>) -> InSlot {
         (InputKind::Bytes, v) => {
             let start = blob.len() as u32;
             crate::types::encode_key_value(blob, &v.into_value());
-            InSlot::Bytes {
-                start,
-                end: blob.len() as u32,
-            }
+            InSlot::Bytes { start, end: blob.len() as u32 }
         }
     }
 }

@@ -134,7 +134,12 @@ impl OutputShape {
             key_types,
             derived,
             value_types,
-            value_names: query.aggregates.iter().map(|a| a.name.clone()).chain(query.derive.iter().map(|d| d.name.clone())).collect(),
+            value_names: query
+                .aggregates
+                .iter()
+                .map(|a| a.name.clone())
+                .chain(query.derive.iter().map(|d| d.name.clone()))
+                .collect(),
         }
     }
 

@@ -231,7 +231,9 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
         .collect();
     produce(broker.bootstrap_servers(), "device-events", &json);
     let watermark = (events.iter().map(|e| e.0).max().unwrap() - 30_000) * 1000;
-    let mut g: BTreeMap<(i64, String), (i64, f64, BTreeSet<String>)> = BTreeMap::new();
+    // (window start, device) → (events, rate sum, sessions, events with a rate above 2)
+    type Window = (i64, f64, BTreeSet<String>, i64);
+    let mut g: BTreeMap<(i64, String), Window> = BTreeMap::new();
     for (t, device, session, rate) in &events {
         let last = (t * 1000).div_euclid(300_000_000) * 300_000_000;
         for s in [last - 300_000_000, last] {
@@ -240,12 +242,19 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
                 e.0 += 1;
                 e.1 += rate;
                 e.2.insert(session.clone());
+                e.3 += i64::from(*rate > 2.0);
             }
         }
     }
     let rdir = dir.path().join("rolling");
     let table = rdir.join("device_metrics_10m");
-    let read = || keyed(&table, &["window_start", "device_id"], &["events", "avg_click_rate", "distinct_sessions"]);
+    let read = || {
+        keyed(
+            &table,
+            &["window_start", "device_id"],
+            &["events", "avg_click_rate", "distinct_sessions", "high_rate_share"],
+        )
+    };
     let expected_len = g.len();
     run_until(
         shipped("rolling_metrics.toml", &rdir, Some(broker.bootstrap_servers())),
@@ -254,12 +263,14 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
     );
     let got = read();
     assert_eq!(got.len(), expected_len);
-    for ((s, device), (n, sum, sessions)) in g {
+    for ((s, device), (n, sum, sessions, high)) in g {
         let row = &got[&vec![ts(s), device.clone()]];
         assert_eq!(row[0], n.to_string(), "{s} {device}");
         let avg: f64 = row[1].parse().unwrap();
         assert!((avg - sum / n as f64).abs() < 1e-9, "{s} {device}: avg {avg} vs {}", sum / n as f64);
         assert_eq!(row[2], sessions.len().to_string());
+        let share: f64 = row[3].parse().unwrap();
+        assert!((share - high as f64 / n as f64).abs() < 1e-9, "{s} {device}: share {share} vs {high}/{n}");
     }
 
     // User sessions: each user visits in bursts 45 minutes apart; a last event far ahead
@@ -354,4 +365,198 @@ fn file_drop_pipeline_as_shipped() {
     let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users"]);
     run_until(shipped("file_drop.toml", dir.path(), None), "file-drop pipeline", || read() == expected);
     assert_eq!(read(), expected);
+}
+
+/// Every row of a table as the listed columns, sorted (a multiset).
+fn sorted_rows(table: &Path, columns: &[&str]) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = rows(table).into_iter().map(|r| columns.iter().map(|c| r[*c].clone()).collect()).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn click_purchase_attribution_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[("click-events".to_string(), 1), ("purchase-events".to_string(), 1)]).unwrap();
+    let events = clicks(900, 2_000); // 30 minutes
+                                     // Purchases by the same users, some minutes after their clicks, in disorder.
+    let purchases: Vec<(i64, String, String, f64)> = (0..150i64)
+        .map(|i| {
+            let jitter = (i * 4_999) % 4_000;
+            (
+                T0 + i * 12_000 + 60_000 - jitter,
+                format!("u{}", (i * 13) % 97),
+                format!("p{}", i % 11),
+                (i % 40) as f64 + 0.5,
+            )
+        })
+        .collect();
+    let mut all_clicks: Vec<serde_json::Value> = events.iter().map(click_json).collect();
+    all_clicks.push(click_json(&(T0 + 3 * 3_600_000, "clock".into(), "/".into(), "view")));
+    let purchase_json = |p: &(i64, String, String, f64)| serde_json::json!({ "order_id": format!("o{}", p.0), "user_id": p.1, "product_id": p.2, "price": p.3, "timestamp": rfc3339(p.0) });
+    let mut all_purchases: Vec<serde_json::Value> = purchases.iter().map(purchase_json).collect();
+    all_purchases.push(purchase_json(&(T0 + 3 * 3_600_000, "clock".into(), "p0".into(), 1.0)));
+    produce(broker.bootstrap_servers(), "click-events", &all_clicks);
+    produce(broker.bootstrap_servers(), "purchase-events", &all_purchases);
+
+    // The oracle: clicks LEFT JOIN purchases ON user AND purchase time in [click, click + 30m].
+    let mut expected: Vec<Vec<String>> = Vec::new();
+    for c in events.iter().filter(|e| e.3 == "click") {
+        let matches: Vec<_> = purchases.iter().filter(|p| p.1 == c.1 && c.0 <= p.0 && p.0 <= c.0 + 30 * 60_000).collect();
+        for p in &matches {
+            expected.push(vec![
+                c.1.clone(),
+                c.2.clone(),
+                ts(c.0 * 1000),
+                p.2.clone(),
+                p.3.to_string(),
+                ts(p.0 * 1000),
+                ((p.0 - c.0) as f64 / 1000.0).to_string(),
+            ]);
+        }
+        if matches.is_empty() {
+            expected.push(vec![
+                c.1.clone(),
+                c.2.clone(),
+                ts(c.0 * 1000),
+                "NULL".into(),
+                "NULL".into(),
+                "NULL".into(),
+                "NULL".into(),
+            ]);
+        }
+    }
+    expected.sort();
+    assert!(expected.iter().any(|r| r[3] != "NULL") && expected.iter().any(|r| r[3] == "NULL"));
+    let adir = dir.path().join("attribution");
+    let table = adir.join("click_purchase_attribution");
+    let columns = [
+        "user_id",
+        "clicked_page",
+        "click_time",
+        "product_id",
+        "purchase_amount",
+        "purchase_time",
+        "time_to_purchase_seconds",
+    ];
+    run_until(
+        shipped("click_purchase_attribution.toml", &adir, Some(broker.bootstrap_servers())),
+        "attribution",
+        || rows(&table).len() >= expected.len(),
+    );
+    assert_eq!(sorted_rows(&table, &columns), expected);
+}
+
+#[test]
+fn anomaly_detection_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[("sensor-events".to_string(), 1)]).unwrap();
+    // Three devices, a reading every 20 s for an hour, small noise and a few spikes.
+    let mut readings: Vec<(i64, String, f64)> = Vec::new();
+    for i in 0..180i64 {
+        for d in 0..3i64 {
+            let spike = if (i + d * 7) % 47 == 40 { 15.0 } else { 0.0 };
+            readings.push((T0 + i * 20_000 + d * 1_000, format!("d-{d}"), 20.0 + ((i * 37 + d) % 11) as f64 / 10.0 + spike));
+        }
+    }
+    let reading_json = |r: &(i64, String, f64)| serde_json::json!({ "device_id": r.1, "sensor_type": "temperature", "value": r.2, "timestamp": rfc3339(r.0) });
+    let mut all: Vec<serde_json::Value> = readings.iter().map(reading_json).collect();
+    all.push(reading_json(&(T0 + 3 * 3_600_000, "clock".into(), 0.0)));
+    produce(broker.bootstrap_servers(), "sensor-events", &all);
+
+    // The oracle: each reading against the latest 15-minute window (1-minute slide) that ended
+    // at or before it, at least 10 readings, outside mean ± 3σ (sample σ).
+    let (size, slide) = (15 * 60_000i64, 60_000i64);
+    let mut expected: Vec<(String, i64, f64, f64)> = Vec::new();
+    for r in &readings {
+        let end = r.0.div_euclid(slide) * slide;
+        let window: Vec<f64> = readings.iter().filter(|x| x.1 == r.1 && x.0 >= end - size && x.0 < end).map(|x| x.2).collect();
+        if window.len() < 10 {
+            continue;
+        }
+        let n = window.len() as f64;
+        let mean = window.iter().sum::<f64>() / n;
+        let sd = (window.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        if r.2 > mean + 3.0 * sd || r.2 < mean - 3.0 * sd {
+            expected.push((r.1.clone(), r.0 * 1000, mean, sd));
+        }
+    }
+    expected.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert!(expected.len() >= 5, "the spikes make anomalies: {expected:?}");
+    let ddir = dir.path().join("anomaly");
+    let table = ddir.join("sensor_anomalies");
+    run_until(shipped("anomaly_detection.toml", &ddir, Some(broker.bootstrap_servers())), "anomalies", || {
+        rows(&table).len() >= expected.len()
+    });
+    let mut got: Vec<(String, i64, f64, f64)> = rows(&table)
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r["sensor_type"], "temperature");
+            (
+                r["device_id"].clone(),
+                r["timestamp"].parse().unwrap(),
+                r["expected_value"].parse().unwrap(),
+                r["expected_stddev"].parse().unwrap(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert_eq!(got.len(), expected.len(), "{got:?}\nvs\n{expected:?}");
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!((&g.0, g.1), (&e.0, e.1));
+        assert!((g.2 - e.2).abs() < 1e-9 && (g.3 - e.3).abs() < 1e-9, "{g:?} vs {e:?}");
+    }
+}
+
+#[test]
+fn bronze_and_silver_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[("click-events".to_string(), 1)]).unwrap();
+    let mut events: Vec<serde_json::Value> = clicks(300, 1_000)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut j = click_json(e);
+            if i % 5 == 0 {
+                j["page_url"] = serde_json::json!(format!("  {} ", e.2.to_uppercase()));
+            }
+            if i % 9 == 0 {
+                j["action"] = serde_json::json!("hover");
+            }
+            j
+        })
+        .collect();
+    events.insert(10, serde_json::json!({ "user_id": "u1", "timestamp": "not a time" })); // a dead letter at offset 10
+    produce(broker.bootstrap_servers(), "click-events", &events);
+    let valid: Vec<(i64, &serde_json::Value)> = events.iter().enumerate().filter(|(i, _)| *i != 10).map(|(i, e)| (i as i64, e)).collect();
+    let bdir = dir.path().join("bronze");
+    let (bronze, silver) = (bdir.join("bronze_clicks"), bdir.join("silver_clicks"));
+    let expected_silver: Vec<Vec<String>> = {
+        let mut v: Vec<Vec<String>> = valid
+            .iter()
+            .filter(|(_, e)| ["view", "click", "scroll", "purchase"].contains(&e["action"].as_str().unwrap()))
+            .map(|(_, e)| {
+                vec![
+                    e["page_url"].as_str().unwrap().trim().to_lowercase(),
+                    e["user_id"].as_str().unwrap().to_string(),
+                ]
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    run_until(shipped("bronze.toml", &bdir, Some(broker.bootstrap_servers())), "bronze and silver", || {
+        rows(&bronze).len() >= valid.len() && rows(&silver).len() >= expected_silver.len()
+    });
+    let mut got = sorted_rows(&bronze, &["kafka_offset", "kafka_topic", "kafka_partition", "page_url", "event_date"]);
+    got.sort_by_key(|r| r[0].parse::<i64>().unwrap());
+    assert_eq!(got.len(), valid.len());
+    for (row, (offset, e)) in got.iter().zip(&valid) {
+        assert_eq!(row[0], offset.to_string());
+        assert_eq!(row[1], "click-events");
+        assert_eq!(row[2], "0");
+        assert_eq!(row[3], e["page_url"].as_str().unwrap());
+        assert_eq!(row[4], "2026-11-23");
+    }
+    assert_eq!(sorted_rows(&silver, &["page_url", "user_id"]), expected_silver);
 }

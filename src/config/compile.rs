@@ -368,7 +368,7 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
             if let Some((left_name, left_schema)) = &source {
                 if let Some(join) = compile_join(raw, (left_name, left_schema), q.select.as_deref(), refs, &expressions, diag) {
                     select = join.1;
-                    kind = QueryKind::Join(join.0);
+                    kind = QueryKind::Join(Box::new(join.0));
                 }
             }
             columns = select_columns(&select);
@@ -468,7 +468,7 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
         Shape::Join
     } else if q.anomaly.is_some() {
         Shape::Anomaly
-    } else if q.window.is_some() {
+    } else if q.window_written {
         Shape::Aggregate
     } else {
         Shape::Stateless
@@ -502,7 +502,7 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
             forbid(!q.derive.is_empty(), "derive", "compute columns in select = [{ name, expr }]");
         }
         Shape::Join => {
-            forbid(q.window.is_some(), "window", "its time bounds are join.between");
+            forbid(q.window_written, "window", "its time bounds are join.between");
             forbid(q.anomaly.is_some(), "anomaly", "detect anomalies in a query of its own");
             forbid(q.aggregates.is_some(), "aggregates", "aggregate the joined rows in a query reading their table");
             forbid(!q.group_by.is_empty(), "group_by", "its keys are join.on");
@@ -510,18 +510,23 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
             if q.select.is_none() {
                 report(
                     "select",
-                    "missing required key \"select\"; a join names its output columns, e.g. select = [{ name = \"user_id\", expr = \"c.user_id\" }]".to_string(),
+                    "missing required key \"select\"; a join names its output columns, e.g. select = [{ name = \"user_id\", expr = \"c.user_id\" }]"
+                        .to_string(),
                 );
             }
         }
         Shape::Anomaly => {
-            if q.window.is_none() {
+            if !q.window_written {
                 report(
                     "window",
                     "missing required key \"window\"; an anomaly detector needs the window of its statistics, e.g. window = { sliding = \"15m\", slide = \"1m\" }".to_string(),
                 );
             }
-            forbid(q.aggregates.is_some(), "aggregates", "its statistics are fixed (mean, standard deviation, count)");
+            forbid(
+                q.aggregates.is_some(),
+                "aggregates",
+                "its statistics are fixed (mean, standard deviation, count)",
+            );
             forbid(q.select.is_some(), "select", "its columns are fixed");
             forbid(!q.derive.is_empty(), "derive", "its columns are fixed");
         }
@@ -535,7 +540,10 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
             );
         }
         if !q.allowed_lateness.is_zero() {
-            report("allowed_lateness", format!("{what} takes no allowed_lateness; raise the source's watermark.delay to accept later events"));
+            report(
+                "allowed_lateness",
+                format!("{what} takes no allowed_lateness; raise the source's watermark.delay to accept later events"),
+            );
         }
     }
     shape
@@ -587,7 +595,10 @@ fn compile_aggregate(
         diag.report(
             field.path.clone(),
             field.line,
-            format!("aggregate \"{name}\" has both field and expr; keep one (expr = \"{}\" computes the input from any fields)", field.value),
+            format!(
+                "aggregate \"{name}\" has both field and expr; keep one (expr = \"{}\" computes the input from any fields)",
+                field.value
+            ),
         );
     }
     if let (Some(func), Some((_, schema))) = (&a.func, source) {
@@ -689,10 +700,7 @@ fn compile_join(
             right_keys.push(ri);
         }
     }
-    let right_filter = raw
-        .filter
-        .as_ref()
-        .map(|f| expressions.check(f, "join.where", &columns_of(right_schema), true));
+    let right_filter = raw.filter.as_ref().map(|f| expressions.check(f, "join.where", &columns_of(right_schema), true));
     let qualified = |alias: &str, schema: &[FieldDef]| -> Vec<Column> {
         schema
             .iter()
@@ -793,7 +801,10 @@ fn compile_anomaly(
         diag.report(
             field.path.clone(),
             field.line,
-            format!("query \"{query}\": the anomaly field \"{}\" is also a group_by field; group by the series' identifiers, not its readings", field.value),
+            format!(
+                "query \"{query}\": the anomaly field \"{}\" is also a group_by field; group by the series' identifiers, not its readings",
+                field.value
+            ),
         );
     }
     Some(AnomalyConfig {
@@ -839,7 +850,10 @@ fn check_unique_columns(query: &str, columns: &[Column], at: &At<()>, diag: &Dia
             diag.report(
                 at.path.clone(),
                 at.line,
-                format!("query \"{query}\": output column \"{}\" appears twice; rename the source field or group by another one", c.name),
+                format!(
+                    "query \"{query}\": output column \"{}\" appears twice; rename the source field or group by another one",
+                    c.name
+                ),
             );
         }
     }
@@ -1061,7 +1075,12 @@ fn check_aggregate_input(path: &str, line: Option<usize>, func: &At<AggFn>, writ
         diag.report(
             at.path.clone(),
             at.line,
-            format!("fn \"{name}\" needs {} {what}, but \"{}\" is {}{hint}", inputs.describe(), at.value, ty.as_str()),
+            format!(
+                "fn \"{name}\" needs {} {what}, but \"{}\" is {}{hint}",
+                inputs.describe(),
+                at.value,
+                ty.as_str()
+            ),
         );
     }
 }

@@ -26,9 +26,9 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
-    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy,
-    GeneratorConfig, JoinConfig, JoinType, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets,
-    TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType,
+    FileSourceConfig, Format, GapPolicy, GeneratorConfig, JoinConfig, JoinType, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig,
+    QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

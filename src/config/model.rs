@@ -287,7 +287,7 @@ pub enum QueryKind {
     /// No window: each event that passes `where` becomes one output row (`select`).
     Stateless,
     /// `join = { ... }`: a stream-stream interval join of `from` (left) with another source.
-    Join(JoinConfig),
+    Join(Box<JoinConfig>),
     /// `anomaly = { ... }` with a sliding `window`: readings judged against rolling statistics.
     Anomaly(AnomalyConfig),
 }

@@ -138,6 +138,8 @@ pub(crate) struct RawQuery {
     /// `where = "..."`
     pub filter: Option<At<String>>,
     pub window: Option<RawWindow>,
+    /// Whether `window` is written (it may be invalid, so `window` is `None`).
+    pub window_written: bool,
     pub group_by: Vec<At<String>>,
     /// `None` when not written.
     pub aggregates: Option<Vec<RawAggregate>>,
@@ -571,6 +573,7 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
         path: f.path().to_string(),
         line: f.line(),
     };
+    let window_written = f.has("window");
     let window = read_window(&mut f, "window");
     let group_by = f.take_str_list("group_by").unwrap_or_default();
     let aggregates = if f.has("aggregates") {
@@ -595,6 +598,7 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
         from,
         filter,
         window,
+        window_written,
         group_by,
         aggregates,
         derive,
@@ -829,9 +833,7 @@ fn to_interval(value: &Value<'_>) -> Result<(i64, i64), String> {
         *bound = if negative { -us } else { us };
     }
     if bounds[0] > bounds[1] {
-        return Err(format!(
-            "the lower bound is after the upper bound; write {WHAT}"
-        ));
+        return Err(format!("the lower bound is after the upper bound; write {WHAT}"));
     }
     Ok((bounds[0], bounds[1]))
 }

@@ -203,6 +203,7 @@ fn full_config_parses_into_expected_values() {
         func,
         field: field.map(|(f, _)| f.to_string()),
         field_index: field.map(|(_, i)| i),
+        expr: None,
         filter: None,
         percentile: None,
     };
@@ -213,6 +214,8 @@ fn full_config_parses_into_expected_values() {
             from: "clicks".into(),
             source_index: 0,
             filter: None,
+            kind: QueryKind::Aggregate,
+            select: vec![],
             window: WindowConfig::Tumbling {
                 size: Duration::from_secs(300),
                 offset: Duration::from_secs(30),
@@ -889,6 +892,7 @@ fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
         func,
         field: field.map(|(f, _)| f.to_string()),
         field_index: field.map(|(_, i)| i),
+        expr: None,
         filter: filter.map(Sql::from),
         percentile,
     };
@@ -903,6 +907,8 @@ fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
             from: "clicks".into(),
             source_index: 0,
             filter: Some("action IN ('view', 'click')".into()),
+            kind: QueryKind::Aggregate,
+            select: vec![],
             window: WindowConfig::Sliding {
                 size: Duration::from_secs(600),
                 slide: Duration::from_secs(240),

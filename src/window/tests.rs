@@ -39,6 +39,7 @@ fn common(lateness: i64, mode: OutputMode) -> Common {
             specs,
             key_types: vec![FieldType::String],
             derived: vec![],
+            value_names: vec![],
         },
         lateness_us: lateness,
         mode,
