@@ -5,15 +5,14 @@
 
 mod common;
 
+use common::{rows, sorted_rows};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{DataType, Float64Type, TimestampMicrosecondType};
-use deltalake::arrow::util::display::array_value_to_string;
 use tidemark::broker::EmbeddedBroker;
 use tidemark::config::{load_config, Bootstrap, Config};
 use tidemark::source::producer::EventProducer;
@@ -56,35 +55,6 @@ fn produce(bootstrap: &str, topic: &str, events: &[serde_json::Value]) {
         p.send(topic, Some(0), b"k", e.to_string().as_bytes()).unwrap();
     }
     p.flush(Duration::from_secs(30)).unwrap();
-}
-
-/// Every row of a table as column → displayed value.
-fn rows(table: &Path) -> Vec<BTreeMap<String, String>> {
-    if !table.join("_delta_log").exists() {
-        return Vec::new();
-    }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let batches: Vec<RecordBatch> = rt.block_on(tidemark::sink::delta::read_table(table, None)).unwrap();
-    let mut out = Vec::new();
-    for b in &batches {
-        for i in 0..b.num_rows() {
-            let mut row = BTreeMap::new();
-            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
-                let v = if c.is_null(i) {
-                    "NULL".to_string()
-                } else {
-                    match c.data_type() {
-                        DataType::Timestamp(..) => c.as_primitive::<TimestampMicrosecondType>().value(i).to_string(),
-                        DataType::Float64 => c.as_primitive::<Float64Type>().value(i).to_string(),
-                        _ => array_value_to_string(c, i).unwrap(),
-                    }
-                };
-                row.insert(f.name().clone(), v);
-            }
-            out.push(row);
-        }
-    }
-    out
 }
 
 /// Rows keyed by `key` columns, values the other listed columns; panics on a duplicate key.
@@ -365,13 +335,6 @@ fn file_drop_pipeline_as_shipped() {
     let read = || keyed(&table, &["window_start", "page_url"], &["views", "unique_users"]);
     run_until(shipped("file_drop.toml", dir.path(), None), "file-drop pipeline", || read() == expected);
     assert_eq!(read(), expected);
-}
-
-/// Every row of a table as the listed columns, sorted (a multiset).
-fn sorted_rows(table: &Path, columns: &[&str]) -> Vec<Vec<String>> {
-    let mut out: Vec<Vec<String>> = rows(table).into_iter().map(|r| columns.iter().map(|c| r[*c].clone()).collect()).collect();
-    out.sort();
-    out
 }
 
 #[test]

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use deltalake::arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMicrosecondType};
+use deltalake::arrow::util::display::array_value_to_string;
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings, EventKind, GeneratedEvent};
 use tidemark::source::producer::EventProducer;
 
@@ -240,4 +241,40 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Every row of a Delta table as column → displayed value (timestamps as µs, NULL as "NULL").
+pub fn rows(table: &Path) -> Vec<BTreeMap<String, String>> {
+    if !table.join("_delta_log").exists() {
+        return Vec::new();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let batches: Vec<RecordBatch> = rt.block_on(tidemark::sink::delta::read_table(table, None)).unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            let mut row = BTreeMap::new();
+            for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+                let v = if c.is_null(i) {
+                    "NULL".to_string()
+                } else {
+                    match c.data_type() {
+                        DataType::Timestamp(..) => c.as_primitive::<TimestampMicrosecondType>().value(i).to_string(),
+                        DataType::Float64 => c.as_primitive::<Float64Type>().value(i).to_string(),
+                        _ => array_value_to_string(c, i).unwrap(),
+                    }
+                };
+                row.insert(f.name().clone(), v);
+            }
+            out.push(row);
+        }
+    }
+    out
+}
+
+/// Every row of a table as the listed columns, sorted (a multiset).
+pub fn sorted_rows(table: &Path, columns: &[&str]) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = rows(table).into_iter().map(|r| columns.iter().map(|c| r[*c].clone()).collect()).collect();
+    out.sort();
+    out
 }
