@@ -1,6 +1,7 @@
 //! End-to-end throughput: Kafka JSON → 2 shards → 5-minute tumbling count per page → Delta,
 //! beside the baseline measured in the same run on the same messages: raw consume + JSON
-//! decode on the same number of threads, with nothing else (the practical ceiling here).
+//! decode on the same number of threads, with nothing else (the practical ceiling here); and
+//! the same events through a stream-stream interval join (views joined with clicks).
 //! Both are timed from the first event read to the last.
 //! The prefill, the pipeline file and the baseline are the load test's
 //! (`tidemark_tools::loadtest`); here the pipeline runs in this process, `tidemark-tools
@@ -36,11 +37,40 @@ fn config_text(bootstrap: &str, dir: &std::path::Path) -> String {
     })
 }
 
+/// The same pipeline with its query replaced by a stream-stream interval join of the clicks
+/// with themselves: each view joined with the same user's clicks in the 10 ms after it
+/// (inner), so both join sides hold their rows in state until the watermark passes them.
+fn join_config_text(bootstrap: &str, dir: &std::path::Path) -> String {
+    let text = config_text(bootstrap, dir);
+    let (start, end) = (text.find("[[queries]]").unwrap(), text.find("[[sinks]]").unwrap());
+    let join = r#"[[queries]]
+name = "page_views_5min"
+from = "clicks"
+where = "action = 'view'"
+join = { source = "clicks", on = ["user_id"], between = ["0s", "10ms"], left_as = "v", right_as = "c", where = "action = 'click'" }
+select = [
+  { name = "user_id", expr = "v.user_id" },
+  { name = "viewed_page", expr = "v.page_url" },
+  { name = "clicked_page", expr = "c.page_url" },
+  { name = "view_time", expr = "v.timestamp" },
+  { name = "click_time", expr = "c.timestamp" },
+]
+sink = "page_views_5min"
+
+"#;
+    format!("{}{join}{}", &text[..start], &text[end..])
+}
+
 /// The pipeline from its first event read to its last, as the baseline is timed (both leave
 /// out the wait for the first fetch answer); returns events/s.
-fn pipeline(bootstrap: &str, total: u64) -> f64 {
+fn pipeline(bootstrap: &str, total: u64, join: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = parse_config(&config_text(bootstrap, dir.path())).unwrap();
+    let text = if join {
+        join_config_text(bootstrap, dir.path())
+    } else {
+        config_text(bootstrap, dir.path())
+    };
+    let cfg = parse_config(&text).unwrap();
     let running = tidemark::daemon::start(cfg, Arc::new(AtomicBool::new(false))).unwrap();
     let launched = Instant::now();
     let deadline = launched + Duration::from_secs(120);
@@ -85,11 +115,12 @@ fn main() {
 
     let cfg = parse_config(&config_text(broker.bootstrap_servers(), std::path::Path::new("/tmp"))).unwrap();
     let rounds = if full { 3 } else { 1 };
-    let (mut base, mut pipe) = (0f64, 0f64);
+    let (mut base, mut pipe, mut join) = (0f64, 0f64, 0f64);
     for _ in 0..rounds {
         let baseline = consume_and_decode(&cfg, broker.bootstrap_servers(), SHARDS, &prefill.per_partition, Duration::from_secs(120)).unwrap();
         base = base.max(baseline.events_per_second());
-        pipe = pipe.max(pipeline(broker.bootstrap_servers(), total));
+        pipe = pipe.max(pipeline(broker.bootstrap_servers(), total, false));
+        join = join.max(pipeline(broker.bootstrap_servers(), total, true));
     }
     println!(
         "events: {total} ({:.0} bytes avg, {PARTITIONS} partitions, {SHARDS} shards/threads), best of {rounds}",
@@ -98,4 +129,6 @@ fn main() {
     println!("baseline consume+decode: {:>10.0} events/s ({:.0} per thread)", base, base / SHARDS as f64);
     println!("pipeline end to end:     {:>10.0} events/s ({:.0} per shard)", pipe, pipe / SHARDS as f64);
     println!("pipeline / baseline:     {:>10.2}", pipe / base);
+    println!("join pipeline:           {:>10.0} events/s ({:.0} per shard)", join, join / SHARDS as f64);
+    println!("join / pipeline:         {:>10.2}", join / pipe);
 }
