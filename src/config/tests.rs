@@ -1706,3 +1706,166 @@ fn bad_metrics_listen_is_located() {
     assert!(errors.iter().any(|e| e.path.starts_with("metrics.port")), "{errors:#?}");
     assert_eq!(errors.len(), 2, "{errors:#?}");
 }
+
+const TWO_SOURCES: &str = r#"[pipeline]
+name = "p"
+[[sources]]
+name = "clicks"
+topic = "clicks"
+event_time = { field = "ts" }
+schema = { user_id = "string", page = "string", ts = "timestamp" }
+[[sources]]
+name = "purchases"
+topic = "purchases"
+event_time = { field = "ts" }
+schema = { buyer = "string", amount = "float", n = "int", ts = "timestamp" }
+"#;
+
+fn with_two_sources(queries: &str) -> String {
+    format!("{TWO_SOURCES}{queries}\n[[sinks]]\nname = \"out\"\nkind = \"delta\"\npath = \"/tmp/out\"\n")
+}
+
+#[test]
+fn a_join_compiles_its_keys_interval_and_carried_fields() {
+    let config = parse_config(&with_two_sources(
+        r#"[[queries]]
+name = "j"
+from = "clicks"
+join = { source = "purchases", type = "left", on = ["user_id"], right_on = ["buyer"], between = ["-5m", "30m"], left_as = "c", right_as = "p", where = "amount > 0" }
+select = [
+  { name = "user_id", expr = "c.user_id" },
+  { name = "amount", expr = "p.amount" },
+  { name = "seconds", expr = "(p.ts - c.ts) / 1000000.0" },
+]
+sink = "out""#,
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let q = &config.queries[0];
+    let QueryKind::Join(j) = &q.kind else { panic!("{:?}", q.kind) };
+    assert_eq!((j.source_index, j.join_type), (1, JoinType::Left));
+    assert_eq!((j.left_keys.clone(), j.right_keys.clone()), (vec![0], vec![0]));
+    assert_eq!((j.lower, j.upper), (-300_000_000, 1_800_000_000));
+    // Only what select reads travels: c.user_id, c.ts; p.amount, p.ts.
+    assert_eq!((j.left_fields.clone(), j.right_fields.clone()), (vec![0, 2], vec![1, 3]));
+    assert_eq!(
+        q.select.iter().map(|s| s.expr.expr.output_type()).collect::<Vec<_>>(),
+        [FieldType::String, FieldType::Float, FieldType::Float]
+    );
+    assert!(j.right_filter.is_some());
+}
+
+#[test]
+fn join_mistakes_are_reported_with_the_fix() {
+    let errors = errors_of(&with_two_sources(
+        r#"[[queries]]
+name = "j"
+from = "clicks"
+window = { tumbling = "1m" }
+join = { source = "purchases", on = ["user_id"], between = ["30m", "0s"] }
+sink = "out""#,
+    ));
+    let text = format!("{errors:?}");
+    for needle in [
+        "a join has no window",
+        "missing required key \\\"select\\\"",
+        "lower bound is after the upper bound",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    let errors = errors_of(&with_two_sources(
+        r#"[[queries]]
+name = "j"
+from = "clicks"
+join = { source = "purchases", on = ["user_id"], right_on = ["n"], between = ["0s", "1m"] }
+select = [{ name = "x", expr = "clicks.user_id" }, { name = "y", expr = "user_id" }]
+sink = "out""#,
+    ));
+    let text = format!("{errors:?}");
+    for needle in [
+        "join key \\\"user_id\\\" is string on the left and \\\"n\\\" is int",
+        "unknown column \\\"user_id\\\"",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+}
+
+#[test]
+fn anomaly_and_stateless_queries_compile_and_refuse_what_does_not_fit() {
+    let config = parse_config(&with_two_sources(
+        r#"[[queries]]
+name = "a"
+from = "purchases"
+window = { sliding = "15m", slide = "1m" }
+group_by = ["buyer"]
+anomaly = { field = "amount", min_count = 10, judge = "containing" }
+sink = "out""#,
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let QueryKind::Anomaly(a) = &config.queries[0].kind else { panic!() };
+    assert_eq!((a.field_index, a.min_count, a.threshold, a.judge), (1, 10, 3.0, AnomalyJudge::Containing));
+
+    let errors = errors_of(&with_two_sources(
+        r#"[[queries]]
+name = "a"
+from = "purchases"
+window = { sliding = "15m", slide = "2m" }
+anomaly = { field = "buyer" }
+output = "update"
+sink = "out""#,
+    ));
+    let text = format!("{errors:?}");
+    for needle in ["readings must be an int or float field", "size is a multiple of its slide", "appends its rows"] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+
+    let config = parse_config(&with_two_sources(
+        r#"[[queries]]
+name = "s"
+from = "clicks"
+where = "page <> ''"
+select = [{ name = "page", expr = "UPPER(page)" }, { name = "offset", expr = "_offset" }]
+sink = "out""#,
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.queries[0].kind, QueryKind::Stateless);
+    assert_eq!(config.queries[0].select[1].expr.expr.output_type(), FieldType::Int);
+
+    let errors = errors_of(&with_two_sources(
+        r#"[[queries]]
+name = "s"
+from = "clicks"
+group_by = ["page"]
+aggregates = [{ name = "n", fn = "count" }]
+sink = "out""#,
+    ));
+    assert!(format!("{errors:?}").contains("a stateless query (no window) has no aggregates"), "{errors:?}");
+}
+
+#[test]
+fn an_aggregate_takes_an_expression_of_the_right_type() {
+    let config = parse_config(&with_two_sources(
+        r#"[[queries]]
+name = "r"
+from = "clicks"
+window = { tumbling = "1m" }
+aggregates = [{ name = "rate", fn = "avg", expr = "CASE WHEN page = '/buy' THEN 1 ELSE 0 END" }]
+sink = "out""#,
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.queries[0].aggregates[0].expr.as_ref().map(|e| e.text()),
+        Some("CASE WHEN page = '/buy' THEN 1 ELSE 0 END")
+    );
+    let errors = errors_of(&with_two_sources(
+        r#"[[queries]]
+name = "r"
+from = "clicks"
+window = { tumbling = "1m" }
+aggregates = [{ name = "s", fn = "sum", expr = "UPPER(page)" }, { name = "t", fn = "sum", field = "user_id", expr = "1" }]
+sink = "out""#,
+    ));
+    let text = format!("{errors:?}");
+    for needle in ["needs an int or float expression, but \\\"UPPER(page)\\\" is string", "has both field and expr"] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+}
