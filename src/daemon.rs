@@ -18,7 +18,7 @@ use crate::metrics::{MetricLabels, MetricsServer, MetricsSource};
 use crate::plan::Plan;
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
 use crate::sink::PlanError;
-use crate::source::generator::{ClickGenerator, ClickGeneratorSettings};
+use crate::source::generator::{ClickGenerator, ClickGeneratorSettings, PurchaseGenerator};
 use crate::source::producer::{produce_events, EventProducer, ProduceSettings};
 use crate::source::{assign_partitions, fetch_partition_counts, SourceError, SourceSpec};
 use crate::state::{StateError, StateStore};
@@ -314,6 +314,10 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                 malformed_share: g.malformed_share,
             };
             let topic = config.sources[g.source_index].topic.clone();
+            let purchases = g
+                .purchases
+                .as_ref()
+                .map(|p| (config.sources[p.source_index].topic.clone(), p.rate, PurchaseGenerator::new(g.seed, g.users)));
             let (rate, bootstrap, shutdown, failure) = (g.rate, bootstrap.clone(), shutdown.clone(), failure.clone());
             let handle = std::thread::Builder::new()
                 .name("generator".into())
@@ -331,6 +335,15 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                             }
                             stop.store(true, Relaxed);
                         });
+                        if let Some((topic, rate, mut purchases)) = purchases {
+                            let (producer, stop) = (&producer, &stop);
+                            s.spawn(
+                                move || match produce_events(producer, &topic, &mut purchases, &ProduceSettings::paced(rate), stop, |_| {}) {
+                                    Ok(report) => tracing::info!(produced = report.produced, "purchase generator stopped"),
+                                    Err(e) => tracing::error!(error = %e, "purchase generator failed"),
+                                },
+                            );
+                        }
                         match produce_events(&producer, &topic, &mut generator, &ProduceSettings::paced(rate), &stop, |_| {}) {
                             Ok(report) => tracing::info!(produced = report.produced, "generator stopped"),
                             Err(e) => tracing::error!(error = %e, "generator failed"),

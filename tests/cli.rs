@@ -170,6 +170,14 @@ fn demo_runs_and_writes_a_readable_delta_table() {
     let schema = batches[0].schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(names, ["window_start", "window_end", "page_url", "action", "events"]);
+    // The demo's join: clicks matched with purchases by the same user a moment later.
+    let joined = rows(&dir.path().join("data/gold/click_to_purchase"));
+    let matched: Vec<_> = joined.iter().filter(|r| r["product_id"] != "NULL").collect();
+    assert!(!matched.is_empty(), "the demo's join wrote no matched row ({} rows)", joined.len());
+    for r in matched {
+        let (click, purchase): (i64, i64) = (r["click_time"].parse().unwrap(), r["purchase_time"].parse().unwrap());
+        assert!(click <= purchase && purchase <= click + 60_000_000, "{r:?}");
+    }
 }
 
 #[test]

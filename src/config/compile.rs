@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, JoinConfig, KafkaConfig,
-    OutputMode, PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
+    OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
 use super::raw::{RawAggregate, RawAnomaly, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
@@ -1205,7 +1205,29 @@ fn compile_generator(g: RawGenerator, source_names: &Names, sources: &[SourceCon
             );
         }
     }
+    let purchases = g.purchases.map(|p| {
+        let index = p.source.as_ref().and_then(|source| {
+            let index = source_names.resolve(diag, source, "the generator produces purchases into", "source", "sources")?;
+            if sources[index].files.is_some() || Some(index) == source_index {
+                diag.report(
+                    source.path.clone(),
+                    source.line,
+                    format!(
+                        "the generator produces purchases into a Kafka topic of their own, but source \"{}\" reads files or the clicks; point it at another Kafka source",
+                        source.value
+                    ),
+                );
+            }
+            Some(index)
+        });
+        PurchasesConfig {
+            source: p.source.map(|s| s.value).unwrap_or_default(),
+            source_index: index.unwrap_or(0),
+            rate: p.rate,
+        }
+    });
     GeneratorConfig {
+        purchases,
         source: g.source.map(|s| s.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),
         rate: g.rate,

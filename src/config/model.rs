@@ -588,4 +588,15 @@ pub struct GeneratorConfig {
     pub late_by: Duration,
     /// Share of malformed records, in 0..=1. Default 0.
     pub malformed_share: f64,
+    /// `purchases = { source = "purchases", rate = 5 }`: also purchases by the same users.
+    pub purchases: Option<PurchasesConfig>,
+}
+
+/// Purchases the generator produces into another source (clean events, stamped now).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurchasesConfig {
+    pub source: String,
+    pub source_index: usize,
+    /// Purchases per second, > 0. Default 5.
+    pub rate: u64,
 }

@@ -245,7 +245,19 @@ pub(crate) struct RawGenerator {
     pub late_share: f64,
     pub late_by: Duration,
     pub malformed_share: f64,
+    /// `purchases = { source = "purchases", rate = 5 }`
+    pub purchases: Option<RawPurchases>,
 }
+
+/// Purchases by the generator's users into another source, for the demo's join.
+#[derive(Debug)]
+pub(crate) struct RawPurchases {
+    pub source: Option<At<String>>,
+    pub rate: u64,
+}
+
+/// Purchases a second by default.
+const DEFAULT_PURCHASE_RATE: u64 = 5;
 
 fn value_or<T>(taken: Option<At<T>>, default: T) -> T {
     taken.map_or(default, |at| at.value)
@@ -998,8 +1010,15 @@ fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {
     let late_share = value_or(f.take_share("late_share"), 0.0);
     let late_by = value_or(f.take_duration("late_by"), DEFAULT_LATE_BY);
     let malformed_share = value_or(f.take_share("malformed_share"), 0.0);
+    let purchases = f.take_table("purchases").map(|mut p| {
+        let source = p.require("source", Fields::take_str);
+        let rate = value_or(p.take_int("rate", 1, u64::MAX), DEFAULT_PURCHASE_RATE);
+        p.finish();
+        RawPurchases { source, rate }
+    });
     f.finish();
     RawGenerator {
+        purchases,
         source,
         rate,
         seed,

@@ -262,6 +262,7 @@ fn full_config_parses_into_expected_values() {
             late_share: 0.01,
             late_by: Duration::from_secs(7200),
             malformed_share: 0.0,
+            purchases: None,
         })
     );
 }
@@ -334,6 +335,7 @@ fn defaults_are_applied() {
             late_share: 0.0,
             late_by: Duration::from_secs(3600),
             malformed_share: 0.0,
+            purchases: None,
         }
     );
 }

@@ -204,6 +204,54 @@ impl ClickFields {
     }
 }
 
+/// Purchases for the demo's join: `{order_id, user_id, product_id, price, timestamp}`, by the
+/// same users as the clicks (`u0` … `u{users-1}`), stamped with the base time. Clean events
+/// only; seeded like the click generator. Keyed by `user_id`.
+#[derive(Debug, Clone)]
+pub struct PurchaseGenerator {
+    users: u32,
+    rng: ChaCha8Rng,
+    next_seq: u64,
+}
+
+impl PurchaseGenerator {
+    pub fn new(seed: u64, users: u32) -> Self {
+        PurchaseGenerator {
+            users: users.max(1),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_b006),
+            next_seq: 0,
+        }
+    }
+
+    pub fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
+        let user = self.rng.random_range(0..self.users);
+        let product = self.rng.random_range(0..1_000u32);
+        let cents = self.rng.random_range(99..50_000u32);
+        event.key.clear();
+        event.key.push(b'u');
+        push_u64(&mut event.key, u64::from(user));
+        let out = &mut event.payload;
+        out.clear();
+        out.extend_from_slice(b"{\"order_id\":\"o-");
+        push_u64(out, self.next_seq);
+        out.extend_from_slice(b"\",\"user_id\":\"");
+        out.extend_from_slice(&event.key);
+        out.extend_from_slice(b"\",\"product_id\":\"p");
+        push_u64(out, u64::from(product));
+        out.extend_from_slice(b"\",\"price\":");
+        push_u64(out, u64::from(cents / 100));
+        out.push(b'.');
+        out.push(b'0' + (cents / 10 % 10) as u8);
+        out.push(b'0' + (cents % 10) as u8);
+        push_timestamp_field(out, Shape::Valid, base_time_ms);
+        out.push(b'}');
+        event.kind = EventKind::Valid;
+        event.event_time_ms = base_time_ms;
+        event.seq = self.next_seq;
+        self.next_seq += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,5 +504,20 @@ mod tests {
             assert_eq!((a.key, a.kind), (b.key, b.kind));
         }
         assert_eq!(page(&sequential.next_event(START_MS)), "/products/0", "the next round starts over");
+    }
+
+    #[test]
+    fn purchases_are_json_of_the_click_users() {
+        let mut g = PurchaseGenerator::new(7, 3);
+        let mut event = GeneratedEvent::default();
+        for seq in 0..50 {
+            g.next_event_into(1_795_392_000_123, &mut event);
+            let v: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+            assert_eq!(v["order_id"], format!("o-{seq}"));
+            assert!(["u0", "u1", "u2"].contains(&v["user_id"].as_str().unwrap()), "{v}");
+            assert_eq!(v["user_id"].as_str().unwrap().as_bytes(), &event.key[..]);
+            assert!(v["price"].as_f64().unwrap() >= 0.99);
+            assert_eq!(v["timestamp"], "2026-11-23T00:00:00.123Z");
+        }
     }
 }

@@ -285,6 +285,12 @@ pub trait EventGenerator {
     fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent);
 }
 
+impl EventGenerator for super::generator::PurchaseGenerator {
+    fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
+        super::generator::PurchaseGenerator::next_event_into(self, base_time_ms, event);
+    }
+}
+
 impl EventGenerator for ClickGenerator {
     fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
         ClickGenerator::next_event_into(self, base_time_ms, event);
