@@ -43,7 +43,7 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 use crate::expr::Expr;
 use crate::state::TableWrites;
-use crate::types::{decode_key, decode_time_key, encode_time_key, EventTime, Value};
+use crate::types::{decode_key, decode_time_key, encode_time_key, encoded_value_len, EventTime, Value};
 use crate::window::{InSlot, OutputRow};
 
 /// Which unmatched rows a join keeps.
@@ -126,28 +126,6 @@ fn push_side(row: &mut Vec<Value>, values: Option<&[u8]>, width: usize) {
         row.extend(decoded);
     }
     row.resize(start + width, Value::Null);
-}
-
-/// The tags of `types::encode_key_value`.
-const TAG_NULL: u8 = 0;
-const TAG_STR: u8 = 1;
-const TAG_INT: u8 = 2;
-const TAG_BOOL: u8 = 3;
-const TAG_TIME: u8 = 4;
-const TAG_FLOAT: u8 = 5;
-
-/// Length of the encoded value at the start of `bytes` and whether it is NULL; `None` when
-/// `bytes` does not start with a whole encoded value.
-fn encoded_value_len(bytes: &[u8]) -> Option<(usize, bool)> {
-    let (&tag, rest) = bytes.split_first()?;
-    let body = match tag {
-        TAG_NULL => 0,
-        TAG_STR => 4 + u32::from_le_bytes(*rest.first_chunk::<4>()?) as usize,
-        TAG_INT | TAG_TIME | TAG_FLOAT => 8,
-        TAG_BOOL => 1,
-        _ => return None,
-    };
-    (rest.len() >= body).then_some((1 + body, tag == TAG_NULL))
 }
 
 /// Whether a join key has a NULL component, without decoding it. A malformed key (never made

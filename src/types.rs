@@ -139,6 +139,20 @@ pub fn encode_key_value(out: &mut Vec<u8>, value: &Value) {
     }
 }
 
+/// Length of the encoded value at the start of `bytes` and whether it is NULL, without decoding
+/// it; `None` when `bytes` does not start with a whole value made by [`encode_key_value`].
+pub fn encoded_value_len(bytes: &[u8]) -> Option<(usize, bool)> {
+    let (&tag, rest) = bytes.split_first()?;
+    let body = match tag {
+        TAG_NULL => 0,
+        TAG_STR => 4 + u32::from_le_bytes(*rest.first_chunk::<4>()?) as usize,
+        TAG_INT | TAG_TIME | TAG_FLOAT => 8,
+        TAG_BOOL => 1,
+        _ => return None,
+    };
+    (rest.len() >= body).then_some((1 + body, tag == TAG_NULL))
+}
+
 /// Error for a key that was not produced by [`encode_key_value`]: state corruption, an internal bug.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("corrupt group key encoding at byte {0} (internal error: the state store holds a key this version cannot read)")]
