@@ -722,10 +722,7 @@ impl Shard {
                 continue;
             }
             let sink = self.ctx.plan.query_sink[qi];
-            match &mut self.outputs[sink] {
-                Some(existing) => existing.append(SinkRows::Windows(rows)),
-                slot => *slot = Some(SinkRows::Windows(rows)),
-            }
+            rows_of(&mut self.outputs[sink]).extend(rows);
         }
         let mut positions = SourcePositions::default();
         for (source, &first) in self.sources.iter().zip(&self.first_input) {

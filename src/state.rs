@@ -83,6 +83,22 @@ impl TableWrites {
     pub fn is_empty(&self) -> bool {
         self.delete_ranges.is_empty() && self.deletes.is_empty() && self.puts.is_empty()
     }
+
+    /// Applies the writes, in the store's order, to an in-memory model of the table (the
+    /// operators' tests check their writes against their memory with it).
+    #[cfg(test)]
+    pub fn apply_to(self, table: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>) {
+        for (from, to) in self.delete_ranges {
+            let doomed: Vec<Vec<u8>> = table.range(from..to).map(|(k, _)| k.clone()).collect();
+            for k in doomed {
+                table.remove(&k);
+            }
+        }
+        for k in self.deletes {
+            table.remove(&k);
+        }
+        table.extend(self.puts);
+    }
 }
 
 /// Everything one epoch flushes, across all shards.

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,22 +36,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
 
 /// Starts `tidemark broker` as its own process with topic `TOPIC` of `PARTITIONS`
 /// partitions; returns it and its address.
-fn start_broker(dir: &Path) -> (Child, String) {
-    let addr_file = dir.join("broker.addr");
-    let child = Command::new(BIN)
-        .args(["broker", "--topic", &format!("{TOPIC}:{PARTITIONS}"), "--address-file"])
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut addr = String::new();
-    wait_for("the broker address file", Duration::from_secs(20), || {
-        addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
-        !addr.is_empty()
-    });
-    (child, addr)
-}
-
 #[test]
 fn version_and_help() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
@@ -196,7 +180,7 @@ fn shard_count_changed_between_sigkills_gives_the_oracle() {
 /// and restarted with `shards(rng)` shards each time; then the tables must equal the oracle.
 fn crash_and_restart_until_the_oracle(name: &str, shards: impl Fn(&mut rand_chacha::ChaCha8Rng) -> usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut broker, addr) = start_broker(dir.path());
+    let (mut broker, addr) = start_broker(dir.path(), &[format!("{TOPIC}:{PARTITIONS}")]);
     let config = dir.path().join("pipeline.toml");
     let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("{name} test seed {seed}");

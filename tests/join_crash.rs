@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{sorted_rows, wait_for, T0_MS};
+use common::{sorted_rows, start_broker, wait_for, T0_MS};
 use rand::{Rng, SeedableRng};
 use tidemark::source::producer::EventProducer;
 
@@ -140,20 +140,8 @@ path = "{d}/anomalies"
 #[test]
 fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
     let dir = tempfile::tempdir().unwrap();
-    let addr_file = dir.path().join("broker.addr");
-    let mut broker = Command::new(BIN)
-        .arg("broker")
-        .args(TOPICS.iter().flat_map(|t| ["--topic".to_string(), format!("{t}:2")]))
-        .arg("--address-file")
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut addr = String::new();
-    wait_for("the broker address file", Duration::from_secs(20), || {
-        addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
-        !addr.is_empty()
-    });
+    let topics: Vec<String> = TOPICS.iter().map(|t| format!("{t}:2")).collect();
+    let (mut broker, addr) = start_broker(dir.path(), &topics);
     let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("join crash test seed {seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -250,18 +250,7 @@ type Tables = [BTreeMap<Vec<u8>, Vec<u8>>; 2];
 fn apply(tables: &mut Tables, writes: Vec<TableWrites>) {
     assert_eq!(writes.len(), 2);
     for (table, w) in tables.iter_mut().zip(writes) {
-        for (from, to) in w.delete_ranges {
-            let doomed: Vec<Vec<u8>> = table.range(from..to).map(|(k, _)| k.clone()).collect();
-            for k in doomed {
-                table.remove(&k);
-            }
-        }
-        for k in w.deletes {
-            table.remove(&k);
-        }
-        for (k, v) in w.puts {
-            table.insert(k, v);
-        }
+        w.apply_to(table);
     }
 }
 

@@ -358,16 +358,7 @@ impl Tables {
     fn apply(&mut self, writes: Vec<TableWrites>) {
         assert_eq!(writes.len(), JoinOperator::TABLES.len());
         for (table, w) in self.0.iter_mut().zip(writes) {
-            for (from, to) in w.delete_ranges {
-                let doomed: Vec<Vec<u8>> = table.range(from..to).map(|(k, _)| k.clone()).collect();
-                for k in doomed {
-                    table.remove(&k);
-                }
-            }
-            for k in w.deletes {
-                table.remove(&k);
-            }
-            table.extend(w.puts);
+            w.apply_to(table);
         }
     }
 

@@ -278,3 +278,23 @@ pub fn sorted_rows(table: &Path, columns: &[&str]) -> Vec<Vec<String>> {
     out.sort();
     out
 }
+
+/// Starts `tidemark broker` with these topics (`name:partitions`) as a child process; returns
+/// it and its address.
+pub fn start_broker(dir: &Path, topics: &[String]) -> (std::process::Child, String) {
+    let addr_file = dir.join("broker.addr");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .arg("broker")
+        .args(topics.iter().flat_map(|t| ["--topic", t.as_str()]))
+        .arg("--address-file")
+        .arg(&addr_file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut addr = String::new();
+    wait_for("the broker address file", Duration::from_secs(20), || {
+        addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
+        !addr.is_empty()
+    });
+    (child, addr)
+}
