@@ -59,11 +59,13 @@ pub struct Committer {
     /// Per complete-mode sink: hash of the result last written, so an unchanged result is
     /// not rewritten every epoch.
     last_complete: Vec<Option<u64>>,
+    /// The pipeline's queries, in plan order (their watermarks are stored by name).
+    query_names: Vec<String>,
 }
 
 impl Committer {
     /// Opens (or creates) every sink table; an existing table with another schema is an error.
-    pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>) -> Result<Self, CommitError> {
+    pub async fn open(store: Arc<StateStore>, plans: Vec<SinkPlan>, stats: Arc<PipelineStats>, query_names: Vec<String>) -> Result<Self, CommitError> {
         let mut sinks = Vec::new();
         let count = plans.len();
         for p in plans {
@@ -76,6 +78,7 @@ impl Committer {
             sinks,
             stats,
             group: None,
+            query_names,
         })
     }
 
@@ -200,9 +203,11 @@ impl Committer {
             pending.push((plan.name.as_str(), bytes));
         }
         let watermark = reports.iter().map(|r| r.watermark).max().unwrap_or(crate::watermark::UNKNOWN);
+        let query_watermarks: Vec<crate::types::EventTime> = reports.first().map(|r| r.query_watermarks.clone()).unwrap_or_default();
         let write = EpochWrite {
             epoch,
             watermark,
+            query_watermarks: self.query_names.iter().map(String::as_str).zip(query_watermarks.iter().copied()).collect(),
             changes: reports.iter().flat_map(|r| r.writes.iter().map(|(table, w)| (*table, w))).collect(),
             positions: reports.iter().flat_map(|r| r.positions.partitions.iter()).collect(),
             file_positions: reports
@@ -220,6 +225,9 @@ impl Committer {
         }
         self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.partitions.iter()).collect::<Vec<_>>());
         self.stats.watermark.store(watermark, Relaxed);
+        for (w, stat) in query_watermarks.iter().zip(&self.stats.query_watermarks) {
+            stat.store(*w, Relaxed);
+        }
         self.stats.committed_epoch.store(epoch, Relaxed);
         self.stats.record_epoch_commit(started.elapsed());
         let (committed, committed_wall) = (Instant::now(), crate::time::now_micros());

@@ -168,6 +168,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     if let Some(wm) = recovered.watermark {
         stats.watermark.store(wm, Relaxed);
     }
+    for (q, stat) in config.queries.iter().zip(&stats.query_watermarks) {
+        stat.store(recovered.query_watermark(&q.name).unwrap_or(crate::watermark::UNKNOWN), Relaxed);
+    }
     tracing::info!(pipeline = %config.pipeline.name, shards, epoch = recovered.epoch, state_dir = %config.pipeline.state_dir.display(), "recovering from the last flushed epoch");
 
     // Committer: open tables and deliver pending output before any shard starts.
@@ -190,6 +193,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let committer = {
         let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
         let flushed_epoch = recovered.epoch;
+        let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
         let group_client = if kafka_sources {
             crate::source::consumer_config(&config, &bootstrap)
                 .create::<rdkafka::consumer::BaseConsumer>()
@@ -209,7 +213,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                 };
                 rt.block_on(async move {
                     let opened = async {
-                        let mut c = Committer::open(store, plans, stats).await?;
+                        let mut c = Committer::open(store, plans, stats, query_names).await?;
                         match group_client {
                             Ok(Some(consumer)) => c = c.with_group_offsets(consumer),
                             Ok(None) => {}

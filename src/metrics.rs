@@ -405,21 +405,27 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
         out.sample("tidemark_watermark_seconds", &[], seconds(watermark));
         out.family("tidemark_watermark_lag_seconds", "gauge", "Wall-clock time minus the pipeline watermark.");
         out.sample("tidemark_watermark_lag_seconds", &[], seconds(scrape.now_micros - watermark));
+    }
+    let query_watermarks: Vec<(&str, i64)> = labels
+        .queries
+        .iter()
+        .zip(&stats.query_watermarks)
+        .map(|((name, lateness), w)| (name.as_str(), w.load(Relaxed), *lateness))
+        .filter(|(_, w, _)| *w != UNKNOWN)
+        .map(|(name, w, lateness)| (name, w - lateness))
+        .collect();
+    if !query_watermarks.is_empty() {
         out.family(
             "tidemark_query_watermark_seconds",
             "gauge",
-            "Event time up to which the query's results are final: the pipeline watermark minus its allowed_lateness.",
+            "Event time up to which the query's results are final: the watermark of the sources it reads (the min over them) minus its allowed_lateness.",
         );
-        for (name, lateness) in &labels.queries {
-            out.sample("tidemark_query_watermark_seconds", &[("query", name)], seconds(watermark - lateness));
+        for (name, w) in &query_watermarks {
+            out.sample("tidemark_query_watermark_seconds", &[("query", name)], seconds(*w));
         }
         out.family("tidemark_query_watermark_lag_seconds", "gauge", "Wall-clock time minus the query's watermark.");
-        for (name, lateness) in &labels.queries {
-            out.sample(
-                "tidemark_query_watermark_lag_seconds",
-                &[("query", name)],
-                seconds(scrape.now_micros - (watermark - lateness)),
-            );
+        for (name, w) in &query_watermarks {
+            out.sample("tidemark_query_watermark_lag_seconds", &[("query", name)], seconds(scrape.now_micros - w));
         }
     }
 
@@ -615,6 +621,9 @@ mod tests {
         stats.shards[1].busy_ratio_ppm.store(250_000, Relaxed);
         stats.sinks[0].retries.store(2, Relaxed);
         stats.watermark.store(1_700_000_000_500_000, Relaxed);
+        // Each query has its own watermark (the min over the sources it reads).
+        stats.query_watermarks[0].store(1_700_000_003_000_000, Relaxed);
+        stats.query_watermarks[1].store(1_700_000_000_500_000, Relaxed);
         stats.ready.store(true, Relaxed);
         let labels = MetricLabels {
             sources: vec!["clicks".to_string(), "we\"ird\\name\nx".to_string()],
@@ -704,6 +713,7 @@ mod tests {
         assert_eq!(sample_value(&text, r#"tidemark_delta_commit_retries_total{sink="out"}"#), 2.0);
         assert_eq!(sample_value(&text, r#"tidemark_backpressure_pauses_total{shard="1"}"#), 0.0);
         assert_eq!(sample_value(&text, r#"tidemark_query_watermark_seconds{query="late_ok"}"#), 1_699_999_998.5);
+        assert_eq!(sample_value(&text, r#"tidemark_query_watermark_seconds{query="views"}"#), 1_700_000_003.0);
         assert_eq!(sample_value(&text, r#"tidemark_query_watermark_lag_seconds{query="late_ok"}"#), 11.5);
         assert_eq!(sample_value(&text, "tidemark_state_size_bytes"), 4096.0);
         assert_eq!(sample_value(&text, "tidemark_watermark_seconds"), 1_700_000_000.5);

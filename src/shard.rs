@@ -9,12 +9,21 @@
 //! data), polls its sources without waiting, and acts on epoch barriers from the coordinator.
 //!
 //! Epoch protocol (aligned barriers; DESIGN.md §1, refined): on `Barrier(n)` a shard stops
-//! reading sources, sends `Barrier(n, its watermark)` after all rows it sent in epoch n, and
-//! keeps applying inbound rows until every peer's barrier arrived. Then every shard knows the
-//! same set of shard watermarks, computes the same pipeline watermark W(n), closes windows up
-//! to it, and hands its epoch report to the committer. Lateness is decided at the source
-//! against W(n−1), the same value every shard used to close windows, so a record is either
-//! counted in its window or dead-lettered with its raw payload — never both, never neither.
+//! reading sources, sends `Barrier(n, its watermark per source)` after all rows it sent in
+//! epoch n, and keeps applying inbound rows until every peer's barrier arrived. Then every
+//! shard knows the same shard watermarks, computes the same watermark per source and from them
+//! the same watermark per query, W_q(n) (the min over the sources the query reads: a join's is
+//! the min of its two inputs'), closes windows up to it, and hands its epoch report to the
+//! committer.
+//!
+//! Lateness is decided at the source, against the record's own partition watermark as of the
+//! records before it in that partition (the partition's max event time − delay): the same
+//! input gives the same dead letters however fast it is read, however epochs are cut and
+//! wherever a crash falls. That watermark is never below W_q(n−1), which closed windows,
+//! because W_q is a min over partitions — except for a partition that was idle (left out of
+//! the min) and has woken up behind it. So a record is also late when W_q(n−1) says it is;
+//! only a woken idle partition can meet that case. Either way a record is counted in its
+//! windows or dead-lettered with its raw payload — never both, never neither.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -34,7 +43,7 @@ use crate::state::{Recovered, StateError, StateStore, TableWrites};
 use crate::telemetry::{reason_index, EpochLatency, PartitionStats, ShardStats, Tally, WarnLimiter, PUBLISH_EVERY};
 use crate::time::format_micros;
 use crate::types::{DeadLetterReason, EventTime, KeyGroups};
-use crate::watermark::{advance, combine_min, PartitionClock, IDLE};
+use crate::watermark::{advance, combine_min, PartitionClock, IDLE, UNKNOWN};
 use crate::window::{InSlot, InputKind, OutputRow};
 
 /// Messages polled per round before other duties get a turn.
@@ -47,7 +56,11 @@ const MAX_LOCAL_QUEUE: usize = 2;
 #[derive(Debug)]
 pub enum ShardMsg {
     Rows(ExchangeBatch),
-    Barrier { epoch: u64, watermark: EventTime },
+    /// `watermarks`: the sender's watermark per source (see [`Shard::source_watermarks`]).
+    Barrier {
+        epoch: u64,
+        watermarks: Vec<EventTime>,
+    },
 }
 
 /// Control from the coordinator.
@@ -117,8 +130,10 @@ impl ExchangeBatch {
 pub struct EpochReport {
     pub shard: usize,
     pub epoch: u64,
-    /// The pipeline watermark W(epoch) this shard closed windows with (same on every shard).
+    /// The pipeline watermark W(epoch): the min over every source (same on every shard).
     pub watermark: EventTime,
+    /// Per query: the watermark W_q(epoch) it closed windows with (same on every shard).
+    pub query_watermarks: Vec<EventTime>,
     /// (state table, writes) of this epoch, for the tables of this shard's operators.
     pub writes: Vec<(usize, TableWrites)>,
     /// Where this shard's sources stand.
@@ -181,6 +196,7 @@ struct Alignment {
     epoch: u64,
     last: bool,
     seen: Vec<bool>,
+    /// Per source: the min over the shards heard from of their watermark for it.
     watermarks: Vec<EventTime>,
 }
 
@@ -195,7 +211,11 @@ struct Shard {
     building: Vec<ExchangeBatch>,
     queues: Vec<std::collections::VecDeque<ShardMsg>>,
     outputs: Vec<Option<SinkRows>>,
+    /// The pipeline watermark (min over all sources), for the report and the metrics.
     watermark: EventTime,
+    /// Per query: its watermark W_q of the last epoch, and the sources it reads.
+    query_watermarks: Vec<EventTime>,
+    query_sources: Vec<Vec<usize>>,
     aligning: Option<Alignment>,
     blocked_since: Option<Instant>,
     key_buf: Vec<u8>,
@@ -245,7 +265,15 @@ impl Shard {
                     op.restore(t, k, v, |group_key| groups.shard_for_key(group_key, shards) == id).map(|_| ())
                 })?;
             }
-            op.resume_at(ctx.recovered.watermark);
+            op.resume_at(ctx.recovered.query_watermark(&cfg.queries[qi].name));
+        }
+        let mut query_sources = vec![Vec::new(); cfg.queries.len()];
+        for (source, routes) in plan.routes.iter().enumerate() {
+            for route in routes {
+                if !query_sources[route.operator].contains(&source) {
+                    query_sources[route.operator].push(source);
+                }
+            }
         }
         let decoders: Vec<SourceDecoder> = cfg.sources.iter().map(SourceDecoder::new).collect();
         let source_cx = SourceContext {
@@ -286,7 +314,9 @@ impl Shard {
             building: (0..n).map(|_| ExchangeBatch::default()).collect(),
             queues: (0..n).map(|_| Default::default()).collect(),
             outputs: (0..plan.sinks.len()).map(|_| None).collect(),
-            watermark: ctx.recovered.watermark.unwrap_or(crate::watermark::UNKNOWN),
+            watermark: ctx.recovered.watermark.unwrap_or(UNKNOWN),
+            query_watermarks: cfg.queries.iter().map(|q| ctx.recovered.query_watermark(&q.name).unwrap_or(UNKNOWN)).collect(),
+            query_sources,
             aligning: None,
             blocked_since: None,
             key_buf: Vec::with_capacity(256),
@@ -411,23 +441,29 @@ impl Shard {
         }
     }
 
-    fn shard_watermark(&self) -> EventTime {
+    /// Per source: the min over this shard's non-idle inputs of it ([`IDLE`] for none).
+    fn source_watermarks(&self) -> Vec<EventTime> {
         let now = Instant::now();
-        combine_min(self.inputs.iter().map(|i| i.clock.watermark(now)))
+        let mut wms = vec![IDLE; self.ctx.config.sources.len()];
+        for input in &self.inputs {
+            wms[input.source] = wms[input.source].min(input.clock.watermark(now));
+        }
+        wms
     }
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {
-        let wm = self.shard_watermark();
+        let watermarks = self.source_watermarks();
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {
                 self.seal_batch(dest);
-                self.queues[dest].push_back(ShardMsg::Barrier { epoch, watermark: wm });
+                self.queues[dest].push_back(ShardMsg::Barrier {
+                    epoch,
+                    watermarks: watermarks.clone(),
+                });
             }
         }
         let mut seen = vec![false; self.ctx.shards];
         seen[self.ctx.id] = true;
-        let mut watermarks = vec![IDLE; self.ctx.shards];
-        watermarks[self.ctx.id] = wm;
         self.aligning = Some(Alignment { epoch, last, seen, watermarks });
         self.blocked_since.get_or_insert_with(Instant::now);
     }
@@ -446,7 +482,7 @@ impl Shard {
                         batch.apply(&mut self.ops);
                         progressed = true;
                     }
-                    Ok(ShardMsg::Barrier { epoch, watermark }) => {
+                    Ok(ShardMsg::Barrier { epoch, watermarks }) => {
                         progressed = true;
                         if self.aligning.is_none() {
                             // A peer got the coordinator's barrier before us. The coordinator
@@ -461,7 +497,9 @@ impl Shard {
                         let a = self.aligning.as_mut().expect("aligning");
                         debug_assert_eq!(a.epoch, epoch, "a peer is never more than one barrier ahead");
                         a.seen[peer] = true;
-                        a.watermarks[peer] = watermark;
+                        for (mine, theirs) in a.watermarks.iter_mut().zip(watermarks) {
+                            *mine = (*mine).min(theirs);
+                        }
                         break;
                     }
                     Err(TryRecvError::Empty) => break,
@@ -550,6 +588,8 @@ impl Shard {
             }
         };
         let input_state = &mut self.inputs[input];
+        // Judged against the partition's watermark before this record (see the module doc).
+        let partition_watermark = input_state.clock.own_watermark();
         input_state.clock.observe(t, now);
         input_state.tally.decoded += 1;
         self.latency.record_event_time(t);
@@ -561,7 +601,8 @@ impl Shard {
                     continue;
                 }
             }
-            if let Some(late) = self.ops[q].late(port, t, self.watermark) {
+            let watermark = partition_watermark.max(self.query_watermarks[q]);
+            if let Some(late) = self.ops[q].late(port, t, watermark) {
                 let query = &self.ctx.config.queries[q];
                 let missed = match late {
                     Late::Window(start, end) => format!(
@@ -578,7 +619,7 @@ impl Shard {
                 let msg = format!(
                     "event time {} is behind the watermark {} (allowed_lateness {}): {missed}",
                     format_micros(t),
-                    format_micros(self.watermark),
+                    format_micros(watermark),
                     crate::config::format_duration(query.allowed_lateness),
                 );
                 self.late_tally[q] += 1;
@@ -709,12 +750,14 @@ impl Shard {
     /// All barriers are in: close windows, report the epoch. Returns true after the last epoch.
     async fn complete_epoch(&mut self) -> Result<bool, ShardError> {
         let a = self.aligning.take().expect("called while aligning");
-        let prev_watermark = self.watermark;
         self.watermark = advance(self.watermark, combine_min(a.watermarks.iter().copied()));
         let mut closed: Vec<Vec<OutputRow>> = Vec::with_capacity(self.ops.len());
-        for op in &mut self.ops {
+        for (q, op) in self.ops.iter_mut().enumerate() {
+            let prev = self.query_watermarks[q];
+            let now = advance(prev, combine_min(self.query_sources[q].iter().map(|&s| a.watermarks[s])));
+            self.query_watermarks[q] = now;
             let mut rows = Vec::new();
-            op.finish_epoch(prev_watermark, self.watermark, &mut rows);
+            op.finish_epoch(prev, now, &mut rows);
             closed.push(rows);
         }
         for (qi, rows) in closed.into_iter().enumerate() {
@@ -732,6 +775,7 @@ impl Shard {
             shard: self.ctx.id,
             epoch: a.epoch,
             watermark: self.watermark,
+            query_watermarks: self.query_watermarks.clone(),
             writes: self
                 .ops
                 .iter_mut()

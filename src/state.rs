@@ -47,6 +47,8 @@ const K_KEY_GROUPS: &[u8] = b"key_groups";
 const P_POSITION: &[u8] = b"pos\0";
 const P_PENDING: &[u8] = b"pending\0";
 const P_FILES: &[u8] = b"files\0";
+/// Per query (by name): its watermark W_q.
+const P_QUERY_WATERMARK: &[u8] = b"qwm\0";
 
 /// Where a source partition stands as of a flushed epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +66,19 @@ pub struct Recovered {
     /// Last flushed epoch (0 = fresh store).
     pub epoch: u64,
     pub watermark: Option<EventTime>,
+    /// Query name → its watermark.
+    pub query_watermarks: HashMap<String, EventTime>,
     pub positions: HashMap<(String, i32), PartitionPosition>,
     /// File-source name → its encoded position (see `source::files::FilePosition`).
     pub file_positions: HashMap<String, Vec<u8>>,
+}
+
+impl Recovered {
+    /// The watermark `query` resumes at: its own, or the pipeline's for a store written
+    /// before watermarks were kept per query.
+    pub fn query_watermark(&self, query: &str) -> Option<EventTime> {
+        self.query_watermarks.get(query).copied().or(self.watermark)
+    }
 }
 
 /// What one epoch changes in one state table, in the table owner's own key encoding. Applied
@@ -106,6 +118,8 @@ impl TableWrites {
 pub struct EpochWrite<'a> {
     pub epoch: u64,
     pub watermark: EventTime,
+    /// (query name, its watermark).
+    pub query_watermarks: Vec<(&'a str, EventTime)>,
     /// (table index, writes), from any shard.
     pub changes: Vec<(usize, &'a TableWrites)>,
     pub positions: Vec<&'a PartitionPosition>,
@@ -316,6 +330,15 @@ impl StateStore {
             }
             r.file_positions.insert(String::from_utf8_lossy(&k[P_FILES.len()..]).into_owned(), v.to_vec());
         }
+        for item in self.db.prefix_iterator_cf(self.meta(), P_QUERY_WATERMARK) {
+            let (k, v) = item?;
+            if !k.starts_with(P_QUERY_WATERMARK) {
+                break;
+            }
+            let watermark = i64::from_le_bytes(self.fixed8(&k, &v)?);
+            r.query_watermarks
+                .insert(String::from_utf8_lossy(&k[P_QUERY_WATERMARK.len()..]).into_owned(), watermark);
+        }
         Ok(r)
     }
 
@@ -387,6 +410,9 @@ impl StateStore {
             batch.put_cf(meta, pending_key(w.epoch, sink), rows);
         }
         batch.put_cf(meta, K_WATERMARK, w.watermark.to_le_bytes());
+        for (query, watermark) in &w.query_watermarks {
+            batch.put_cf(meta, [P_QUERY_WATERMARK, query.as_bytes()].concat(), watermark.to_le_bytes());
+        }
         batch.put_cf(meta, K_EPOCH, w.epoch.to_le_bytes());
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -457,6 +483,7 @@ mod tests {
             .write_epoch(&EpochWrite {
                 epoch: 1,
                 watermark: 5,
+                query_watermarks: vec![("q", 4), ("join", 5)],
                 changes: vec![(0, &writes)],
                 positions: vec![&pos],
                 file_positions: vec![("drops", b"{}".to_vec())],
@@ -472,6 +499,7 @@ mod tests {
             .write_epoch(&EpochWrite {
                 epoch: 2,
                 watermark: 15,
+                query_watermarks: vec![("q", 14)],
                 changes: vec![(0, &close)],
                 positions: vec![],
                 file_positions: vec![],
@@ -484,6 +512,12 @@ mod tests {
         let store = StateStore::open(dir.path(), 3, &tables).unwrap();
         let r = store.recover().unwrap();
         assert_eq!((r.epoch, r.watermark), (2, Some(15)));
+        assert_eq!((r.query_watermark("q"), r.query_watermark("join")), (Some(14), Some(5)));
+        assert_eq!(
+            r.query_watermark("new"),
+            Some(15),
+            "a query without its own watermark resumes at the pipeline's"
+        );
         assert_eq!(r.positions[&("t".to_string(), 3)], pos);
         assert_eq!(r.file_positions["drops"], b"{}".to_vec());
         assert_eq!(store.pending().unwrap(), vec![(1, "sink".to_string(), b"rows".to_vec())]);

@@ -239,6 +239,8 @@ pub struct PipelineStats {
     pub sinks: Vec<SinkStats>,
     pub committed_epoch: AtomicU64,
     pub watermark: AtomicI64,
+    /// Per query: its watermark W_q of the last committed epoch.
+    pub query_watermarks: Vec<AtomicI64>,
     /// Epochs committed by this process (not counting recovery).
     pub epochs_committed: AtomicU64,
     /// Microseconds per committed epoch. Written by the committer thread once per epoch and
@@ -275,6 +277,7 @@ impl PipelineStats {
             sinks: (0..sinks).map(|_| SinkStats::default()).collect(),
             committed_epoch: AtomicU64::new(0),
             watermark: AtomicI64::new(UNKNOWN),
+            query_watermarks: (0..queries).map(|_| AtomicI64::new(UNKNOWN)).collect(),
             epochs_committed: AtomicU64::new(0),
             // 1µs to 1h at 3 significant digits.
             commit_duration: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),

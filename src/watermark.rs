@@ -73,7 +73,7 @@ impl PartitionClock {
     }
 
     /// The partition's watermark from its own events, idle or not ([`UNKNOWN`] before the
-    /// first): what the metrics show per partition.
+    /// first): what the metrics show per partition, and what its records are judged late by.
     pub fn own_watermark(&self) -> EventTime {
         match self.max_event_time {
             None => UNKNOWN,

@@ -256,12 +256,13 @@ impl Assigner {
         }
     }
 
-    /// The window ending last among those containing `t`: `(start, end)`.
-    pub fn last_window(&self, t: EventTime) -> (EventTime, EventTime) {
+    /// The window ending first among those containing `t`: `(start, end)`.
+    pub fn first_window(&self, t: EventTime) -> (EventTime, EventTime) {
         match *self {
             Assigner::Panes { size, slide, offset, .. } => {
-                let s = align(t, slide, offset);
-                (s, s.saturating_add(size))
+                // Window ends lie at offset + size + k·slide: the first one after t.
+                let end = align(t, slide, offset.wrapping_add(size)).saturating_add(slide);
+                (end.saturating_sub(size), end)
             }
             Assigner::Calendar(unit) => {
                 let s = calendar_start(t, unit);
@@ -836,14 +837,15 @@ impl WindowOperator {
     }
 
     /// `Some((start, end))` of the window an event at `t` missed when it is late at
-    /// `watermark`: every window it belongs to has closed (end + allowed lateness ≤ watermark).
-    /// For sessions: `t + lateness ≤ watermark`, which is exactly when the event could join
-    /// or bridge a closed session.
+    /// `watermark`: a window it belongs to has closed (end + allowed lateness ≤ watermark). An
+    /// event is counted in all its windows or in none, so a sliding window never holds part
+    /// of the events its neighbours hold. For sessions: `t + lateness ≤ watermark`, which is
+    /// exactly when the event could join or bridge a closed session.
     #[inline]
     pub fn late_window(&self, t: EventTime, watermark: EventTime) -> Option<(EventTime, EventTime)> {
         match self {
             WindowOperator::Buckets(b) => {
-                let (start, end) = b.assigner.last_window(t);
+                let (start, end) = b.assigner.first_window(t);
                 (end.saturating_add(b.common.lateness_us) <= watermark).then_some((start, end))
             }
             WindowOperator::Sessions(s) => (t.saturating_add(s.common.lateness_us) <= watermark).then_some((t, t.saturating_add(s.gap_us))),

@@ -34,6 +34,11 @@ fn config(dir: &std::path::Path) -> Arc<Config> {
 /// stored, closing epoch `epoch` once right away and epoch `epoch + 1` (the last) after
 /// reading. Returns the two epoch reports.
 fn run_one_shard(config: &Arc<Config>, store: &Arc<StateStore>, source: MemorySource, epoch: u64, expect_read: u64) -> Vec<EpochReport> {
+    run_shard_over(config, store, vec![source], epoch, expect_read).0
+}
+
+/// [`run_one_shard`] over several sources; also returns the shard's late count per query.
+fn run_shard_over(config: &Arc<Config>, store: &Arc<StateStore>, sources: Vec<MemorySource>, epoch: u64, expect_read: u64) -> (Vec<EpochReport>, Vec<u64>) {
     let plan = Arc::new(Plan::new(config).unwrap());
     let stats = Arc::new(PipelineStats::new(1, config.queries.len(), plan.sinks.len()));
     let (control_tx, control_rx) = flume::unbounded();
@@ -47,7 +52,7 @@ fn run_one_shard(config: &Arc<Config>, store: &Arc<StateStore>, source: MemorySo
         plan,
         key_groups: store.key_groups(),
         recovered: Arc::new(store.recover().unwrap()),
-        sources: vec![SourceSpec::Memory(source)],
+        sources: sources.into_iter().map(SourceSpec::Memory).collect(),
         inbound: Vec::new(),
         outbound: vec![None],
         control: control_rx,
@@ -69,7 +74,8 @@ fn run_one_shard(config: &Arc<Config>, store: &Arc<StateStore>, source: MemorySo
     control_tx.send(Control::Barrier { epoch: epoch + 1, last: true }).unwrap();
     let second = report_rx.recv_timeout(Duration::from_secs(20)).expect("last epoch report");
     shard.join().unwrap().unwrap();
-    vec![first, second]
+    let late = stats.shards[0].late_by_query.iter().map(|n| n.load(Relaxed)).collect();
+    (vec![first, second], late)
 }
 
 /// (window start, key) → count from the rows of some reports.
@@ -91,11 +97,17 @@ fn counts(reports: &[EpochReport]) -> BTreeMap<(i64, String), i64> {
 }
 
 /// Flushes a report's state changes and positions as the committer would.
-fn flush(store: &StateStore, report: &EpochReport) {
+fn flush(store: &StateStore, config: &Config, report: &EpochReport) {
     store
         .write_epoch(&EpochWrite {
             epoch: report.epoch,
             watermark: report.watermark,
+            query_watermarks: config
+                .queries
+                .iter()
+                .map(|q| q.name.as_str())
+                .zip(report.query_watermarks.iter().copied())
+                .collect(),
             changes: report.writes.iter().map(|(t, w)| (*t, w)).collect(),
             positions: report.positions.partitions.iter().collect(),
             file_positions: Vec::new(),
@@ -143,7 +155,7 @@ fn a_shard_reads_an_in_memory_source_closes_windows_and_resumes_from_its_state()
     );
     assert!(reports[1].writes.iter().any(|(_, w)| !w.puts.is_empty()), "the open window is written to state");
     for r in &reports {
-        flush(&store, r);
+        flush(&store, &config, r);
     }
     drop(reports);
 
@@ -159,5 +171,86 @@ fn a_shard_reads_an_in_memory_source_closes_windows_and_resumes_from_its_state()
             .filter(|((start, _), _)| (90 * SECOND..120 * SECOND).contains(start))
             .map(|(k, v)| (k.clone(), *v))
             .collect()
+    );
+}
+
+#[test]
+fn a_record_is_late_by_its_own_partitions_watermark_from_the_first_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let plan = Plan::new(&config).unwrap();
+    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, 1, &plan.layout.names).unwrap());
+    // No epoch has closed when 5 s arrives behind 100 s (delay 0): its window [0, 10) ended
+    // before its partition's watermark, so it is late, however the epochs fall. Partition 1
+    // is behind partition 0 and holds the closing watermark back, but its own records are
+    // judged by its own watermark: 50 s after 60 s is late, 61 s is not.
+    let p0 = vec![event("a", 100), event("b", 5), event("a", 101)];
+    let p1 = vec![event("a", 60), event("b", 50), event("a", 61), event("c", 75)];
+    let (reports, late) = run_shard_over(&config, &store, vec![MemorySource::new(0, "mem", vec![p0, p1])], 1, 7);
+    assert_eq!(late, [2]);
+    assert_eq!(reports[1].watermark, 75 * SECOND);
+    let emitted = counts(&reports);
+    assert_eq!(emitted, BTreeMap::from([((60 * SECOND, "a".to_string()), 2)]));
+}
+
+#[test]
+fn each_query_closes_windows_at_the_watermark_of_the_sources_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(dir.path());
+    let mut text = include_str!("../../tests/data/minimal.toml").to_string();
+    text.push_str(
+        r#"
+[[sources]]
+name = "slow"
+topic = "slow"
+event_time = { field = "ts", format = "epoch_seconds" }
+schema = { key = "string", value = "int", ts = "timestamp" }
+
+[[queries]]
+name = "slow_q"
+from = "slow"
+window = { tumbling = "10s" }
+group_by = ["key"]
+aggregates = [ { name = "n", fn = "count" } ]
+sink = "slow_out"
+
+[[sinks]]
+name = "slow_out"
+kind = "delta"
+path = "./data/minimal/slow_out"
+"#,
+    );
+    let text = text
+        .replace("event_time = { field = \"ts\" }", "event_time = { field = \"ts\", format = \"epoch_seconds\" }")
+        .replace("./data/minimal/", &format!("{}/", dir.path().display()));
+    let mut config = parse_config(&text).unwrap_or_else(|e| panic!("{e}"));
+    config.pipeline.state_dir = base.pipeline.state_dir.clone();
+    let config = Arc::new(config);
+    let plan = Plan::new(&config).unwrap();
+    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, 1, &plan.layout.names).unwrap());
+    let events = MemorySource::new(0, "events", vec![(0..100).map(|t| event("a", t)).collect()]);
+    let slow = MemorySource::new(1, "slow", vec![(0..20).map(|t| event("s", t)).collect()]);
+    let (reports, _) = run_shard_over(&config, &store, vec![events, slow], 1, 120);
+    // The pipeline watermark is the slow source's, but the query on "events" is not held back by it.
+    assert_eq!(reports[1].watermark, 19 * SECOND);
+    assert_eq!(reports[1].query_watermarks, [99 * SECOND, 19 * SECOND]);
+    let mut windows: Vec<(i64, String)> = counts(&reports).into_keys().collect();
+    windows.sort();
+    let expected: Vec<(i64, String)> = (0..9)
+        .map(|w| (w * 10 * SECOND, "a".to_string()))
+        .chain([(0, "s".to_string())])
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(windows, expected);
+
+    // Restarted, each query resumes at its own watermark.
+    for r in &reports {
+        flush(&store, &config, r);
+    }
+    let recovered = store.recover().unwrap();
+    assert_eq!(
+        (recovered.query_watermark("q"), recovered.query_watermark("slow_q")),
+        (Some(99 * SECOND), Some(19 * SECOND))
     );
 }
