@@ -21,9 +21,10 @@
 //! side), so a row is dropped as soon as nothing can match it any more, and nothing is left
 //! once the watermark is past `tl + upper` of every left row and `tr - lower` of every right one.
 //!
-//! In memory each side keeps `join key → event time → entry`, so an arrival probes the other
-//! side with one range scan within its key, and `event time → join keys` so expiry pops the
-//! oldest times without scanning keys. An entry holds the rows of one (time, key) in exactly
+//! In memory each side keeps `join key → its entries sorted by event time`, so an arrival
+//! probes the other side with one binary search within its key, and the ordered set of
+//! `(event time, join key)` so expiry pops the oldest entries without scanning keys. A key's
+//! allocation is shared by both indexes. An entry holds the rows of one (time, key) in exactly
 //! the encoding of its table value, so writing it is a copy and matching flips a byte.
 //!
 //! State tables: `left` and `right`, each keyed `encode_time_key(t) ++ join key`, the value
@@ -36,8 +37,9 @@
 //! table, `[encode_time_key(i64::MIN), encode_time_key(W - upper))` on the left and up to
 //! `W + lower` on the right, in the epochs where rows expired.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::RangeInclusive;
+use std::rc::Rc;
 
 use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
@@ -218,7 +220,71 @@ fn range_end(threshold: i128) -> Vec<u8> {
     }
 }
 
-type KeyMap<V> = HashMap<Box<[u8]>, V, Xxh3DefaultBuilder>;
+/// A join key, shared by the indexes that name it (one allocation per key held).
+type Key = Rc<[u8]>;
+
+type KeyMap<V> = HashMap<Key, V, Xxh3DefaultBuilder>;
+
+/// The entries of one join key, sorted by event time. A deque, not a tree: most keys hold a
+/// few entries, arrivals are mostly in time order (appended) and expiry takes the oldest.
+struct KeyEntries {
+    key: Key,
+    times: Times,
+}
+
+impl KeyEntries {
+    fn new(key: Key) -> KeyEntries {
+        KeyEntries {
+            key,
+            times: Times(VecDeque::new()),
+        }
+    }
+}
+
+/// (event time, entry) pairs sorted by time.
+struct Times(VecDeque<(EventTime, Entry)>);
+
+impl Times {
+    fn position(&self, t: EventTime) -> Result<usize, usize> {
+        match self.0.back() {
+            Some(&(last, _)) if last < t => Err(self.0.len()),
+            _ => self.0.binary_search_by_key(&t, |(x, _)| *x),
+        }
+    }
+
+    /// The entry at `t`, and whether it was created now (empty).
+    fn entry(&mut self, t: EventTime, capacity: usize) -> (&mut Entry, bool) {
+        match self.position(t) {
+            Ok(i) => (&mut self.0[i].1, false),
+            Err(i) => {
+                let entry = Entry {
+                    encoded: Vec::with_capacity(capacity),
+                    changed: false,
+                };
+                self.0.insert(i, (t, entry));
+                (&mut self.0[i].1, true)
+            }
+        }
+    }
+
+    fn get_mut(&mut self, t: EventTime) -> Option<&mut Entry> {
+        self.position(t).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn remove(&mut self, t: EventTime) -> Option<Entry> {
+        match self.0.front() {
+            Some(&(first, _)) if first == t => self.0.pop_front().map(|(_, e)| e),
+            _ => self.position(t).ok().and_then(|i| self.0.remove(i)).map(|(_, e)| e),
+        }
+    }
+
+    /// The entries at times in `range`.
+    fn range_mut(&mut self, range: RangeInclusive<EventTime>) -> impl Iterator<Item = &mut (EventTime, Entry)> {
+        let lo = self.0.partition_point(|(x, _)| x < range.start());
+        let hi = self.0.partition_point(|(x, _)| x <= range.end());
+        self.0.range_mut(lo..hi.max(lo))
+    }
+}
 
 /// The rows of one side with one (time, join key), encoded as the table value.
 struct Entry {
@@ -231,34 +297,43 @@ struct Entry {
 #[derive(Default)]
 struct Side {
     /// Join key → event time → entry.
-    entries: KeyMap<BTreeMap<EventTime, Entry>>,
-    /// Event time → the join keys with an entry at that time, in insertion order.
-    by_time: BTreeMap<EventTime, Vec<Box<[u8]>>>,
+    entries: KeyMap<KeyEntries>,
+    /// (event time, join key) of every entry, oldest first.
+    by_time: BTreeSet<(EventTime, Key)>,
     /// (time, key) of the entries that turned `changed` (some may have expired since).
-    changed: Vec<(EventTime, Box<[u8]>)>,
+    changed: Vec<(EventTime, Key)>,
     rows: usize,
     /// Rows below this table key expired since the last `take_writes`.
     delete_below: Option<Vec<u8>>,
 }
 
 impl Side {
+    /// The entries of `key`, created empty if it has none.
+    fn key_entries(&mut self, key: &[u8]) -> &mut KeyEntries {
+        if !self.entries.contains_key(key) {
+            let key: Key = key.into();
+            self.entries.insert(key.clone(), KeyEntries::new(key));
+        }
+        self.entries.get_mut(key).expect("inserted above")
+    }
+
     fn insert(&mut self, t: EventTime, key: &[u8], matched: bool, values: &[u8]) {
-        let times = match self.entries.get_mut(key) {
-            Some(times) => times,
-            None => self.entries.entry(key.into()).or_default(),
-        };
-        let by_time = &mut self.by_time;
-        let entry = times.entry(t).or_insert_with(|| {
-            by_time.entry(t).or_default().push(key.into());
-            Entry {
-                encoded: Vec::with_capacity(ROW_HEADER + values.len()),
-                changed: false,
+        let Side { entries, by_time, changed, .. } = self;
+        let k = match entries.get_mut(key) {
+            Some(k) => k,
+            None => {
+                let key: Key = key.into();
+                entries.entry(key.clone()).or_insert(KeyEntries::new(key))
             }
-        });
+        };
+        let (entry, new) = k.times.entry(t, ROW_HEADER + values.len());
+        if new {
+            by_time.insert((t, k.key.clone()));
+        }
         push_row(&mut entry.encoded, matched, values);
         if !entry.changed {
             entry.changed = true;
-            self.changed.push((t, key.into()));
+            changed.push((t, k.key.clone()));
         }
         self.rows += 1;
     }
@@ -267,28 +342,21 @@ impl Side {
     /// time), handing the carried values of those that never matched to `unmatched`.
     fn expire_below(&mut self, threshold: i128, mut unmatched: impl FnMut(&[u8])) {
         let mut expired = false;
-        while let Some(first) = self.by_time.first_entry() {
-            let t = *first.key();
-            if t as i128 >= threshold {
-                break;
-            }
-            let mut keys = first.remove();
-            keys.sort_unstable();
-            for key in keys {
-                let Some(times) = self.entries.get_mut(&key) else {
-                    continue;
-                };
-                if let Some(entry) = times.remove(&t) {
-                    for (matched, values) in rows_of(&entry.encoded) {
-                        self.rows -= 1;
-                        if !matched {
-                            unmatched(values);
-                        }
+        while self.by_time.first().is_some_and(|(t, _)| (*t as i128) < threshold) {
+            let (t, key) = self.by_time.pop_first().expect("checked above");
+            let Some(k) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            if let Some(entry) = k.times.remove(t) {
+                for (matched, values) in rows_of(&entry.encoded) {
+                    self.rows -= 1;
+                    if !matched {
+                        unmatched(values);
                     }
                 }
-                if times.is_empty() {
-                    self.entries.remove(&key);
-                }
+            }
+            if k.times.0.is_empty() {
+                self.entries.remove(&key);
             }
             expired = true;
         }
@@ -309,7 +377,7 @@ impl Side {
         };
         for (t, key) in std::mem::take(&mut self.changed) {
             // Absent when expired since it changed: the range delete covers it.
-            let Some(entry) = self.entries.get_mut(&key).and_then(|times| times.get_mut(&t)) else {
+            let Some(entry) = self.entries.get_mut(&key).and_then(|k| k.times.get_mut(t)) else {
                 continue;
             };
             if std::mem::take(&mut entry.changed) {
@@ -371,18 +439,14 @@ impl JoinOperator {
         let rows = check_entry(value, self.width(table))?;
         let t = decode_time_key(*time);
         let side = &mut self.sides[table];
-        let times = side.entries.entry(join_key.into()).or_default();
-        if times.contains_key(&t) {
+        let k = side.key_entries(join_key);
+        let (entry, new) = k.times.entry(t, 0);
+        if !new {
             return Err(format!("join state entry at time {t} restored twice"));
         }
-        times.insert(
-            t,
-            Entry {
-                encoded: value.to_vec(),
-                changed: false,
-            },
-        );
-        side.by_time.entry(t).or_default().push(join_key.into());
+        entry.encoded = value.to_vec();
+        let key = k.key.clone();
+        side.by_time.insert((t, key));
         side.rows += rows;
         Ok(true)
     }
@@ -421,8 +485,9 @@ impl JoinOperator {
         let mut matched = false;
         if let Some(range) = self.spec.match_range(port, t) {
             let Side { entries, changed, .. } = &mut self.sides[other];
-            if let Some(times) = entries.get_mut(key) {
-                for (&t_other, entry) in times.range_mut(range) {
+            if let Some(k) = entries.get_mut(key) {
+                for (t_other, entry) in k.times.range_mut(range) {
+                    let t_other = *t_other;
                     let mut first_match = false;
                     let mut at = 0;
                     while at < entry.encoded.len() {
@@ -441,7 +506,7 @@ impl JoinOperator {
                     matched = true;
                     if first_match && !entry.changed {
                         entry.changed = true;
-                        changed.push((t_other, key.into()));
+                        changed.push((t_other, k.key.clone()));
                     }
                 }
             }

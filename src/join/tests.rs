@@ -366,15 +366,20 @@ impl Tables {
     fn assert_mirrors(&self, op: &JoinOperator) {
         for (table, side) in self.0.iter().zip(&op.sides) {
             let mut memory = BTreeMap::new();
-            for (key, times) in &side.entries {
-                for (t, entry) in times {
+            for (key, k) in &side.entries {
+                assert_eq!(key, &k.key);
+                assert!(
+                    k.times.0.iter().zip(k.times.0.iter().skip(1)).all(|(a, b)| a.0 < b.0),
+                    "a key's entries are sorted by time"
+                );
+                for (t, entry) in &k.times.0 {
                     memory.insert([&encode_time_key(*t)[..], key].concat(), entry.encoded.clone());
                 }
             }
             assert_eq!(table, &memory);
             assert_eq!(side.rows, memory.values().map(|v| rows_of(v).count()).sum::<usize>());
-            let indexed: usize = side.by_time.values().map(Vec::len).sum();
-            assert_eq!(indexed, memory.len(), "the time index holds every entry once");
+            let indexed: BTreeMap<Vec<u8>, ()> = side.by_time.iter().map(|(t, key)| ([&encode_time_key(*t)[..], key].concat(), ())).collect();
+            assert!(indexed.keys().eq(memory.keys()), "the time index holds every entry once");
         }
     }
 
