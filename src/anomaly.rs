@@ -198,21 +198,34 @@ struct Slot<T> {
     dirty: bool,
 }
 
+/// The values one group key read at one time, in arrival order.
+#[derive(Debug)]
+struct Reading {
+    key: Box<[u8]>,
+    values: Vec<f64>,
+    dirty: bool,
+}
+
+/// Readings by (time, hash of the group key): one ordered map, no map per time. A hash is
+/// almost always one key; the few that collide share the vector.
+type Readings = BTreeMap<(EventTime, u64), Vec<Reading>>;
+
 /// One anomaly query on one shard.
 pub struct AnomalyOperator {
     spec: AnomalySpec,
     /// Pane start → group key → statistics of the key's readings in the pane.
     panes: BTreeMap<EventTime, KeyMap<Slot<PaneStats>>>,
-    /// Reading time → group key → the values read then, in arrival order. Ordered by time,
-    /// it is also the index of what is due: an epoch visits only the times that came due.
-    readings: BTreeMap<EventTime, KeyMap<Slot<Vec<f64>>>>,
-    /// Per group key, how many entries (panes and reading times) hold it.
+    /// The readings held. Ordered by time, it is also the index of what is due: an epoch
+    /// visits only the times that came due.
+    readings: Readings,
+    /// Per group key, how many panes hold it. A held reading's key always has a pane too (a
+    /// pane outlives the readings in it), so these are all the keys held.
     key_entries: KeyMap<usize>,
     /// Containing mode: the last window start judged (windows at or before it are never judged again).
     judged_through: Option<EventTime>,
     /// Entries changed this epoch, in the order they first changed (may since have been dropped).
     dirty_panes: Vec<(EventTime, Box<[u8]>)>,
-    dirty_readings: Vec<(EventTime, Box<[u8]>)>,
+    dirty_readings: Vec<(EventTime, u64)>,
     /// Per table, when entries were dropped since the last `take_writes`: every entry below
     /// this time is gone.
     dropped_below: [Option<EventTime>; 2],
@@ -251,21 +264,19 @@ impl AnomalyOperator {
         if !owns(group_key) {
             return Ok(false);
         }
-        let new = match table {
+        match table {
             PANES => {
                 let stats = PaneStats::decode(value)?;
                 let slot = Slot { value: stats, dirty: false };
-                self.panes.entry(t).or_default().insert(group_key.into(), slot).is_none()
+                if self.panes.entry(t).or_default().insert(group_key.into(), slot).is_none() {
+                    hold(&mut self.key_entries, group_key);
+                }
             }
             READINGS => {
                 let values = decode_values(value)?;
-                let slot = Slot { value: values, dirty: false };
-                self.readings.entry(t).or_default().insert(group_key.into(), slot).is_none()
+                reading_at(&mut self.readings, t, group_key).0.values = values;
             }
             _ => return Err(format!("no state table {table} (an anomaly operator has {})", Self::TABLES.len())),
-        };
-        if new {
-            hold(&mut self.key_entries, group_key);
         }
         Ok(true)
     }
@@ -310,11 +321,10 @@ impl AnomalyOperator {
         if !std::mem::replace(&mut slot.dirty, true) {
             dirty.push((pane, key.into()));
         }
-        let (readings, key_entries, dirty) = (&mut self.readings, &mut self.key_entries, &mut self.dirty_readings);
-        let slot = upsert(readings.entry(t).or_default(), key, key_entries, Vec::new);
-        slot.value.push(x);
-        if !std::mem::replace(&mut slot.dirty, true) {
-            dirty.push((t, key.into()));
+        let (reading, hash) = reading_at(&mut self.readings, t, key);
+        reading.values.push(x);
+        if !std::mem::replace(&mut reading.dirty, true) {
+            self.dirty_readings.push((t, hash));
         }
     }
 
@@ -338,10 +348,10 @@ impl AnomalyOperator {
         let (size, slide) = (self.spec.size, self.spec.slide);
         let due = self.split_due_readings(self.trailing_readings_bound(watermark));
         let mut windows = WindowReadings::new();
-        for (&t, keys) in &due {
+        for (&(t, _), at) in &due {
             let start = align(t, slide, 0).saturating_sub(size);
-            for (key, slot) in keys {
-                windows.entry((start, &**key)).or_default().extend(slot.value.iter().map(|&x| (t, x)));
+            for r in at {
+                windows.entry((start, &*r.key)).or_default().extend(r.values.iter().map(|&x| (t, x)));
             }
         }
         self.judge_windows(windows, out);
@@ -360,13 +370,13 @@ impl AnomalyOperator {
         };
         // Only the readings held are visited: windows without any are never looked at.
         let mut windows = WindowReadings::new();
-        for (&t, keys) in self.readings.range(..last.saturating_add(size)) {
+        for (&(t, _), at) in self.readings.range(..(last.saturating_add(size), 0)) {
             // Windows containing t: aligned starts in (t - size, t].
             let newest = align(t, slide, 0);
             let mut s = newest.saturating_sub(size).saturating_add(slide).max(first);
             while s <= newest.min(last) {
-                for (key, slot) in keys {
-                    windows.entry((s, &**key)).or_default().extend(slot.value.iter().map(|&x| (t, x)));
+                for r in at {
+                    windows.entry((s, &*r.key)).or_default().extend(r.values.iter().map(|&x| (t, x)));
                 }
                 s += slide;
             }
@@ -446,13 +456,10 @@ impl AnomalyOperator {
     }
 
     /// Removes and returns the readings before `bound`.
-    fn split_due_readings(&mut self, bound: EventTime) -> BTreeMap<EventTime, KeyMap<Slot<Vec<f64>>>> {
-        let kept = self.readings.split_off(&bound);
+    fn split_due_readings(&mut self, bound: EventTime) -> Readings {
+        let kept = self.readings.split_off(&(bound, 0));
         let due = std::mem::replace(&mut self.readings, kept);
         if !due.is_empty() {
-            for key in due.values().flat_map(|keys| keys.keys()) {
-                release(&mut self.key_entries, key);
-            }
             self.dropped_below[READINGS] = self.dropped_below[READINGS].max(Some(bound));
         }
         due
@@ -492,10 +499,10 @@ impl AnomalyOperator {
             delete_ranges: range(self.dropped_below[READINGS].take()),
             ..Default::default()
         };
-        for (t, key) in self.dirty_readings.drain(..) {
-            if let Some(slot) = self.readings.get_mut(&t).and_then(|keys| keys.get_mut(&key)) {
-                slot.dirty = false;
-                readings.puts.push((entry_key(t, &key), encode_values(&slot.value)));
+        for (t, hash) in self.dirty_readings.drain(..) {
+            for r in self.readings.get_mut(&(t, hash)).into_iter().flatten().filter(|r| r.dirty) {
+                r.dirty = false;
+                readings.puts.push((entry_key(t, &r.key), encode_values(&r.values)));
             }
         }
         vec![panes, readings]
@@ -522,10 +529,28 @@ impl AnomalyOperator {
         let readings = self
             .readings
             .iter()
-            .flat_map(|(&t, keys)| keys.iter().map(move |(k, slot)| (entry_key(t, k), encode_values(&slot.value))))
+            .flat_map(|(&(t, _), at)| at.iter().map(move |r| (entry_key(t, &r.key), encode_values(&r.values))))
             .collect();
         [panes, readings]
     }
+}
+
+/// `key`'s readings at `t`, created empty when absent; and the key's hash.
+fn reading_at<'a>(readings: &'a mut Readings, t: EventTime, key: &[u8]) -> (&'a mut Reading, u64) {
+    let hash = xxhash_rust::xxh3::xxh3_64(key);
+    let at = readings.entry((t, hash)).or_default();
+    let i = match at.iter().position(|r| *r.key == *key) {
+        Some(i) => i,
+        None => {
+            at.push(Reading {
+                key: key.into(),
+                values: Vec::new(),
+                dirty: false,
+            });
+            at.len() - 1
+        }
+    };
+    (&mut at[i], hash)
 }
 
 /// `key`'s slot in `keys`, created (dirty, counted in `key_entries`) when absent.

@@ -215,7 +215,13 @@ fn restore_rejects_bad_entries_and_skips_other_shards_keys() {
     assert!(op.restore(2, &entry, &[0; 8], |_| true).is_err());
     assert_eq!(op.restore(1, &entry, &[0; 8], |_| false), Ok(false));
     assert_eq!(op.restore(1, &entry, &encode_values(&[1.0, 2.0]), |_| true), Ok(true));
-    assert_eq!((op.open_keys(), op.open_windows()), (1, 0));
+    // Keys are counted by their panes (a reading's pane always outlives it).
+    let mut stats = PaneStats::EMPTY;
+    stats.add(1.0);
+    stats.add(2.0);
+    assert_eq!(op.restore(0, &entry, &stats.encode(), |_| true), Ok(true));
+    assert_eq!((op.open_keys(), op.open_windows()), (1, 1));
+    assert_eq!(op.table_contents()[READINGS].len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

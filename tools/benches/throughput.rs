@@ -1,8 +1,10 @@
 //! End-to-end throughput: Kafka JSON → 2 shards → 5-minute tumbling count per page → Delta,
 //! beside the baseline measured in the same run on the same messages: raw consume + JSON
 //! decode on the same number of threads, with nothing else (the practical ceiling here); and
-//! the same events through a stream-stream interval join (views joined with clicks).
-//! Both are timed from the first event read to the last.
+//! the same events through a stream-stream interval join (views joined with clicks); and as
+//! many sensor readings through the anomaly-detection pipeline as shipped (rolling statistics
+//! and the trailing detector), with its windows scaled to the prefill's event-time span.
+//! All are timed from the first event read to the last.
 //! The prefill, the pipeline file and the baseline are the load test's
 //! (`tidemark_tools::loadtest`); here the pipeline runs in this process, `tidemark-tools
 //! loadtest` runs it as a child process and adds the live rate search, latency and RSS.
@@ -18,9 +20,13 @@ use std::time::{Duration, Instant};
 use tidemark::broker::EmbeddedBroker;
 use tidemark::config::parse_config;
 use tidemark::source::producer::EventProducer;
-use tidemark_tools::loadtest::{click_generator, click_pipeline_toml, consume_and_decode, prefill_clicks, ClickPipeline};
+use tidemark_tools::families::{FamilyGenerator, FamilySettings};
+use tidemark_tools::loadtest::{click_generator, click_pipeline_toml, consume_and_decode, prefill_events, ClickPipeline};
 
 const TOPIC: &str = "bench";
+const SENSOR_TOPIC: &str = "bench-sensors";
+/// Devices of the sensor prefill: ~100 readings per device and 10 s window.
+const SENSOR_DEVICES: u32 = 1_000;
 const PARTITIONS: i32 = 16;
 const SHARDS: usize = 2;
 
@@ -61,15 +67,34 @@ sink = "page_views_5min"
     format!("{}{join}{}", &text[..start], &text[end..])
 }
 
+/// `config/anomaly_detection.toml` on the sensor prefill: the same statistics query and
+/// trailing detector, with 10 s windows sliding every second (the prefill spans 32 s of event
+/// time at the default size), in the click pipeline's settings.
+fn anomaly_config_text(bootstrap: &str, dir: &std::path::Path) -> String {
+    let text = config_text(bootstrap, dir);
+    let (start, end) = (text.find("[[sources]]").unwrap(), text.find("[metrics]").unwrap());
+    let shipped = include_str!("../../config/anomaly_detection.toml");
+    let body = &shipped[shipped.find("[[sources]]").unwrap()..];
+    let body = body
+        .replace(
+            "topic = \"sensor-events\"",
+            &format!("topic = \"{SENSOR_TOPIC}\"\npartitions = {PARTITIONS}\nstarting_offsets = \"earliest\""),
+        )
+        .replace("delay = \"30s\"", "delay = \"5s\"")
+        .replace(
+            "window = { sliding = \"15m\", slide = \"1m\" }",
+            "window = { sliding = \"10s\", slide = \"1s\" }",
+        )
+        .replace("./data/", &format!("{}/", dir.display()));
+    assert!(body.matches("sliding = \"10s\"").count() == 2, "the shipped anomaly pipeline changed shape");
+    format!("{}{body}\n{}", &text[..start], &text[end..])
+}
+
 /// The pipeline from its first event read to its last, as the baseline is timed (both leave
 /// out the wait for the first fetch answer); returns events/s.
-fn pipeline(bootstrap: &str, total: u64, join: bool) -> f64 {
+fn pipeline(total: u64, text: impl FnOnce(&std::path::Path) -> String) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let text = if join {
-        join_config_text(bootstrap, dir.path())
-    } else {
-        config_text(bootstrap, dir.path())
-    };
+    let text = text(dir.path());
     let cfg = parse_config(&text).unwrap();
     let running = tidemark::daemon::start(cfg, Arc::new(AtomicBool::new(false))).unwrap();
     let launched = Instant::now();
@@ -103,11 +128,24 @@ fn main() {
     } else {
         16_000
     };
-    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS), (SENSOR_TOPIC.to_string(), PARTITIONS)]).unwrap();
     let producer = EventProducer::connect(broker.bootstrap_servers()).unwrap();
     // 2026-11-23T00:00:00Z onwards, ten events per millisecond.
-    let prefill = prefill_clicks(&producer, TOPIC, PARTITIONS, total, 1_795_392_000_000, &mut click_generator(1)).unwrap();
-    let per_partition_mb = prefill.bytes as f64 / PARTITIONS as f64 / 1e6;
+    let prefill = prefill_events(&producer, TOPIC, PARTITIONS, total, 1_795_392_000_000, &mut click_generator(1)).unwrap();
+    let sensors = FamilySettings {
+        keys: SENSOR_DEVICES,
+        ..FamilySettings::default()
+    };
+    let sensor_prefill = prefill_events(
+        &producer,
+        SENSOR_TOPIC,
+        PARTITIONS,
+        total,
+        1_795_392_000_000,
+        &mut FamilyGenerator::new(tidemark_tools::families::Family::Sensor, &sensors),
+    )
+    .unwrap();
+    let per_partition_mb = prefill.bytes.max(sensor_prefill.bytes) as f64 / PARTITIONS as f64 / 1e6;
     assert!(
         per_partition_mb < 4.5,
         "{per_partition_mb:.1} MB per partition exceeds the embedded broker's retention"
@@ -115,12 +153,14 @@ fn main() {
 
     let cfg = parse_config(&config_text(broker.bootstrap_servers(), std::path::Path::new("/tmp"))).unwrap();
     let rounds = if full { 3 } else { 1 };
-    let (mut base, mut pipe, mut join) = (0f64, 0f64, 0f64);
+    let (mut base, mut pipe, mut join, mut anomaly) = (0f64, 0f64, 0f64, 0f64);
+    let bootstrap = broker.bootstrap_servers();
     for _ in 0..rounds {
         let baseline = consume_and_decode(&cfg, broker.bootstrap_servers(), SHARDS, &prefill.per_partition, Duration::from_secs(120)).unwrap();
         base = base.max(baseline.events_per_second());
-        pipe = pipe.max(pipeline(broker.bootstrap_servers(), total, false));
-        join = join.max(pipeline(broker.bootstrap_servers(), total, true));
+        pipe = pipe.max(pipeline(total, |dir| config_text(bootstrap, dir)));
+        join = join.max(pipeline(total, |dir| join_config_text(bootstrap, dir)));
+        anomaly = anomaly.max(pipeline(total, |dir| anomaly_config_text(bootstrap, dir)));
     }
     println!(
         "events: {total} ({:.0} bytes avg, {PARTITIONS} partitions, {SHARDS} shards/threads), best of {rounds}",
@@ -131,4 +171,11 @@ fn main() {
     println!("pipeline / baseline:     {:>10.2}", pipe / base);
     println!("join pipeline:           {:>10.0} events/s ({:.0} per shard)", join, join / SHARDS as f64);
     println!("join / pipeline:         {:>10.2}", join / pipe);
+    println!(
+        "anomaly pipeline:        {:>10.0} events/s ({:.0} per shard; sensor readings, {:.0} bytes avg)",
+        anomaly,
+        anomaly / SHARDS as f64,
+        sensor_prefill.average_event_bytes()
+    );
+    println!("anomaly / pipeline:      {:>10.2}", anomaly / pipe);
 }

@@ -4,7 +4,7 @@
 //!
 //! One run, in order:
 //!
-//! 1. **Prefill** a fresh topic with N click events ([`prefill_clicks`]), on the embedded
+//! 1. **Prefill** a fresh topic with N click events ([`prefill_events`]), on the embedded
 //!    broker (in this process) or any broker given by address.
 //! 2. **Baseline**: raw consume + JSON decode of those N events with the pipeline's consumer
 //!    settings and decoder, nothing else, on as many threads as the pipeline has shards
@@ -51,7 +51,7 @@ use tidemark::config::{parse_config, Config};
 use tidemark::decode::SourceDecoder;
 use tidemark::source::consumer_config;
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings, GeneratedEvent};
-use tidemark::source::producer::{produce_events, wall_clock_ms, EventProducer, ProduceSettings, ProducerError, Rate};
+use tidemark::source::producer::{produce_events, wall_clock_ms, EventGenerator, EventProducer, ProduceSettings, ProducerError, Rate};
 
 /// The embedded broker (librdkafka's mock cluster) keeps the newest ~5 MB per partition.
 pub const EMBEDDED_RETENTION_BYTES_PER_PARTITION: u64 = 5_000_000;
@@ -325,7 +325,7 @@ pub fn click_generator(seed: u64) -> ClickGenerator {
     })
 }
 
-/// What [`prefill_clicks`] produced.
+/// What [`prefill_events`] produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prefill {
     pub events: u64,
@@ -342,16 +342,16 @@ impl Prefill {
     }
 }
 
-/// Produces `events` click events into `topic`, event *n* to partition *n* mod `partitions`
-/// (an even spread), event times from `first_event_ms` at ten per millisecond; waits until
-/// every one is delivered.
-pub fn prefill_clicks(
+/// Produces `events` events of `generator` (click events in the load test) into `topic`,
+/// event *n* to partition *n* mod `partitions` (an even spread), event times from
+/// `first_event_ms` at ten per millisecond; waits until every one is delivered.
+pub fn prefill_events(
     producer: &EventProducer,
     topic: &str,
     partitions: i32,
     events: u64,
     first_event_ms: i64,
-    generator: &mut ClickGenerator,
+    generator: &mut impl EventGenerator,
 ) -> Result<Prefill, ProducerError> {
     let started = Instant::now();
     let mut event = GeneratedEvent::default();
@@ -1660,7 +1660,7 @@ fn run_phases(settings: &LoadTestSettings, interrupt: &AtomicBool) -> Result<Loa
     let producer = EventProducer::connect(&bootstrap)?;
     say(format_args!("producing {} click events into {topic} on {broker}", settings.events));
     let first_event_ms = wall_clock_ms() - (settings.events / PREFILL_EVENTS_PER_MS) as i64;
-    let prefill = prefill_clicks(&producer, &topic, settings.partitions, settings.events, first_event_ms, &mut generator)?;
+    let prefill = prefill_events(&producer, &topic, settings.partitions, settings.events, first_event_ms, &mut generator)?;
     let event_bytes = prefill.average_event_bytes();
     let lag_cap = if embedded.is_some() {
         (retention * LAG_CAP_RETENTION_SHARE / (event_bytes + RECORD_OVERHEAD_BYTES as f64)) as u64
