@@ -159,6 +159,8 @@ fn pending_key(epoch: u64, sink: &str) -> Vec<u8> {
 
 /// Memory all memtables may use together (see `StateStore::open`).
 const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+/// Write-ahead logs kept on disk before the column families pinning the oldest are flushed.
+const MAX_WAL_BYTES: u64 = 2 * MEMTABLE_BUDGET_BYTES as u64;
 /// Memtable size at which one column family flushes.
 const MEMTABLE_BYTES: usize = 16 << 20;
 
@@ -183,6 +185,10 @@ impl StateStore {
         // All memtables together stay under this: RocksDB flushes the largest when it is
         // reached. Without it each column family may hold 2 × 64 MB.
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+        // A column family with few writes (the meta one) would otherwise flush rarely and pin
+        // every write-ahead log written since: past this size RocksDB flushes the column
+        // families holding the oldest log, so the logs on disk stay bounded.
+        opts.set_max_total_wal_size(MAX_WAL_BYTES);
         let table_cfs: Vec<String> = tables.iter().map(|t| table_cf(t)).collect();
         let mut names: Vec<String> = DB::list_cf(&opts, dir).unwrap_or_default();
         for n in std::iter::once(META.to_string()).chain(table_cfs.iter().cloned()) {
