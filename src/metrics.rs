@@ -410,9 +410,10 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
         .queries
         .iter()
         .zip(&stats.query_watermarks)
-        .map(|((name, lateness), w)| (name.as_str(), w.load(Relaxed), *lateness))
-        .filter(|(_, w, _)| *w != UNKNOWN)
-        .map(|(name, w, lateness)| (name, w - lateness))
+        .filter_map(|((name, lateness), w)| {
+            let w = w.load(Relaxed);
+            (w != UNKNOWN).then(|| (name.as_str(), w - lateness))
+        })
         .collect();
     if !query_watermarks.is_empty() {
         out.family(
