@@ -36,7 +36,7 @@ pub enum CommitError {
     Rows { sink: String, message: String },
     #[error("pending output for epoch {epoch} names sink \"{sink}\", which this config does not have; restore the sink in the config so its rows are delivered, or start from a new state_dir")]
     UnknownPendingSink { epoch: u64, sink: String },
-    #[error("sink \"{sink}\" already holds epoch {table_epoch} of {app_id}, but the state store only reached epoch {state_epoch}: the state_dir was reset while the table was kept, and new epochs would be skipped as duplicates. Restore the state_dir, or point the sink at a new path")]
+    #[error("sink \"{sink}\" already holds epoch {table_epoch} of {app_id}, but the state store only reached epoch {state_epoch}: the state_dir was reset while the table was kept, and new epochs would be skipped as duplicates. Restore the state_dir, or point the sink at a new path (a Kafka sink: a new topic, or delete its marker group {app_id})")]
     TableAhead {
         sink: String,
         app_id: String,
@@ -177,6 +177,12 @@ impl Committer {
                     (Some(rows), slot) => *slot = Some(rows),
                     (None, _) => {}
                 }
+            }
+        }
+        // Sinks listed after the first of a query (or dead-letter list) get copies.
+        for idx in 0..outputs.len() {
+            if let Some(from) = self.sinks[idx].plan().copy_from {
+                outputs[idx] = outputs[from].clone();
             }
         }
         let mut pending = Vec::new();

@@ -128,15 +128,24 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         n => n,
     };
     let kafka_sources = config.sources.iter().any(|s| s.files.is_none());
+    // Kafka sinks on the pipeline's brokers (no bootstrap_servers of their own).
+    let kafka_sink_topics: Vec<(String, i32)> = config
+        .sinks
+        .iter()
+        .filter_map(|s| s.kafka.as_ref())
+        .filter(|k| k.bootstrap_servers.is_none())
+        .map(|k| (k.topic.clone(), 1))
+        .collect();
     let (broker, bootstrap) = match &config.kafka.bootstrap_servers {
         // Only file sources: no broker to start (the generator needs a Kafka source anyway).
-        Bootstrap::Embedded if !kafka_sources => (None, String::new()),
+        Bootstrap::Embedded if !kafka_sources && kafka_sink_topics.is_empty() => (None, String::new()),
         Bootstrap::Embedded => {
             let topics: Vec<(String, i32)> = config
                 .sources
                 .iter()
                 .filter(|s| s.files.is_none())
                 .map(|s| (s.topic.clone(), s.partitions as i32))
+                .chain(kafka_sink_topics.iter().cloned())
                 .collect();
             let b = EmbeddedBroker::start(&topics)?;
             let addr = b.bootstrap_servers().to_string();
@@ -149,7 +158,10 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let assignment = assign_partitions(&counts, shards);
     let file_assignment = crate::source::assign_file_sources(&config, shards);
     let plan = Arc::new(Plan::new(&config)?);
-    let plans = plan.sinks.clone();
+    let mut plans = plan.sinks.clone();
+    for k in plans.iter_mut().filter_map(|p| p.config.kafka.as_mut()) {
+        k.bootstrap_servers.get_or_insert_with(|| bootstrap.clone());
+    }
     let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &plan.layout.names)?);
     let mut recovered = store.recover()?;
     if broker.is_some() && !recovered.positions.is_empty() {

@@ -26,9 +26,10 @@ pub struct Plan {
     /// Per query (operator index).
     pub shapes: Vec<OutputShape>,
     pub sinks: Vec<SinkPlan>,
-    /// Per query: index into `sinks` of the sink it writes to.
+    /// Per query: index into `sinks` of the (first) sink it writes to; the committer copies
+    /// its rows to the query's other sinks.
     pub query_sink: Vec<usize>,
-    /// Per source: index into `sinks` of its dead-letter sink, if any.
+    /// Per source: index into `sinks` of its (first) dead-letter sink, if any.
     pub source_dlq: Vec<Option<usize>>,
     pub layout: StateLayout,
 }
@@ -76,7 +77,7 @@ impl Plan {
             .map(|q| {
                 sinks
                     .iter()
-                    .position(|p| matches!(p.role, SinkRole::Windows { query, .. } if query == q))
+                    .position(|p| p.copy_from.is_none() && matches!(p.role, SinkRole::Windows { query, .. } if query == q))
                     .ok_or_else(|| PlanError::NoSink {
                         query: config.queries[q].name.clone(),
                     })
@@ -85,7 +86,7 @@ impl Plan {
         let source_dlq = config
             .sources
             .iter()
-            .map(|s| s.on_error.as_ref().and_then(|n| sinks.iter().position(|p| &p.name == n)))
+            .map(|s| s.on_error.first().and_then(|n| sinks.iter().position(|p| &p.name == n)))
             .collect();
         let mut routes: Vec<Vec<Route>> = config.sources.iter().map(|_| Vec::new()).collect();
         for (qi, q) in config.queries.iter().enumerate() {

@@ -1,7 +1,9 @@
 //! A pipeline with a stream-stream join and an anomaly detector over three topics, killed with
 //! SIGKILL at random moments while its input arrives, restarted each time with 1 or 2 shards:
 //! its tables must equal an oracle computed here over the whole input, with no row lost or
-//! written twice.
+//! written twice. Against the embedded broker, and against Apache Kafka with the anomalies
+//! also going to a Kafka topic (transactions), read by an independent `read_committed`
+//! consumer while the daemon is being killed.
 
 mod common;
 
@@ -9,12 +11,19 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{sorted_rows, start_broker, wait_for, T0_MS};
+use common::{rows, sorted_rows, start_broker, wait_for, T0_MS};
 use rand::{Rng, SeedableRng};
 use tidemark::source::producer::EventProducer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
-const TOPICS: [&str; 3] = ["click-events", "purchase-events", "sensor-events"];
+
+/// Where the pipeline reads and, against Apache Kafka, what it also writes to topics.
+struct Topics {
+    /// clicks, purchases, readings
+    inputs: [String; 3],
+    /// (alerts topic, dead-letter topic)
+    kafka_out: Option<(String, String)>,
+}
 
 /// (ms, user, page) clicks; (ms, user, product, price) purchases; (ms, device, value) readings.
 type Click = (i64, String, String);
@@ -57,27 +66,54 @@ fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn produce(addr: &str, (clicks, purchases, readings): &(Vec<Click>, Vec<Purchase>, Vec<Reading>)) {
+fn produce(addr: &str, topics: &Topics, (clicks, purchases, readings): &(Vec<Click>, Vec<Purchase>, Vec<Reading>)) {
     let p = EventProducer::connect(addr).unwrap();
+    let [c, pu, r] = &topics.inputs;
+    let topics = [c.as_str(), pu.as_str(), r.as_str()];
     let send = |topic: &str, i: usize, json: serde_json::Value| p.send(topic, Some((i % 2) as i32), b"k", json.to_string().as_bytes()).unwrap();
     for (i, c) in clicks.iter().enumerate() {
-        send(TOPICS[0], i, serde_json::json!({ "user_id": c.1, "page_url": c.2, "timestamp": rfc3339(c.0) }));
+        send(topics[0], i, serde_json::json!({ "user_id": c.1, "page_url": c.2, "timestamp": rfc3339(c.0) }));
     }
     for (i, x) in purchases.iter().enumerate() {
         send(
-            TOPICS[1],
+            topics[1],
             i,
             serde_json::json!({ "user_id": x.1, "product_id": x.2, "price": x.3, "timestamp": rfc3339(x.0) }),
         );
     }
     for (i, r) in readings.iter().enumerate() {
-        send(TOPICS[2], i, serde_json::json!({ "device_id": r.1, "value": r.2, "timestamp": rfc3339(r.0) }));
+        send(topics[2], i, serde_json::json!({ "device_id": r.1, "value": r.2, "timestamp": rfc3339(r.0) }));
     }
     p.flush(Duration::from_secs(30)).unwrap();
 }
 
-fn pipeline(addr: &str, dir: &Path, shards: usize) -> String {
+fn pipeline(addr: &str, topics: &Topics, dir: &Path, shards: usize) -> String {
     let d = dir.display();
+    let [clicks, purchases, readings] = &topics.inputs;
+    let (on_error, anomaly_sinks, kafka_sinks) = match &topics.kafka_out {
+        None => (String::new(), "\"anomalies\"".to_string(), String::new()),
+        Some((alerts, dead_letters)) => (
+            "on_error = [\"dlq\", \"dlq_topic\"]".to_string(),
+            "[\"anomalies\", \"alerts\"]".to_string(),
+            format!(
+                r#"
+[[sinks]]
+name = "alerts"
+kind = "kafka"
+topic = "{alerts}"
+key = ["device_id"]
+[[sinks]]
+name = "dlq_topic"
+kind = "kafka"
+topic = "{dead_letters}"
+[[sinks]]
+name = "dlq"
+kind = "delta"
+path = "{d}/dlq"
+"#
+            ),
+        ),
+    };
     format!(
         r#"
 [pipeline]
@@ -91,21 +127,22 @@ bootstrap_servers = "{addr}"
 listen = "off"
 [[sources]]
 name = "clicks"
-topic = "click-events"
+topic = "{clicks}"
 event_time = {{ field = "timestamp" }}
 watermark = {{ delay = "2s" }}
 schema = {{ user_id = "string", page_url = "string", timestamp = "timestamp" }}
 [[sources]]
 name = "purchases"
-topic = "purchase-events"
+topic = "{purchases}"
 event_time = {{ field = "timestamp" }}
 watermark = {{ delay = "2s" }}
 schema = {{ user_id = "string", product_id = "string", price = "float", timestamp = "timestamp" }}
 [[sources]]
 name = "readings"
-topic = "sensor-events"
+topic = "{readings}"
 event_time = {{ field = "timestamp" }}
 watermark = {{ delay = "2s" }}
+{on_error}
 schema = {{ device_id = "string", value = "float", timestamp = "timestamp" }}
 [[queries]]
 name = "attribution"
@@ -124,7 +161,7 @@ from = "readings"
 window = {{ sliding = "2m", slide = "30s" }}
 group_by = ["device_id"]
 anomaly = {{ field = "value", min_count = 5, judge = "containing" }}
-sink = "anomalies"
+sink = {anomaly_sinks}
 [[sinks]]
 name = "attribution"
 kind = "delta"
@@ -133,21 +170,105 @@ path = "{d}/attribution"
 name = "anomalies"
 kind = "delta"
 path = "{d}/anomalies"
-"#
+{kafka_sinks}"#
     )
 }
 
 #[test]
 fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
     let dir = tempfile::tempdir().unwrap();
-    let topics: Vec<String> = TOPICS.iter().map(|t| format!("{t}:2")).collect();
-    let (mut broker, addr) = start_broker(dir.path(), &topics);
+    let topics = Topics {
+        inputs: ["click-events".into(), "purchase-events".into(), "sensor-events".into()],
+        kafka_out: None,
+    };
+    let specs: Vec<String> = topics.inputs.iter().map(|t| format!("{t}:2")).collect();
+    let (mut broker, addr) = start_broker(dir.path(), &specs);
+    killed_at_random_moments(&addr, &topics, dir.path());
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
+/// On Apache Kafka, the anomalies also go to an alerts topic and the readings' dead letters
+/// to a dead-letter topic, both written in Kafka transactions. A `read_committed` consumer
+/// reading the alerts while the daemon is being killed must see each anomaly exactly once:
+/// the same rows as the Delta table, which equals the oracle.
+#[test]
+fn on_apache_kafka_alerts_reach_a_read_committed_consumer_exactly_once() {
+    let addr = common::kafka::bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = common::kafka::unique("join-crash");
+    let topics = Topics {
+        inputs: [format!("{name}-clicks"), format!("{name}-purchases"), format!("{name}-readings")],
+        kafka_out: Some((format!("{name}-alerts"), format!("{name}-dead-letters"))),
+    };
+    let (alerts, dead_letter_topic) = topics.kafka_out.clone().unwrap();
+    let mut all: Vec<(&str, i32)> = topics.inputs.iter().map(|t| (t.as_str(), 2)).collect();
+    all.extend([(alerts.as_str(), 1), (dead_letter_topic.as_str(), 1)]);
+    common::kafka::create_topics(&addr, &all);
+    // Malformed readings: dead letters in the Delta table and in the topic, once each.
+    let bad: Vec<String> = (0..5).map(|i| format!("not json {i}")).collect();
+    let p = EventProducer::connect(&addr).unwrap();
+    for b in &bad {
+        p.send(&topics.inputs[2], Some(0), b"k", b.as_bytes()).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    // The independent reader runs from the start, while the daemon is killed again and again.
+    let reader = {
+        let (addr, alerts) = (addr.clone(), alerts.clone());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let handle = std::thread::spawn(move || {
+            common::kafka::read_committed(&addr, &alerts, Duration::from_secs(600), |_| stop.load(std::sync::atomic::Ordering::Relaxed))
+        });
+        (handle, done)
+    };
+    let anomalies = killed_at_random_moments(&addr, &topics, dir.path());
+    // Give the reader time to catch up with the last commit, then stop it.
+    std::thread::sleep(Duration::from_secs(3));
+    reader.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    let messages = reader.0.join().unwrap();
+    let mut from_topic: Vec<Vec<String>> = messages
+        .iter()
+        .map(|(key, value)| {
+            let v: serde_json::Value = serde_json::from_str(value.as_deref().expect("an anomaly is a message, not a tombstone")).unwrap();
+            let micros = |field: &str| {
+                let text = v[field].as_str().unwrap_or_else(|| panic!("{field} in {v}"));
+                chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_micros().to_string()
+            };
+            assert_eq!(key.as_deref(), v["device_id"].as_str(), "the message key is the device");
+            vec![micros("window_start"), v["device_id"].as_str().unwrap().to_string(), micros("timestamp")]
+        })
+        .collect();
+    from_topic.sort();
+    assert_eq!(from_topic, anomalies, "the alerts topic, read committed, holds each anomaly exactly once");
+
+    let mut dead: Vec<String> = common::kafka::read_committed(&addr, &dead_letter_topic, Duration::from_secs(30), |got| got.len() >= bad.len())
+        .into_iter()
+        .map(|(_, v)| {
+            let v: serde_json::Value = serde_json::from_str(&v.unwrap()).unwrap();
+            assert_eq!(v["reason"], "decode");
+            v["payload"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Anything beyond the expected count would have arrived with them: read a little longer.
+    dead.sort();
+    assert_eq!(dead, bad, "the dead-letter topic holds each bad reading once");
+    let mut in_table: Vec<String> = rows(&dir.path().join("dlq")).into_iter().map(|r| r["payload"].clone()).collect();
+    in_table.sort();
+    assert_eq!(in_table.len(), bad.len(), "the dead-letter table holds each bad reading once: {in_table:?}");
+}
+
+/// Runs the pipeline over ten minutes of input, killed at random moments while it arrives;
+/// asserts the tables equal the oracle and returns the anomalies oracle
+/// (window_start µs, device, timestamp µs), sorted.
+fn killed_at_random_moments(addr: &str, topics: &Topics, dir: &Path) -> Vec<Vec<String>> {
     let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("join crash test seed {seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let config = dir.path().join("pipeline.toml");
+    let config = dir.join("pipeline.toml");
     let crash_after = |rng: &mut rand_chacha::ChaCha8Rng, max_ms: u64| {
-        std::fs::write(&config, pipeline(&addr, dir.path(), rng.random_range(1..=2))).unwrap();
+        std::fs::write(&config, pipeline(addr, topics, dir, rng.random_range(1..=2))).unwrap();
         let mut child = Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(rng.random_range(50..max_ms)));
         child.kill().unwrap(); // SIGKILL
@@ -158,11 +279,11 @@ fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
     // event an hour ahead on every partition moves the watermark past everything.
     let first = input(0, 300_000);
     let second = input(300_000, 600_000);
-    produce(&addr, &first);
+    produce(addr, topics, &first);
     for _ in 0..3 {
         crash_after(&mut rng, 2_000);
     }
-    produce(&addr, &second);
+    produce(addr, topics, &second);
     for _ in 0..3 {
         crash_after(&mut rng, 2_000);
     }
@@ -178,7 +299,7 @@ fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
         ],
         vec![(late, "clock".to_string(), 1.0), (late + 1, "clock".to_string(), 1.0)],
     );
-    produce(&addr, &clock);
+    produce(addr, topics, &clock);
     crash_after(&mut rng, 1_500);
 
     let clicks: Vec<Click> = first.0.iter().chain(&second.0).cloned().collect();
@@ -216,9 +337,9 @@ fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
     anomalies.sort();
     assert!(anomalies.len() >= 3 && joined.iter().any(|r| r[2] != "NULL"));
 
-    std::fs::write(&config, pipeline(&addr, dir.path(), 2)).unwrap();
+    std::fs::write(&config, pipeline(addr, topics, dir, 2)).unwrap();
     let mut child = Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
-    let (attribution, anomaly_table) = (dir.path().join("attribution"), dir.path().join("anomalies"));
+    let (attribution, anomaly_table) = (dir.join("attribution"), dir.join("anomalies"));
     let read = || {
         (
             sorted_rows(&attribution, &["user_id", "click_time", "product_id", "purchase_time"]),
@@ -231,9 +352,8 @@ fn join_and_anomalies_killed_at_random_moments_equal_the_oracle() {
     });
     assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
     assert!(child.wait().unwrap().success());
-    let _ = broker.kill();
-    let _ = broker.wait();
     let (j, a) = read();
     assert_eq!(j, joined);
     assert_eq!(a, anomalies);
+    anomalies
 }

@@ -32,7 +32,7 @@ fn shipped(name: &str, dir: &Path, bootstrap: Option<&str>) -> Config {
     cfg.generator = None;
     // Tests run in parallel: an ephemeral port, not the shipped 9464.
     cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
-    for s in &mut cfg.sinks {
+    for s in cfg.sinks.iter_mut().filter(|s| s.kafka.is_none()) {
         s.path = dir.join(&s.name);
     }
     for s in &mut cfg.sources {
@@ -413,7 +413,7 @@ fn click_purchase_attribution_as_shipped() {
 #[test]
 fn anomaly_detection_as_shipped() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = EmbeddedBroker::start(&[("sensor-events".to_string(), 1)]).unwrap();
+    let broker = EmbeddedBroker::start(&[("sensor-events".to_string(), 1), ("alerts".to_string(), 1)]).unwrap();
     // Three devices, a reading every 20 s for an hour, small noise and a few spikes.
     let mut readings: Vec<(i64, String, f64)> = Vec::new();
     for i in 0..180i64 {
@@ -469,6 +469,20 @@ fn anomaly_detection_as_shipped() {
         assert_eq!((&g.0, g.1), (&e.0, e.1));
         assert!((g.2 - e.2).abs() < 1e-9 && (g.3 - e.3).abs() < 1e-9, "{g:?} vs {e:?}");
     }
+    // The same anomalies as JSON messages on the alerts topic, keyed by device.
+    let messages = common::kafka::read_committed(broker.bootstrap_servers(), "alerts", Duration::from_secs(30), |m| m.len() >= expected.len());
+    let mut alerts: Vec<(String, i64)> = messages
+        .iter()
+        .map(|(key, value)| {
+            let v: serde_json::Value = serde_json::from_str(value.as_deref().unwrap()).unwrap();
+            assert_eq!(key.as_deref(), v["device_id"].as_str());
+            let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).unwrap();
+            (v["device_id"].as_str().unwrap().to_string(), t.timestamp_micros())
+        })
+        .collect();
+    alerts.sort();
+    let expected_alerts: Vec<(String, i64)> = expected.iter().map(|e| (e.0.clone(), e.1)).collect();
+    assert_eq!(alerts, expected_alerts);
 }
 
 #[test]

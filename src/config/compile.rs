@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, JoinConfig, KafkaConfig,
-    OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
+    KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
 use super::raw::{RawAggregate, RawAnomaly, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
@@ -202,7 +202,7 @@ fn compile_source(
     diag: &Diagnostics,
 ) -> SourceConfig {
     let source_name = display_name(s.name.as_ref());
-    if let Some(on_error) = &s.on_error {
+    for on_error in &s.on_error {
         let subject = format!("source \"{source_name}\" sends dead letters to");
         if let Some(index) = sinks.resolve(diag, on_error, &subject, "sink", "sinks") {
             dead_letter_sinks.insert(index);
@@ -231,7 +231,7 @@ fn compile_source(
         },
         watermark: s.watermark,
         starting_offsets: s.starting_offsets,
-        on_error: s.on_error.map(|e| e.value),
+        on_error: s.on_error.into_iter().map(|e| e.value).collect(),
         on_gap: s.on_gap,
     }
 }
@@ -386,27 +386,34 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         }
     }
 
-    let sink_index = q.sink.as_ref().and_then(|sink| {
-        let subject = format!("query \"{query_name}\" writes to");
-        let index = refs.sinks.resolve(diag, sink, &subject, "sink", "sinks")?;
-        if let Some(first) = query_sinks.get(&index) {
-            diag.report(
-                sink.path.clone(),
-                sink.line,
-                format!(
-                    "sink \"{}\" already receives the results of query \"{}\"; give each query its own sink",
-                    sink.value, first.query
-                ),
-            );
-        } else {
-            let output = QueryOutput {
-                query: query_name.clone(),
-                columns: columns.into_iter().map(|c| c.name).collect(),
-            };
-            query_sinks.insert(index, output);
-        }
-        Some(index)
-    });
+    let column_names: Vec<String> = columns.into_iter().map(|c| c.name).collect();
+    let sink_indexes: Vec<usize> = q
+        .sink
+        .iter()
+        .flatten()
+        .filter_map(|sink| {
+            let subject = format!("query \"{query_name}\" writes to");
+            let index = refs.sinks.resolve(diag, sink, &subject, "sink", "sinks")?;
+            if let Some(first) = query_sinks.get(&index) {
+                let message = if first.query == query_name {
+                    format!("sink \"{}\" is listed twice; list each sink once", sink.value)
+                } else {
+                    format!(
+                        "sink \"{}\" already receives the results of query \"{}\"; give each query its own sink",
+                        sink.value, first.query
+                    )
+                };
+                diag.report(sink.path.clone(), sink.line, message);
+            } else {
+                let output = QueryOutput {
+                    query: query_name.clone(),
+                    columns: column_names.clone(),
+                };
+                query_sinks.insert(index, output);
+            }
+            Some(index)
+        })
+        .collect();
 
     QueryConfig {
         name: q.name.map(|n| n.value).unwrap_or_default(),
@@ -425,8 +432,8 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         derive,
         output: q.output.map_or(OutputMode::Append, |o| o.value),
         allowed_lateness: q.allowed_lateness,
-        sink: q.sink.map(|s| s.value).unwrap_or_default(),
-        sink_index: sink_index.unwrap_or(0),
+        sinks: q.sink.into_iter().flatten().map(|s| s.value).collect(),
+        sink_indexes,
     }
 }
 
@@ -1175,7 +1182,33 @@ fn compile_sink(s: RawSink, fed_by_query: Option<&QueryOutput>, dead_letters: bo
             );
         }
     }
+    let kafka = s.kafka.map(|k| {
+        for column in &k.key {
+            let known = match fed_by_query {
+                Some(output) => output.columns.contains(&column.value),
+                None => !dead_letters || DEAD_LETTER_COLUMNS.contains(&column.value.as_str()),
+            };
+            if !known {
+                let columns = fed_by_query.map_or_else(|| DEAD_LETTER_COLUMNS.join(", "), |o| o.columns.join(", "));
+                diag.report(
+                    column.path.clone(),
+                    column.line,
+                    format!(
+                        "sink \"{sink_name}\": key column \"{}\" is not a column of the rows it receives; its columns: {columns}",
+                        column.value
+                    ),
+                );
+            }
+        }
+        KafkaSinkConfig {
+            topic: k.topic.unwrap_or_default(),
+            key: k.key.into_iter().map(|c| c.value).collect(),
+            bootstrap_servers: k.bootstrap_servers,
+            options: k.options,
+        }
+    });
     SinkConfig {
+        kafka,
         name: s.name.map(|n| n.value).unwrap_or_default(),
         kind: s.kind.unwrap_or(SinkKind::Delta),
         path: s.path.unwrap_or_default(),

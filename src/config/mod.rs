@@ -27,8 +27,8 @@ pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType,
-    FileSourceConfig, Format, GapPolicy, GeneratorConfig, JoinConfig, JoinType, KafkaConfig, LogConfig, MetricsConfig, OutputMode, PipelineConfig, QueryConfig,
-    QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
+    FileSourceConfig, Format, GapPolicy, GeneratorConfig, JoinConfig, JoinType, KafkaConfig, KafkaSinkConfig, LogConfig, MetricsConfig, OutputMode,
+    PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

@@ -174,8 +174,9 @@ pub struct SourceConfig {
     pub event_time: EventTimeConfig,
     pub watermark: WatermarkConfig,
     pub starting_offsets: StartingOffsets,
-    /// Name of the sink receiving dead letters; `None` = count, log and drop.
-    pub on_error: Option<String>,
+    /// Names of the sinks receiving dead letters (each gets every one); empty = count, log
+    /// and drop.
+    pub on_error: Vec<String>,
     pub on_gap: GapPolicy,
 }
 
@@ -274,9 +275,10 @@ pub struct QueryConfig {
     pub output: OutputMode,
     /// How long after a window closes late events still update it. Default 0s.
     pub allowed_lateness: Duration,
-    pub sink: String,
-    /// Index into [`Config::sinks`] of `sink`.
-    pub sink_index: usize,
+    /// The sinks receiving the results, each all of them (`sink = "a"` or a list).
+    pub sinks: Vec<String>,
+    /// Indexes into [`Config::sinks`] of `sinks`.
+    pub sink_indexes: Vec<usize>,
 }
 
 /// What a query computes.
@@ -559,11 +561,28 @@ pub struct SinkConfig {
     /// `vacuum_retention = "7d"`: after each compaction, delete data files unreferenced for
     /// longer than this. Default: never vacuum (every old version stays readable).
     pub vacuum_retention: Option<Duration>,
+    /// `kind = "kafka"`: the topic and how rows become messages (the Delta options above are
+    /// unused).
+    pub kafka: Option<KafkaSinkConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkKind {
     Delta,
+    Kafka,
+}
+
+/// A Kafka sink: rows as JSON messages, one Kafka transaction per epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSinkConfig {
+    pub topic: String,
+    /// Output columns whose values form the message key; empty = no key (append), or the
+    /// window start and group keys (update mode).
+    pub key: Vec<String>,
+    /// Default: `[kafka] bootstrap_servers`.
+    pub bootstrap_servers: Option<String>,
+    /// librdkafka producer settings.
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// `[generator]`: built-in click-event generator producing into a source's topic.

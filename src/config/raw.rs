@@ -127,7 +127,8 @@ pub(crate) struct RawSource {
     pub event_time_format: TimeFormat,
     pub watermark: WatermarkConfig,
     pub starting_offsets: StartingOffsets,
-    pub on_error: Option<At<String>>,
+    /// Dead-letter sinks (`on_error = "dlq"` or a list); empty = none.
+    pub on_error: Vec<At<String>>,
     pub on_gap: GapPolicy,
 }
 
@@ -154,7 +155,8 @@ pub(crate) struct RawQuery {
     pub output: Option<At<OutputMode>>,
     pub output_valid: bool,
     pub allowed_lateness: Duration,
-    pub sink: Option<At<String>>,
+    /// The sinks receiving the results (`sink = "a"` or a list); `None` when missing.
+    pub sink: Option<Vec<At<String>>>,
 }
 
 impl RawQuery {
@@ -232,6 +234,17 @@ pub(crate) struct RawSink {
     pub compact_min_files: usize,
     pub checkpoint_interval: u64,
     pub vacuum_retention: Option<Duration>,
+    /// `kind = "kafka"` only.
+    pub kafka: Option<RawKafkaSink>,
+}
+
+/// A Kafka sink's own keys.
+#[derive(Debug)]
+pub(crate) struct RawKafkaSink {
+    pub topic: Option<String>,
+    pub key: Vec<At<String>>,
+    pub bootstrap_servers: Option<String>,
+    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -369,15 +382,8 @@ fn read_pipeline(mut f: Fields<'_, '_>) -> RawPipeline {
     }
 }
 
-fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
-    let bootstrap_servers = f.take_str("bootstrap_servers").map_or(Bootstrap::Embedded, |s| {
-        if s.value == "embedded" {
-            Bootstrap::Embedded
-        } else {
-            Bootstrap::Servers(s.value)
-        }
-    });
-    let group_id = f.take_str("group_id").map(|s| s.value);
+/// `options = { "key" = value }`: librdkafka settings, written as strings, integers or booleans.
+fn read_librdkafka_options(f: &mut Fields<'_, '_>) -> BTreeMap<String, String> {
     let mut options = BTreeMap::new();
     if let Some((_, entries)) = f.take_entries("options") {
         for entry in entries {
@@ -399,6 +405,19 @@ fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
             }
         }
     }
+    options
+}
+
+fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
+    let bootstrap_servers = f.take_str("bootstrap_servers").map_or(Bootstrap::Embedded, |s| {
+        if s.value == "embedded" {
+            Bootstrap::Embedded
+        } else {
+            Bootstrap::Servers(s.value)
+        }
+    });
+    let group_id = f.take_str("group_id").map(|s| s.value);
+    let options = read_librdkafka_options(&mut f);
     f.finish();
     RawKafka {
         bootstrap_servers,
@@ -489,7 +508,7 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
         watermark.idle_timeout = value_or(w.take_duration("idle_timeout"), watermark.idle_timeout);
         w.finish();
     }
-    let on_error = f.take_str("on_error");
+    let on_error = f.take_str_or_list("on_error").unwrap_or_default();
     f.finish();
     RawSource {
         name,
@@ -603,7 +622,7 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
     let output = f.take_choice("output", &OUTPUT_MODES);
     let output_valid = !output_written || output.is_some();
     let allowed_lateness = value_or(f.take_duration("allowed_lateness"), Duration::ZERO);
-    let sink = f.require("sink", Fields::take_str);
+    let sink = f.require("sink", Fields::take_str_or_list);
     f.finish();
     RawQuery {
         name,
@@ -960,7 +979,12 @@ fn read_percentile(a: &mut Fields<'_, '_>, func: Option<AggFn>, at: &At<()>) -> 
 
 fn read_sink(mut f: Fields<'_, '_>) -> RawSink {
     let name = f.require("name", Fields::take_str);
-    let kind = f.require("kind", |f, key| f.take_choice(key, &[("delta", SinkKind::Delta)])).map(|k| k.value);
+    let kind = f
+        .require("kind", |f, key| f.take_choice(key, &[("delta", SinkKind::Delta), ("kafka", SinkKind::Kafka)]))
+        .map(|k| k.value);
+    if kind == Some(SinkKind::Kafka) {
+        return read_kafka_sink(f, name);
+    }
     let path = f.require("path", Fields::take_str).map(|p| PathBuf::from(p.value));
     let partition_by = f.take_str_list("partition_by").unwrap_or_default();
     for (i, column) in partition_by.iter().enumerate() {
@@ -997,6 +1021,52 @@ fn read_sink(mut f: Fields<'_, '_>) -> RawSink {
         compact_min_files,
         checkpoint_interval,
         vacuum_retention,
+        kafka: None,
+    }
+}
+
+/// Keys of a Delta sink, reported when written on a Kafka sink.
+const DELTA_SINK_KEYS: [&str; 7] = [
+    "path",
+    "partition_by",
+    "target_file_size",
+    "compact_every",
+    "compact_min_files",
+    "checkpoint_interval",
+    "vacuum_retention",
+];
+
+fn read_kafka_sink(mut f: Fields<'_, '_>, name: Option<At<String>>) -> RawSink {
+    let topic = f.require("topic", Fields::take_str).map(|t| t.value);
+    let key = f.take_str_list("key").unwrap_or_default();
+    let bootstrap_servers = f.take_str("bootstrap_servers").map(|b| b.value);
+    let options = read_librdkafka_options(&mut f);
+    for delta_key in DELTA_SINK_KEYS {
+        if let Some(value) = f.take_unlisted(delta_key) {
+            f.report_at(
+                f.key_path(delta_key),
+                f.line_of(value),
+                format!("{delta_key} applies only to kind = \"delta\" sinks; remove it from this Kafka sink (it writes to topic = \"...\")"),
+            );
+        }
+    }
+    f.finish();
+    RawSink {
+        name,
+        kind: Some(SinkKind::Kafka),
+        path: None,
+        partition_by: Vec::new(),
+        target_file_size_bytes: DEFAULT_TARGET_FILE_SIZE_BYTES,
+        compact_every: 0,
+        compact_min_files: DEFAULT_COMPACT_MIN_FILES,
+        checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+        vacuum_retention: None,
+        kafka: Some(RawKafkaSink {
+            topic,
+            key,
+            bootstrap_servers,
+            options,
+        }),
     }
 }
 

@@ -205,6 +205,30 @@ impl<'a, 'i> Fields<'a, 'i> {
         Some(out)
     }
 
+    /// One string or an array of strings (`sink = "a"` or `sink = ["a", "b"]`); at least one.
+    pub(crate) fn take_str_or_list(&mut self, key: &'static str) -> Option<Vec<At<String>>> {
+        let value = self.take_value(key)?;
+        if value.get_ref().as_array().is_none() {
+            let path = self.key_path(key);
+            let line = self.line_of(value);
+            return match to_str(value) {
+                Ok(s) => Some(vec![At { value: s, path, line }]),
+                Err(_) => {
+                    self.diag.report(path, line, found("a string or an array of strings", value));
+                    None
+                }
+            };
+        }
+        let line = self.line_of(value);
+        let path = self.key_path(key);
+        let list = self.take_str_list(key)?;
+        if list.is_empty() {
+            self.diag.report(path, line, "is empty; name at least one".to_string());
+            return None;
+        }
+        Some(list)
+    }
+
     /// A sub-table (`[a.b]`, `b = { ... }` or dotted keys).
     pub(crate) fn take_table(&mut self, key: &'static str) -> Option<Fields<'a, 'i>> {
         let value = self.take_value(key)?;

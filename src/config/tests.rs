@@ -122,6 +122,7 @@ fn default_sink(name: &str, path: &str) -> SinkConfig {
         compact_min_files: 4,
         checkpoint_interval: 10,
         vacuum_retention: None,
+        kafka: None,
     }
 }
 
@@ -190,7 +191,7 @@ fn full_config_parses_into_expected_values() {
                 idle_timeout: Duration::from_secs(60),
             },
             starting_offsets: StartingOffsets::Latest,
-            on_error: Some("dead_letters".into()),
+            on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Skip,
         }
     );
@@ -233,8 +234,8 @@ fn full_config_parses_into_expected_values() {
             derive: vec![],
             output: OutputMode::Append,
             allowed_lateness: Duration::from_secs(3600),
-            sink: "page_views".into(),
-            sink_index: 0,
+            sinks: vec!["page_views".into()],
+            sink_indexes: vec![0],
         }
     );
     assert_eq!(query.key_fields(), ["page", "user_id"]);
@@ -302,7 +303,7 @@ fn defaults_are_applied() {
         }
     );
     assert_eq!(source.starting_offsets, StartingOffsets::Earliest);
-    assert_eq!(source.on_error, None);
+    assert!(source.on_error.is_empty());
     assert_eq!(source.on_gap, GapPolicy::Fail);
     let query = &config.queries[0];
     assert_eq!(
@@ -874,7 +875,7 @@ fn file_source_parses() {
                 idle_timeout: Duration::from_secs(30),
             },
             starting_offsets: StartingOffsets::Earliest,
-            on_error: Some("dead_letters".into()),
+            on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Fail,
         }
     );
@@ -927,8 +928,8 @@ fn sliding_query_with_filters_percentile_and_derived_columns_parses() {
             derive: vec![derived("ctr", "clicks / views"), derived("window_date", "CAST(window_start AS DATE)")],
             output: OutputMode::Update,
             allowed_lateness: Duration::from_secs(60),
-            sink: "sliding_out".into(),
-            sink_index: 0,
+            sinks: vec!["sliding_out".into()],
+            sink_indexes: vec![0],
         }
     );
     assert_eq!(config.queries[0].window_columns(), ["window_start", "window_end"]);
@@ -990,6 +991,7 @@ fn sink_table_options_parse() {
             compact_min_files: 2,
             checkpoint_interval: 1,
             vacuum_retention: Some(Duration::from_secs(7 * 86_400)),
+            kafka: None,
         }
     );
     assert_eq!(config.sinks[1], default_sink("sessions_out", "./out/sessions"));
@@ -1870,4 +1872,74 @@ sink = "out""#,
     for needle in ["needs an int or float expression, but \\\"UPPER(page)\\\" is string", "has both field and expr"] {
         assert!(text.contains(needle), "{needle} in {text}");
     }
+}
+
+/// MINIMAL with the query writing to `out` and a Kafka sink `alerts` (the extra keys given).
+fn with_kafka_sink(sink_list: &str, kafka_keys: &str) -> String {
+    format!(
+        "{}\n[[sinks]]\nname = \"alerts\"\nkind = \"kafka\"\n{kafka_keys}\n",
+        MINIMAL.replace("sink = \"out\"", &format!("sink = {sink_list}"))
+    )
+}
+
+#[test]
+fn a_query_writes_to_a_delta_table_and_a_kafka_topic() {
+    let text = with_kafka_sink(
+        r#"["out", "alerts"]"#,
+        "topic = \"alerts\"\nkey = [\"kind\"]\nbootstrap_servers = \"k:9092\"\noptions = { \"linger.ms\" = 20 }",
+    )
+    .replace("aggregates = [", "group_by = [\"kind\"]\naggregates = [");
+    let config = parse_config(&text).unwrap();
+    assert_eq!(config.queries[0].sinks, vec!["out".to_string(), "alerts".to_string()]);
+    assert_eq!(config.queries[0].sink_indexes, vec![0, 1]);
+    let kafka = config.sinks[1].kafka.as_ref().expect("a Kafka sink");
+    assert_eq!(config.sinks[1].kind, SinkKind::Kafka);
+    assert_eq!(kafka.topic, "alerts");
+    assert_eq!(kafka.key, vec!["kind".to_string()]);
+    assert_eq!(kafka.bootstrap_servers.as_deref(), Some("k:9092"));
+    assert_eq!(kafka.options.get("linger.ms").map(String::as_str), Some("20"));
+    // The plan feeds the Delta table from the shards and copies its rows to the topic.
+    let plan = crate::plan::Plan::new(&config).unwrap();
+    assert_eq!(plan.query_sink, vec![0]);
+    assert_eq!((plan.sinks[0].copy_from, plan.sinks[1].copy_from), (None, Some(0)));
+}
+
+#[test]
+fn kafka_sink_mistakes_are_named() {
+    let errors = errors_of(&with_kafka_sink(
+        r#"["out", "alerts", "out"]"#,
+        "path = \"x\"\nkey = [\"nope\"]\npartition_by = [\"kind\"]",
+    ));
+    assert!(
+        error_at(&errors, "sinks[1].topic").message.contains("missing required key \"topic\""),
+        "{errors:#?}"
+    );
+    assert!(error_at(&errors, "sinks[1].path").message.contains("applies only to kind = \"delta\""));
+    assert!(error_at(&errors, "sinks[1].partition_by").message.contains("applies only to kind = \"delta\""));
+    assert!(error_at(&errors, "sinks[1].key[0]").message.contains("key column \"nope\" is not a column"));
+    assert!(error_at(&errors, "queries[0].sink[2]").message.contains("is listed twice"));
+    assert_eq!(errors.len(), 5, "{errors:#?}");
+    let errors = errors_of(&with_kafka_sink("[]", "topic = \"t\""));
+    assert!(error_at(&errors, "queries[0].sink").message.contains("is empty"), "{errors:#?}");
+}
+
+#[test]
+fn sources_sharing_dead_letters_list_the_same_sinks() {
+    let text = format!(
+        "{}\n{}",
+        with_kafka_sink("\"out\"", "topic = \"dead\"").replace("event_time = { field = \"ts\" }", "event_time = { field = \"ts\" }\non_error = [\"dlq\", \"alerts\"]"),
+        "[[sinks]]\nname = \"dlq\"\nkind = \"delta\"\npath = \"dlq\"\n\n[[sources]]\nname = \"more\"\ntopic = \"more\"\nschema = { ts = \"int\" }\nevent_time = { field = \"ts\" }\non_error = \"dlq\"\n"
+    );
+    let config = parse_config(&text).unwrap();
+    assert_eq!(config.sources[0].on_error, vec!["dlq".to_string(), "alerts".to_string()]);
+    let err = crate::plan::Plan::new(&config).err().expect("different dead-letter lists are refused");
+    let text_of = err.to_string();
+    assert!(
+        text_of.contains("sources \"events\" and \"more\" share a dead-letter sink but list different ones"),
+        "{text_of}"
+    );
+    let same = text.replace("on_error = \"dlq\"", "on_error = [\"dlq\", \"alerts\"]");
+    let plan = crate::plan::Plan::new(&parse_config(&same).unwrap()).unwrap();
+    let alerts = plan.sinks.iter().find(|p| p.name == "alerts").unwrap();
+    assert_eq!(alerts.copy_of.as_deref(), Some("dlq"));
 }

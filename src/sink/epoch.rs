@@ -2,9 +2,11 @@
 //! rows, says which epoch it already holds, and skips an epoch it has (Delta: the
 //! `txn(appId, epoch)` action), so a replay after a crash writes nothing twice. How the rows
 //! change the table — append, upsert on the window and group keys, or replace — follows the
-//! sink's plan; table maintenance runs between epochs. Dispatch is by enum on the sink kind.
+//! sink's plan; table maintenance runs between epochs. Dispatch is by enum on the sink kind:
+//! a Delta table, or a Kafka topic written in transactions ([`super::kafka`]).
 
 use super::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions, WriteAttempts};
+use super::kafka::{KafkaEpochSink, KafkaSinkError};
 use super::{to_record_batch, SinkPlan, SinkRole, SinkRows};
 use crate::config::OutputMode;
 
@@ -15,6 +17,8 @@ pub type WriteOutcome = AppendOutcome;
 pub enum SinkError {
     #[error(transparent)]
     Delta(#[from] DeltaSinkError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
     /// Internal: rows that do not fit the sink's columns.
     #[error("{0}")]
     Rows(String),
@@ -22,7 +26,8 @@ pub enum SinkError {
 
 /// A sink of numbered epochs.
 pub enum EpochSink {
-    Delta(DeltaEpochSink),
+    Delta(Box<DeltaEpochSink>),
+    Kafka(Box<KafkaEpochSink>),
 }
 
 /// A Delta table written one commit per epoch.
@@ -45,17 +50,21 @@ pub fn table_options(plan: &SinkPlan) -> TableOptions {
 impl EpochSink {
     /// Opens (or creates) the sink's table; an existing table with other columns is an error.
     pub async fn open(plan: SinkPlan) -> Result<EpochSink, SinkError> {
+        if plan.config.kind == crate::config::SinkKind::Kafka {
+            return Ok(EpochSink::Kafka(Box::new(KafkaEpochSink::open(plan)?)));
+        }
         let table = DeltaTableSink::open_or_create(&plan.path, plan.schema.clone(), &table_options(&plan)).await?;
-        Ok(EpochSink::Delta(DeltaEpochSink {
+        Ok(EpochSink::Delta(Box::new(DeltaEpochSink {
             plan,
             table,
             since_compaction: 0,
-        }))
+        })))
     }
 
     pub fn plan(&self) -> &SinkPlan {
         match self {
             EpochSink::Delta(d) => &d.plan,
+            EpochSink::Kafka(k) => k.plan(),
         }
     }
 
@@ -63,6 +72,7 @@ impl EpochSink {
     pub async fn committed_epoch(&mut self) -> Result<Option<u64>, SinkError> {
         match self {
             EpochSink::Delta(d) => Ok(d.table.committed_epoch(&d.plan.app_id).await?),
+            EpochSink::Kafka(k) => Ok(k.committed_epoch()),
         }
     }
 
@@ -70,6 +80,7 @@ impl EpochSink {
     pub async fn write_epoch(&mut self, epoch: u64, rows: &SinkRows) -> Result<WriteOutcome, SinkError> {
         match self {
             EpochSink::Delta(d) => d.write_epoch(epoch, rows).await,
+            EpochSink::Kafka(k) => Ok(k.write_epoch(epoch, rows)?),
         }
     }
 
@@ -77,6 +88,7 @@ impl EpochSink {
     pub fn attempts(&self) -> WriteAttempts {
         match self {
             EpochSink::Delta(d) => d.table.attempts(),
+            EpochSink::Kafka(k) => k.attempts(),
         }
     }
 
@@ -86,6 +98,7 @@ impl EpochSink {
     pub async fn maintain(&mut self) {
         match self {
             EpochSink::Delta(d) => d.maintain().await,
+            EpochSink::Kafka(_) => {}
         }
     }
 }

@@ -9,6 +9,7 @@ mod delta_error;
 #[cfg(test)]
 mod delta_ops_tests;
 pub mod epoch;
+pub mod kafka;
 mod table_files;
 
 use std::path::PathBuf;
@@ -96,6 +97,11 @@ pub struct SinkPlan {
     pub role: SinkRole,
     /// The sink's table options.
     pub config: SinkConfig,
+    /// Not fed by the shards: receives a copy of the rows of the first sink in its query's
+    /// (or dead-letter) sink list, named here.
+    pub copy_of: Option<String>,
+    /// The plan index of `copy_of`.
+    pub copy_from: Option<usize>,
 }
 
 impl SinkPlan {
@@ -112,6 +118,13 @@ impl SinkPlan {
 pub enum PlanError {
     #[error("sink \"{sink}\" is fed by {first} and by {second}; give each query and each dead-letter stream its own sink")]
     SharedSink { sink: String, first: String, second: String },
+    #[error("sources \"{first}\" and \"{second}\" share a dead-letter sink but list different ones (on_error = [{first_list}] and [{second_list}]); sources sharing a dead-letter sink must list the same sinks in the same order")]
+    DeadLetterLists {
+        first: String,
+        first_list: String,
+        second: String,
+        second_list: String,
+    },
     #[error("query \"{query}\" has no sink to write to (internal error: the configuration compiler resolves every query's sink)")]
     NoSink { query: String },
 }
@@ -159,30 +172,60 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
             QueryKind::Aggregate => (q.window.columns().to_vec(), q.group_by.clone()),
             _ => (Vec::new(), Vec::new()),
         };
-        let merge_keys = window_columns.iter().take(1).map(|c| c.to_string()).chain(key_names.iter().cloned()).collect();
-        claim(
-            q.sink_index,
-            format!("query \"{}\"", q.name),
-            SinkRole::Windows {
-                query,
-                window_columns,
-                key_names,
-                key_types: shape.key_types.clone(),
-                value_names: shape.value_names.clone(),
-                value_types: shape.value_types.clone(),
-                mode: q.output,
-                merge_keys,
-            },
-        )?;
+        let merge_keys: Vec<String> = window_columns.iter().take(1).map(|c| c.to_string()).chain(key_names.iter().cloned()).collect();
+        for &sink in &q.sink_indexes {
+            claim(
+                sink,
+                format!("query \"{}\"", q.name),
+                SinkRole::Windows {
+                    query,
+                    window_columns: window_columns.clone(),
+                    key_names: key_names.clone(),
+                    key_types: shape.key_types.clone(),
+                    value_names: shape.value_names.clone(),
+                    value_types: shape.value_types.clone(),
+                    mode: q.output,
+                    merge_keys: merge_keys.clone(),
+                },
+            )?;
+        }
     }
+    // Sources sharing a dead-letter sink list the same sinks: the first one receives the
+    // rows, the others copies of them.
+    let mut dead_letter_lists: Vec<(&str, &[String])> = Vec::new();
     for s in &config.sources {
-        if let Some(dlq) = &s.on_error {
+        if let Some(first) = dead_letter_lists.iter().find(|(_, list)| list.iter().any(|n| s.on_error.contains(n))) {
+            if first.1 != s.on_error.as_slice() {
+                return Err(PlanError::DeadLetterLists {
+                    first: first.0.to_string(),
+                    first_list: first.1.join(", "),
+                    second: s.name.clone(),
+                    second_list: s.on_error.join(", "),
+                });
+            }
+        } else if !s.on_error.is_empty() {
+            dead_letter_lists.push((&s.name, &s.on_error));
+        }
+        for dlq in &s.on_error {
             let idx = config.sinks.iter().position(|k| &k.name == dlq).expect("compiled config");
             claim(idx, format!("dead letters of source \"{}\"", s.name), SinkRole::DeadLetters)?;
         }
     }
+    // Extra sinks of a query or dead-letter list get a copy of the first sink's rows.
+    let mut copy_of_name: Vec<Option<&str>> = vec![None; config.sinks.len()];
+    let lists = config
+        .queries
+        .iter()
+        .map(|q| q.sinks.as_slice())
+        .chain(config.sources.iter().map(|s| s.on_error.as_slice()));
+    for list in lists {
+        for extra in list.iter().skip(1) {
+            let idx = config.sinks.iter().position(|k| &k.name == extra).expect("compiled config");
+            copy_of_name[idx] = Some(list[0].as_str());
+        }
+    }
     let mut plans = Vec::new();
-    for (sink, feeder) in config.sinks.iter().zip(feeders) {
+    for ((sink, feeder), copy_of) in config.sinks.iter().zip(feeders).zip(&copy_of_name) {
         let Some((_, role)) = feeder else {
             tracing::warn!(sink = %sink.name, "sink is not fed by any query or source; it is ignored");
             continue;
@@ -216,7 +259,16 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
             schema,
             role,
             config: sink.clone(),
+            copy_of: copy_of.map(str::to_string),
+            copy_from: None,
         });
+    }
+    // Names → plan indexes, now that unfed sinks are left out.
+    for i in 0..plans.len() {
+        if let Some(name) = &plans[i].copy_of {
+            let primary = plans.iter().position(|p| &p.name == name).expect("the first sink of a list is fed");
+            plans[i].copy_from = Some(primary);
+        }
     }
     Ok(plans)
 }

@@ -4,6 +4,8 @@
 //! generated payload with serde_json and chrono and groups with a BTreeMap over the whole input.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,11 +58,23 @@ pub fn init_logs() {
 }
 
 pub fn produce(bootstrap: &str, events: &[Sent]) {
+    produce_to(bootstrap, TOPIC, events);
+}
+
+pub fn produce_to(bootstrap: &str, topic: &str, events: &[Sent]) {
     let p = EventProducer::connect(bootstrap).expect("producer");
     for s in events {
-        p.send(TOPIC, Some(s.partition), &s.event.key, &s.event.payload).expect("send");
+        p.send(topic, Some(s.partition), &s.event.key, &s.event.payload).expect("send");
     }
-    p.flush(Duration::from_secs(30)).expect("flush");
+    p.flush(Duration::from_secs(120)).expect("flush");
+}
+
+/// [`pipeline_toml`] reading the clicks from `topic` instead of [`TOPIC`].
+pub fn pipeline_toml_on(topic: &str, name: &str, bootstrap: &str, dir: &Path, shards: usize) -> String {
+    let default = format!("topic = \"{TOPIC}\"\n");
+    let toml = pipeline_toml(name, bootstrap, dir, shards);
+    assert!(toml.contains(&default), "pipeline_toml changed its source block");
+    toml.replace(&default, &format!("topic = \"{topic}\"\n"))
 }
 
 pub fn pipeline_toml(name: &str, bootstrap: &str, dir: &Path, shards: usize) -> String {
