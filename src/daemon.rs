@@ -421,8 +421,11 @@ fn coordinate(config: &Config, first_epoch: u64, controls: &[flume::Sender<Contr
     let mut epoch = first_epoch;
     let mut next_tick = Instant::now() + interval;
     let mut progress = ProgressLog::new(config.pipeline.progress_interval);
+    let bytes_read = || stats.shards.iter().flat_map(|s| s.partitions()).map(|p| p.bytes.load(Relaxed)).sum::<u64>();
+    let mut epoch_began_at = bytes_read();
     loop {
-        while Instant::now() < next_tick && !shutdown.load(Relaxed) {
+        // An epoch ends at its interval, or early once it has read max_epoch_bytes.
+        while Instant::now() < next_tick && !shutdown.load(Relaxed) && bytes_read() - epoch_began_at < config.pipeline.max_epoch_bytes {
             if failure.abort.load(Relaxed) {
                 return;
             }
@@ -446,6 +449,7 @@ fn coordinate(config: &Config, first_epoch: u64, controls: &[flume::Sender<Contr
             return;
         }
         epoch += 1;
+        epoch_began_at = bytes_read();
         next_tick += interval;
         let now = Instant::now();
         if next_tick < now {

@@ -48,6 +48,12 @@ pub struct SourceDecoder {
     scratch: String,
 }
 
+/// 0001-01-01T00:00:00Z in µs since the Unix epoch: the earliest event time accepted.
+pub const MIN_EVENT_TIME: EventTime = -62_135_596_800_000_000;
+/// 9999-12-31T23:59:59.999999Z: the latest. Window arithmetic (alignment, ends, calendar
+/// periods) stays far from i64's limits in between.
+pub const MAX_EVENT_TIME: EventTime = 253_402_300_799_999_999;
+
 impl SourceDecoder {
     /// Panics only if the config was not compiled (event-time field missing from the schema),
     /// which the config compiler rules out.
@@ -91,7 +97,7 @@ impl SourceDecoder {
                 message: format!("invalid JSON: {e}; each message must be one JSON object"),
             });
         }
-        let event_time = self.event_time()?;
+        let event_time = self.event_time(payload)?;
         for (i, slot) in self.slots.iter().enumerate() {
             let problem = match slot {
                 Slot::Missing => "is missing".to_string(),
@@ -110,13 +116,20 @@ impl SourceDecoder {
         Ok(event_time)
     }
 
-    fn event_time(&self) -> Result<EventTime, DecodeError> {
+    fn event_time(&self, payload: &[u8]) -> Result<EventTime, DecodeError> {
         let name = &self.names[self.event_time_field];
         let t = match self.slots[self.event_time_field] {
             Slot::Time(t) => Some(t),
             Slot::Int(v) => epoch_int_to_micros(v, self.time_format),
             Slot::Float(v) => epoch_number_to_micros(v, self.time_format),
-            Slot::Str { owned: true, start, end } => parse_rfc3339_micros(&self.scratch[start as usize..end as usize]),
+            // A field declared "string" (or a number written as a string): RFC 3339, or digits
+            // read as an epoch number in the configured unit.
+            Slot::Str { owned, start, end } => std::str::from_utf8(self.str_bytes(payload, owned, start, end)).ok().and_then(|text| {
+                parse_rfc3339_micros(text).or_else(|| {
+                    let v: i64 = text.trim().parse().ok()?;
+                    epoch_int_to_micros(v, self.time_format)
+                })
+            }),
             Slot::Missing | Slot::Null => {
                 return Err(DecodeError {
                     reason: DeadLetterReason::EventTime,
@@ -125,6 +138,14 @@ impl SourceDecoder {
             }
             _ => None,
         };
+        if let Some(t) = t.filter(|t| !(MIN_EVENT_TIME..=MAX_EVENT_TIME).contains(t)) {
+            return Err(DecodeError {
+                reason: DeadLetterReason::EventTime,
+                message: format!(
+                    "event-time field \"{name}\" is {t} µs since 1970, outside the years 1 to 9999 that windows can be computed for; fix the producer (or the event_time format: epoch seconds, millis or micros)"
+                ),
+            });
+        }
         t.ok_or_else(|| DecodeError {
             reason: DeadLetterReason::EventTime,
             message: format!(
@@ -419,6 +440,31 @@ path = "/tmp/x"
         let mut k = Vec::new();
         d.write_key_component(p, 1, &mut k);
         assert_eq!(crate::types::decode_key(&k).unwrap(), vec![Value::Str("/a".into())]);
+    }
+
+    /// An event-time field declared "string" decodes like a timestamp one, whether or not its
+    /// text has escapes (borrowed or copied by the parser), and digits as an epoch number.
+    #[test]
+    fn string_typed_event_time_decodes() {
+        let text = "[pipeline]\nname = \"p\"\n[[sources]]\nname = \"s\"\ntopic = \"t\"\nschema = { ts = \"string\" }\nevent_time = { field = \"ts\" }\n[[queries]]\nname = \"q\"\nfrom = \"s\"\nwindow = { tumbling = \"1m\" }\naggregates = [{ name = \"n\", fn = \"count\" }]\nsink = \"s\"\n[[sinks]]\nname = \"s\"\nkind = \"delta\"\npath = \"/tmp/x\"\n";
+        let cfg = crate::config::parse_config(text).unwrap();
+        let mut d = SourceDecoder::new(&cfg.sources[0]);
+        assert_eq!(d.decode(br#"{"ts":"1970-01-01T00:00:01Z"}"#), Ok(1_000_000));
+        assert_eq!(d.decode(br#"{"ts":"1970-01-01T00:00:02\u005a"}"#), Ok(2_000_000));
+        assert_eq!(d.decode(br#"{"ts":"1700000000123"}"#), Ok(1_700_000_000_123_000));
+        assert_eq!(d.decode(br#"{"ts":"soon"}"#).unwrap_err().reason, DeadLetterReason::EventTime);
+    }
+
+    /// Times windows cannot be computed for are dead letters, never an overflow.
+    #[test]
+    fn event_times_beyond_the_year_9999_are_refused() {
+        let mut d = decoder();
+        let p = br#"{"user_id":"u","page_url":"/a","n":3,"x":2.5,"ok":false,"timestamp":9223372036854775807}"#;
+        let e = d.decode(p).unwrap_err();
+        assert_eq!(e.reason, DeadLetterReason::EventTime);
+        assert!(e.message.contains("outside the years 1 to 9999"), "{}", e.message);
+        let p = br#"{"user_id":"u","page_url":"/a","n":3,"x":2.5,"ok":false,"timestamp":"9999-12-31T23:59:59Z"}"#;
+        assert_eq!(d.decode(p), Ok(253_402_300_799_000_000));
     }
 
     #[test]

@@ -227,6 +227,10 @@ struct Shard {
     bad_input_warnings: WarnLimiter,
     /// Per query: late events since the last publication.
     late_tally: Vec<u64>,
+    /// The wall clock (µs) as of this poll round: event times too far ahead of it are refused.
+    wall_clock: EventTime,
+    /// Bytes read by the sources since the last barrier.
+    epoch_bytes: u64,
     latency: EpochLatency,
     /// Time spent working, total; and the (instant, total) the current busy-ratio window began.
     busy: Duration,
@@ -325,6 +329,8 @@ impl Shard {
             dropped_warnings: WarnLimiter::new(BAD_INPUT_WARN_EVERY),
             bad_input_warnings: WarnLimiter::new(BAD_INPUT_WARN_EVERY),
             late_tally: vec![0; cfg.queries.len()],
+            wall_clock: crate::time::now_micros(),
+            epoch_bytes: 0,
             latency: EpochLatency::new(now, crate::time::now_micros(), cfg.pipeline.commit_interval),
             busy: Duration::ZERO,
             busy_window: (now, Duration::ZERO),
@@ -365,7 +371,10 @@ impl Shard {
                     Err(TryRecvError::Disconnected) => return Err(ShardError::PeerGone(self.ctx.id)),
                 }
                 let backlogged = self.queues.iter().any(|q| q.len() > MAX_LOCAL_QUEUE);
-                if backlogged {
+                let epoch_full = self.epoch_bytes >= self.ctx.config.pipeline.max_epoch_bytes / self.ctx.shards as u64;
+                if epoch_full {
+                    // This shard's share of the epoch is read: wait for the barrier.
+                } else if backlogged {
                     if self.blocked_since.is_none() {
                         ShardStats::add(&self.ctx.stats.shards[self.ctx.id].backpressure_pauses, 1);
                     }
@@ -452,6 +461,7 @@ impl Shard {
     }
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {
+        self.epoch_bytes = 0;
         let watermarks = self.source_watermarks();
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {
@@ -537,6 +547,7 @@ impl Shard {
 
     fn poll_sources(&mut self) -> Result<bool, ShardError> {
         let now = Instant::now();
+        self.wall_clock = crate::time::now_micros();
         let mut sources = std::mem::take(&mut self.sources);
         let mut n = 0;
         let mut result = Ok(());
@@ -549,6 +560,7 @@ impl Shard {
                     let tally = &mut self.inputs[input].tally;
                     tally.received += 1;
                     tally.bytes += rec.bytes;
+                    self.epoch_bytes += rec.bytes;
                     received += 1;
                 }
                 match rec.problem {
@@ -587,6 +599,19 @@ impl Shard {
                 return;
             }
         };
+        if let Some(max_future) = self.ctx.config.sources[source].watermark.max_future {
+            let limit = self.wall_clock.saturating_add(i64::try_from(max_future.as_micros()).unwrap_or(i64::MAX));
+            if t > limit {
+                let message = format!(
+                    "event time {} is more than {} ahead of the clock ({}): a producer's clock or timestamp is wrong; it would move the watermark past every real event (fix the producer, or raise watermark.max_future)",
+                    format_micros(t),
+                    crate::config::format_duration(max_future),
+                    format_micros(self.wall_clock),
+                );
+                self.dead_letter_at(input, file, offset, payload, DeadLetterReason::EventTime, message);
+                return;
+            }
+        }
         let input_state = &mut self.inputs[input];
         // Judged against the partition's watermark before this record (see the module doc).
         let partition_watermark = input_state.clock.own_watermark();

@@ -232,3 +232,26 @@ fn on_apache_kafka_millions_of_events_equal_the_oracle_and_the_group_shows_no_la
     let total: i64 = offsets.iter().map(|o| o.2).sum();
     assert_eq!(total, events.len() as i64, "committed offsets cover every event: {offsets:?}");
 }
+
+/// Epochs are bounded by bytes as well as time: with an hour between commits and 1 MiB per
+/// epoch, ~3 MB of input still commits in several epochs, and the tables equal the oracle.
+#[test]
+fn epochs_end_early_at_max_epoch_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    let events = plan(81, 0, 20_000, 0.0, 0.0);
+    let bytes: usize = events.iter().map(|s| s.event.payload.len()).sum();
+    assert!(bytes > 2_500_000, "enough input for several epochs: {bytes} bytes");
+    produce(broker.bootstrap_servers(), &events);
+    init_logs();
+    let toml = pipeline_toml("bytes", broker.bootstrap_servers(), dir.path(), 2)
+        .replace("commit_interval = \"200ms\"", "commit_interval = \"1h\"\nmax_epoch_bytes = \"1MiB\"");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("the input to be read", Duration::from_secs(60), || {
+        running.stats().events_in == events.len() as u64
+    });
+    wait_for("epochs committed by size", Duration::from_secs(30), || running.stats().committed_epoch >= 2);
+    let stats = running.stop().unwrap().stats;
+    assert!(stats.committed_epoch >= 3, "{} epochs for {bytes} bytes", stats.committed_epoch);
+    assert_matches_oracle(dir.path(), &events);
+}

@@ -31,6 +31,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         progress_interval: raw.pipeline.progress_interval,
         exchange_batch: raw.pipeline.exchange_batch,
         exchange_capacity: raw.pipeline.exchange_capacity,
+        max_epoch_bytes: raw.pipeline.max_epoch_bytes,
         name: name.clone(),
     };
     let kafka = KafkaConfig {
@@ -903,6 +904,17 @@ fn check_output_mode(q: &RawQuery, query_name: &str, at: &RawWindow, window: Win
                 format!(
                     "query \"{query_name}\": a global window without reset never closes, so output = \"append\"{default} would never write a row; \
                      set output = \"update\" or \"complete\", or add reset = \"day\" (or hour, week, month, year)"
+                ),
+            );
+        }
+        (OutputMode::Update, false) if q.group_by.is_empty() => {
+            let output = q.output.as_ref().expect("update is written");
+            diag.report(
+                output.path.clone(),
+                output.line,
+                format!(
+                    "query \"{query_name}\": a global window without reset and without group_by has one row and no column to upsert it on, \
+                     so output = \"update\" cannot write it; use output = \"complete\" (the row is replaced each epoch it changes), or add group_by"
                 ),
             );
         }

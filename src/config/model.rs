@@ -108,6 +108,10 @@ pub struct PipelineConfig {
     /// Batches a channel between two shards holds; when full, the sender stops reading its
     /// sources until it drains (backpressure). Default 16.
     pub exchange_capacity: usize,
+    /// An epoch ends early once the sources have read this many bytes in it (shards pause
+    /// their sources at their share until it ends), so a catch-up or a slow sink cannot grow
+    /// an epoch's memory without bound. Default 128 MiB.
+    pub max_epoch_bytes: u64,
 }
 
 /// `[metrics]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
@@ -229,6 +233,9 @@ pub struct WatermarkConfig {
     pub delay: Duration,
     /// A partition silent this long stops holding the watermark back. Default 30s.
     pub idle_timeout: Duration,
+    /// An event time more than this ahead of the wall clock is a dead letter, not a watermark
+    /// jump. Default 1 day; `None` (`max_future = "off"`) accepts any time.
+    pub max_future: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

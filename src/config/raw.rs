@@ -71,6 +71,11 @@ const DEFAULT_EXCHANGE_BATCH: usize = 1024;
 const DEFAULT_EXCHANGE_CAPACITY: usize = 16;
 const DEFAULT_PARTITIONS: u32 = 4;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An epoch ends early once its sources have read this many bytes.
+const DEFAULT_MAX_EPOCH_BYTES: u64 = 128 * 1024 * 1024;
+const MIN_EPOCH_BYTES: u64 = 1024 * 1024;
+/// Event times further ahead of the wall clock are dead letters.
+const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(86_400);
 const DEFAULT_RATE: u64 = 1000;
 const DEFAULT_SEED: u64 = 42;
 const DEFAULT_USERS: u32 = 1000;
@@ -103,6 +108,7 @@ pub(crate) struct RawPipeline {
     pub progress_interval: Duration,
     pub exchange_batch: usize,
     pub exchange_capacity: usize,
+    pub max_epoch_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -286,6 +292,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         progress_interval: DEFAULT_PROGRESS_INTERVAL,
         exchange_batch: DEFAULT_EXCHANGE_BATCH,
         exchange_capacity: DEFAULT_EXCHANGE_CAPACITY,
+        max_epoch_bytes: DEFAULT_MAX_EPOCH_BYTES,
     });
     let kafka = root.take_table_or_empty("kafka").map(read_kafka).unwrap_or(RawKafka {
         bootstrap_servers: Bootstrap::Embedded,
@@ -370,6 +377,14 @@ fn read_pipeline(mut f: Fields<'_, '_>) -> RawPipeline {
     });
     let exchange_batch = f.take_int("exchange_batch", 1, 65_536).map(|n| n.value as usize);
     let exchange_capacity = f.take_int("exchange_capacity", 1, 4_096).map(|n| n.value as usize);
+    let max_epoch_bytes = f.take_size("max_epoch_bytes").and_then(|size| {
+        if size.value < MIN_EPOCH_BYTES {
+            f.report_at(size.path, size.line, "must be at least 1MiB, e.g. \"128MiB\"".to_string());
+            None
+        } else {
+            Some(size.value)
+        }
+    });
     f.finish();
     RawPipeline {
         name,
@@ -379,6 +394,7 @@ fn read_pipeline(mut f: Fields<'_, '_>) -> RawPipeline {
         progress_interval: progress_interval.unwrap_or(DEFAULT_PROGRESS_INTERVAL),
         exchange_batch: exchange_batch.unwrap_or(DEFAULT_EXCHANGE_BATCH),
         exchange_capacity: exchange_capacity.unwrap_or(DEFAULT_EXCHANGE_CAPACITY),
+        max_epoch_bytes: max_epoch_bytes.unwrap_or(DEFAULT_MAX_EPOCH_BYTES),
     }
 }
 
@@ -502,10 +518,18 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
     let mut watermark = WatermarkConfig {
         delay: Duration::ZERO,
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        max_future: Some(DEFAULT_MAX_FUTURE),
     };
     if let Some(mut w) = f.take_table("watermark") {
         watermark.delay = value_or(w.take_duration("delay"), watermark.delay);
         watermark.idle_timeout = value_or(w.take_duration("idle_timeout"), watermark.idle_timeout);
+        if w.has("max_future") && w.take_str("max_future").is_some_and(|s| s.value == "off") {
+            watermark.max_future = None;
+        } else {
+            if let Some(d) = w.take_duration("max_future") {
+                watermark.max_future = Some(d.value);
+            }
+        }
         w.finish();
     }
     let on_error = f.take_str_or_list("on_error").unwrap_or_default();

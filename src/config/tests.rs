@@ -11,6 +11,7 @@ state_dir = "/var/lib/tidemark"
 commit_interval = "500ms"
 shards = 2
 progress_interval = "1m30s"
+max_epoch_bytes = "64MiB"
 
 [kafka]
 bootstrap_servers = "localhost:9092"
@@ -147,6 +148,7 @@ fn full_config_parses_into_expected_values() {
             progress_interval: Duration::from_secs(90),
             exchange_batch: 1024,
             exchange_capacity: 16,
+            max_epoch_bytes: 64 * 1024 * 1024,
         }
     );
     assert_eq!(
@@ -189,6 +191,7 @@ fn full_config_parses_into_expected_values() {
             watermark: WatermarkConfig {
                 delay: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
+                max_future: Some(Duration::from_secs(86_400)),
             },
             starting_offsets: StartingOffsets::Latest,
             on_error: vec!["dead_letters".into()],
@@ -281,6 +284,7 @@ fn defaults_are_applied() {
             progress_interval: Duration::from_secs(5),
             exchange_batch: 1024,
             exchange_capacity: 16,
+            max_epoch_bytes: 128 * 1024 * 1024,
         }
     );
     assert_eq!(
@@ -300,6 +304,7 @@ fn defaults_are_applied() {
         WatermarkConfig {
             delay: Duration::ZERO,
             idle_timeout: Duration::from_secs(30),
+            max_future: Some(Duration::from_secs(86_400)),
         }
     );
     assert_eq!(source.starting_offsets, StartingOffsets::Earliest);
@@ -873,6 +878,7 @@ fn file_source_parses() {
             watermark: WatermarkConfig {
                 delay: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(30),
+                max_future: Some(Duration::from_secs(86_400)),
             },
             starting_offsets: StartingOffsets::Earliest,
             on_error: vec!["dead_letters".into()],
@@ -1172,7 +1178,9 @@ fn append_needs_a_window_that_closes() {
     assert!(error.message.contains("so output = \"append\" would never write a row"), "{}", error.message);
 
     for output in ["update", "complete"] {
-        let text = global.replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""));
+        let text = global
+            .replace("sink = \"out\"", &format!("output = \"{output}\"\nsink = \"out\""))
+            .replace("aggregates = [", "group_by = [\"kind\"]\naggregates = [");
         let config = parse_config(&text).unwrap_or_else(|e| panic!("{output}: {e}"));
         assert!(config.warnings.is_empty());
     }
@@ -1942,4 +1950,38 @@ fn sources_sharing_dead_letters_list_the_same_sinks() {
     let plan = crate::plan::Plan::new(&parse_config(&same).unwrap()).unwrap();
     let alerts = plan.sinks.iter().find(|p| p.name == "alerts").unwrap();
     assert_eq!(alerts.copy_of.as_deref(), Some("dlq"));
+}
+
+#[test]
+fn a_keyless_global_window_cannot_be_upserted() {
+    let text = MINIMAL.replace("window = { tumbling = \"1m\" }", "window = { global = true }\noutput = \"update\"");
+    let errors = errors_of(&text);
+    assert!(
+        error_at(&errors, "queries[0].output").message.contains("use output = \"complete\""),
+        "{errors:#?}"
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let complete = text.replace("output = \"update\"", "output = \"complete\"");
+    assert!(parse_config(&complete).is_ok());
+    let keyed = text.replace("aggregates = [", "group_by = [\"kind\"]\naggregates = [");
+    assert!(parse_config(&keyed).is_ok());
+}
+
+#[test]
+fn max_future_takes_a_duration_or_off() {
+    let with = |w: &str| {
+        MINIMAL.replace(
+            "event_time = { field = \"ts\" }",
+            &format!("event_time = {{ field = \"ts\" }}\nwatermark = {{ {w} }}"),
+        )
+    };
+    let parsed = |w: &str| parse_config(&with(w)).unwrap().sources[0].watermark.max_future;
+    assert_eq!(
+        parse_config(MINIMAL).unwrap().sources[0].watermark.max_future,
+        Some(Duration::from_secs(86_400))
+    );
+    assert_eq!(parsed("max_future = \"2h\""), Some(Duration::from_secs(7_200)));
+    assert_eq!(parsed("max_future = \"off\""), None);
+    let errors = errors_of(&with("max_future = \"soon\""));
+    assert!(error_at(&errors, "sources[0].watermark.max_future").message.contains("soon"), "{errors:#?}");
 }

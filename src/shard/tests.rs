@@ -246,3 +246,42 @@ path = "./data/minimal/slow_out"
         (Some(99 * SECOND), Some(19 * SECOND))
     );
 }
+
+/// An event time days ahead of the clock is a dead letter, not a watermark jump that would
+/// make every later real event late; with `max_future = "off"` it is accepted.
+#[test]
+fn an_event_far_in_the_future_is_refused_not_a_watermark_jump() {
+    let future = crate::time::now_micros() / SECOND + 3 * 86_400;
+    let events = vec![vec![event("a", 100), event("a", future), event("a", 101)]];
+    for guarded in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = (*config_with(dir.path(), "[[sinks]]\nname = \"dlq\"\nkind = \"delta\"\npath = \"./data/minimal/dlq\"\n")).clone();
+        config.sources[0].on_error = vec!["dlq".to_string()];
+        if !guarded {
+            config.sources[0].watermark.max_future = None;
+        }
+        let config = Arc::new(config);
+        let plan = Plan::new(&config).unwrap();
+        let store = Arc::new(StateStore::open(&config.pipeline.state_dir, 1, &plan.layout.names).unwrap());
+        let (reports, _) = run_shard_over(&config, &store, vec![MemorySource::new(0, "mem", events.clone())], 1, 3);
+        let wm = reports[1].watermark;
+        let dead: Vec<(DeadLetterReason, i64)> = reports
+            .iter()
+            .flat_map(|r| r.outputs.iter().flatten())
+            .flat_map(|rows| match rows {
+                SinkRows::DeadLetters(d) => d.iter().map(|d| (d.reason, d.offset)).collect(),
+                SinkRows::Windows(_) => Vec::new(),
+            })
+            .collect();
+        if guarded {
+            assert_eq!(
+                (wm, dead),
+                (101 * SECOND, vec![(DeadLetterReason::EventTime, 1)]),
+                "the future event is a dead letter"
+            );
+        } else {
+            // Accepted, it moves the watermark days ahead: the real event after it is late.
+            assert_eq!((wm, dead), (future * SECOND, vec![(DeadLetterReason::Late, 2)]));
+        }
+    }
+}

@@ -33,10 +33,71 @@ pub struct DeadLetter {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// Kept in pending output as text when it is UTF-8 (about its own size, not the ~3.6×
+    /// of a JSON array of numbers); see [`payload_bytes`].
+    #[serde(with = "payload_bytes")]
     pub payload: Vec<u8>,
     pub error: String,
     /// When it was routed (wall clock, µs since the epoch).
     pub routed_at: EventTime,
+}
+
+/// A dead letter's payload in the pending-output JSON: a string when the bytes are UTF-8,
+/// `{"hex": "..."}` otherwise; an array of numbers (how older versions stored it) still reads.
+mod payload_bytes {
+    use serde::de::{self, MapAccess, SeqAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("hex", &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+                m.end()
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(PayloadVisitor)
+    }
+
+    struct PayloadVisitor;
+
+    impl<'de> Visitor<'de> for PayloadVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a payload: a string, {\"hex\": ...} or an array of bytes")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            Ok(v.as_bytes().to_vec())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<u8>, A::Error> {
+            let Some((key, hex)) = map.next_entry::<String, String>()? else {
+                return Err(de::Error::custom("an empty payload object"));
+            };
+            if key != "hex" || hex.len() % 2 != 0 {
+                return Err(de::Error::custom("a payload object holds \"hex\" with an even number of digits"));
+            }
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(de::Error::custom))
+                .collect()
+        }
+    }
 }
 
 /// Output of one epoch for one sink.
@@ -402,4 +463,38 @@ fn value_column<'a>(ty: FieldType, values: impl Iterator<Item = &'a Value>) -> R
             time_column(out.into_iter())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(payload: &[u8]) -> DeadLetter {
+        DeadLetter {
+            reason: DeadLetterReason::Decode,
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+            payload: payload.to_vec(),
+            error: "e".into(),
+            routed_at: 2,
+        }
+    }
+
+    /// Pending dead letters round-trip exactly, text payloads about their own size; the array
+    /// form older versions wrote still reads.
+    #[test]
+    fn dead_letter_payloads_are_stored_compactly_and_round_trip() {
+        let text = br#"{"user_id":"u1","page_url":"/a","timestamp":"2026-11-23T00:00:00Z"}"#;
+        for payload in [&text[..], &[0xff, 0x00, 0x41][..], &[][..]] {
+            let rows = SinkRows::DeadLetters(vec![letter(payload)]);
+            let json = serde_json::to_vec(&rows).unwrap();
+            assert_eq!(serde_json::from_slice::<SinkRows>(&json).unwrap(), rows);
+        }
+        let json = serde_json::to_vec(&letter(text)).unwrap();
+        let overhead = json.len() - text.len();
+        assert!(overhead < 150, "{} bytes for a {}-byte payload", json.len(), text.len());
+        let old = r#"{"reason":"Decode","topic":"t","partition":0,"offset":1,"payload":[104,105],"error":"e","routed_at":2}"#;
+        assert_eq!(serde_json::from_str::<DeadLetter>(old).unwrap().payload, b"hi");
+    }
 }
