@@ -42,6 +42,8 @@ pub enum DaemonError {
     Commit(#[from] CommitError),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error(transparent)]
+    Fingerprint(#[from] crate::fingerprint::FingerprintError),
     #[error("{0}")]
     Runtime(String),
 }
@@ -164,6 +166,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     }
     let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &plan.layout.names)?);
     let mut recovered = store.recover()?;
+    recovered.query_lateness_us = crate::fingerprint::check_and_record(&config, &store, recovered.epoch)?;
     if broker.is_some() && !recovered.positions.is_empty() {
         // The embedded broker lives and dies with this process: the positions stored by the
         // previous run point into a log that no longer exists. Its data was consumed or is

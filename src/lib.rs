@@ -23,6 +23,7 @@
 //! - [`anomaly`]   rolling statistics over sliding windows and anomaly detection
 //! - [`agg`]       mergeable accumulators: exact aggregates, HyperLogLog, percentile sketch
 //! - [`state`]     RocksDB: named tables split by key group, one atomic write batch per epoch
+//! - [`fingerprint`] what the stored state was built for, checked against the config at start
 //! - [`commit`]    the committer: flush the epoch, Delta commits tagged txn(appId, epoch), recovery
 //! - [`sink`]      sink plans, Arrow conversion, the Delta table writer
 //! - [`telemetry`] per-shard counters, progress, logging set-up
@@ -42,6 +43,7 @@ pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod expr;
+pub mod fingerprint;
 pub mod join;
 pub mod metrics;
 pub mod operator;

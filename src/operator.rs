@@ -97,9 +97,10 @@ impl Operator {
     }
 
     /// After restoring at `watermark`: what closed at or before it was emitted by an earlier run.
-    pub fn resume_at(&mut self, watermark: Option<EventTime>) {
+    /// `stored_lateness_us`: the `allowed_lateness` the store's last run used (windows only).
+    pub fn resume_at(&mut self, watermark: Option<EventTime>, stored_lateness_us: Option<i64>) {
         match self {
-            Operator::Window(op) => op.resume_at(watermark),
+            Operator::Window(op) => op.resume_at(watermark, stored_lateness_us),
             Operator::Stateless => {}
             Operator::Join(op) => op.resume_at(watermark),
             Operator::Anomaly(op) => op.resume_at(watermark),

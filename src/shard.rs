@@ -269,7 +269,8 @@ impl Shard {
                     op.restore(t, k, v, |group_key| groups.shard_for_key(group_key, shards) == id).map(|_| ())
                 })?;
             }
-            op.resume_at(ctx.recovered.query_watermark(&cfg.queries[qi].name));
+            let name = &cfg.queries[qi].name;
+            op.resume_at(ctx.recovered.query_watermark(name), ctx.recovered.query_lateness_us.get(name).copied());
         }
         let mut query_sources = vec![Vec::new(); cfg.queries.len()];
         for (source, routes) in plan.routes.iter().enumerate() {

@@ -49,6 +49,10 @@ const P_PENDING: &[u8] = b"pending\0";
 const P_FILES: &[u8] = b"files\0";
 /// Per query (by name): its watermark W_q.
 const P_QUERY_WATERMARK: &[u8] = b"qwm\0";
+/// Per query (by name): what its state was built for (see `crate::fingerprint`).
+const P_QUERY_RECORD: &[u8] = b"qrec\0";
+/// Per source (by name): what it reads.
+const P_SOURCE_RECORD: &[u8] = b"srec\0";
 
 /// Where a source partition stands as of a flushed epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +75,9 @@ pub struct Recovered {
     pub positions: HashMap<(String, i32), PartitionPosition>,
     /// File-source name → its encoded position (see `source::files::FilePosition`).
     pub file_positions: HashMap<String, Vec<u8>>,
+    /// Query name → the `allowed_lateness` (µs) of the run that wrote the state (filled at
+    /// start from the query records, see `crate::fingerprint`).
+    pub query_lateness_us: HashMap<String, i64>,
 }
 
 impl Recovered {
@@ -346,6 +353,50 @@ impl StateStore {
                 .insert(String::from_utf8_lossy(&k[P_QUERY_WATERMARK.len()..]).into_owned(), watermark);
         }
         Ok(r)
+    }
+
+    /// (name, value) of every meta entry under `prefix`.
+    fn meta_prefixed(&self, prefix: &[u8]) -> StateResult<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.meta(), prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The stored query records: (query name, record bytes).
+    pub fn query_records(&self) -> StateResult<Vec<(String, Vec<u8>)>> {
+        self.meta_prefixed(P_QUERY_RECORD)
+    }
+
+    /// The stored source records: (source name, what it reads).
+    pub fn source_records(&self) -> StateResult<Vec<(String, String)>> {
+        Ok(self
+            .meta_prefixed(P_SOURCE_RECORD)?
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect())
+    }
+
+    /// Stores the query and source records in one synced write (sources not listed keep
+    /// theirs: a removed source's record still spots a later rename onto its topic).
+    pub fn put_records(&self, queries: &[(String, Vec<u8>)], sources: &[(String, String)]) -> StateResult<()> {
+        let mut batch = WriteBatch::default();
+        let meta = self.meta();
+        for (name, record) in queries {
+            batch.put_cf(meta, [P_QUERY_RECORD, name.as_bytes()].concat(), record);
+        }
+        for (name, reads) in sources {
+            batch.put_cf(meta, [P_SOURCE_RECORD, name.as_bytes()].concat(), reads.as_bytes());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
     }
 
     /// Calls `restore` with every entry of table `table`, in key order; an entry `restore`

@@ -322,6 +322,9 @@ struct Common {
     shape: OutputShape,
     lateness_us: i64,
     mode: OutputMode,
+    /// Windows ending at or before this were closed by an earlier run (under the lateness it
+    /// had then): they stay closed whatever `allowed_lateness` says now.
+    closed_floor: EventTime,
 }
 
 impl Common {
@@ -790,6 +793,7 @@ impl WindowOperator {
             shape,
             lateness_us: query.allowed_lateness.as_micros() as i64,
             mode: query.output,
+            closed_floor: EventTime::MIN,
         };
         match (query.window, Assigner::from_config(&query.window)) {
             (WindowConfig::Session { gap }, _) => WindowOperator::Sessions(SessionOperator {
@@ -825,14 +829,21 @@ impl WindowOperator {
     }
 
     /// After restoring state at watermark `watermark`: windows that closed at or before it
-    /// were emitted by an earlier run and must not be emitted again.
-    pub fn resume_at(&mut self, watermark: Option<EventTime>) {
-        if let (WindowOperator::Buckets(b), Some(w)) = (self, watermark) {
-            if let Assigner::Panes { size, slide, offset, .. } = b.assigner {
-                if w > EventTime::MIN / 2 {
-                    b.closed_windows_through = Some(align(w.saturating_sub(size).saturating_sub(b.common.lateness_us), slide, offset));
+    /// were emitted by an earlier run and must not be emitted again. `stored_lateness_us`: the
+    /// `allowed_lateness` that run closed them with, when the config has changed it since.
+    /// Windows it closed stay closed (more lateness applies to open windows only); windows a
+    /// lower lateness now covers close, and are emitted, at the next epoch.
+    pub fn resume_at(&mut self, watermark: Option<EventTime>, stored_lateness_us: Option<i64>) {
+        let Some(w) = watermark.filter(|w| *w > EventTime::MIN / 2) else { return };
+        let lateness = stored_lateness_us.unwrap_or(self.common().lateness_us);
+        match self {
+            WindowOperator::Buckets(b) => {
+                b.common.closed_floor = w.saturating_sub(lateness);
+                if let Assigner::Panes { size, slide, offset, .. } = b.assigner {
+                    b.closed_windows_through = Some(align(w.saturating_sub(size).saturating_sub(lateness), slide, offset));
                 }
             }
+            WindowOperator::Sessions(s) => s.common.closed_floor = w.saturating_sub(lateness),
         }
     }
 
@@ -846,9 +857,11 @@ impl WindowOperator {
         match self {
             WindowOperator::Buckets(b) => {
                 let (start, end) = b.assigner.first_window(t);
-                (end.saturating_add(b.common.lateness_us) <= watermark).then_some((start, end))
+                (end.saturating_add(b.common.lateness_us) <= watermark || end <= b.common.closed_floor).then_some((start, end))
             }
-            WindowOperator::Sessions(s) => (t.saturating_add(s.common.lateness_us) <= watermark).then_some((t, t.saturating_add(s.gap_us))),
+            WindowOperator::Sessions(s) => {
+                (t.saturating_add(s.common.lateness_us) <= watermark || t <= s.common.closed_floor).then_some((t, t.saturating_add(s.gap_us)))
+            }
         }
     }
 

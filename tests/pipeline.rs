@@ -255,3 +255,31 @@ fn epochs_end_early_at_max_epoch_bytes() {
     assert!(stats.committed_epoch >= 3, "{} epochs for {bytes} bytes", stats.committed_epoch);
     assert_matches_oracle(dir.path(), &events);
 }
+
+/// Restarting a pipeline with a query whose window changed is refused with the change named;
+/// a raised `allowed_lateness` is accepted and nothing already written is written again.
+#[test]
+fn a_changed_window_is_refused_at_restart_and_more_lateness_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    let events = plan(91, 0, 3000, 0.0, 0.0);
+    produce(broker.bootstrap_servers(), &events);
+    let running = start("changes", broker.bootstrap_servers(), dir.path());
+    wait_for_oracle(dir.path(), &events);
+    running.stop().unwrap();
+
+    let toml = pipeline_toml("changes", broker.bootstrap_servers(), dir.path(), 2);
+    let wider = toml.replace(&format!("tumbling = \"{WINDOW_MS}ms\""), "tumbling = \"10s\"");
+    let err = tidemark::daemon::start(parse_config(&wider).unwrap(), Arc::new(AtomicBool::new(false)))
+        .err()
+        .expect("a changed window is refused");
+    let text = err.to_string();
+    assert!(text.contains("query \"views\": its window changed from"), "{text}");
+    assert!(text.contains("give the query a new name and a new sink"), "{text}");
+
+    let later = toml.replace("sink = \"views\"", "allowed_lateness = \"1h\"\nsink = \"views\"");
+    let running = tidemark::daemon::start(parse_config(&later).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("an epoch after the restart", Duration::from_secs(30), || running.stats().committed_epoch >= 3);
+    running.stop().unwrap();
+    assert_matches_oracle(dir.path(), &events);
+}

@@ -43,6 +43,7 @@ fn common(lateness: i64, mode: OutputMode) -> Common {
         },
         lateness_us: lateness,
         mode,
+        closed_floor: EventTime::MIN,
     }
 }
 
@@ -426,8 +427,40 @@ fn resume_does_not_emit_windows_closed_before_the_restart() {
     for (start, k, v) in &changes.puts {
         restored.restore(*start, k, v).unwrap();
     }
-    restored.resume_at(Some(600));
+    restored.resume_at(Some(600), None);
     let mut rows = Vec::new();
     restored.finish_epoch(600, 900, &mut rows);
     assert_eq!(rows.iter().map(|r| r.window_start).collect::<Vec<_>>(), vec![300]);
+}
+
+/// A restart with another `allowed_lateness`: windows the earlier run closed (under its
+/// lateness) stay closed when it is raised; when it is lowered, the windows it newly covers
+/// are emitted at the next epoch, not dropped.
+#[test]
+fn a_changed_lateness_never_reopens_or_drops_a_closed_window() {
+    // Tumbling 300, stored lateness 200, watermark 1000: windows ending at or before 800
+    // were closed (and emitted) by the earlier run; [600, 900) is still open.
+    let restore_with = |lateness: i64| {
+        let mut op = WindowOperator::Buckets(panes_operator(300, 300, lateness, OutputMode::Append));
+        let mut blob = Vec::new();
+        let ins = inputs(1, &mut blob);
+        op.update(650, &key(1), &ins, &blob);
+        let changes = op.take_changes();
+        let mut restored = WindowOperator::Buckets(panes_operator(300, 300, lateness, OutputMode::Append));
+        for (start, k, v) in &changes.puts {
+            restored.restore(*start, k, v).unwrap();
+        }
+        restored.resume_at(Some(1_000), Some(200));
+        restored
+    };
+    // Raised to 600: an event in [300, 600) (closed at 800 ≤ 1000 - 200) is still late,
+    // though 600 + 600 > 1000; [600, 900) stays open as before.
+    let raised = restore_with(600);
+    assert_eq!(raised.late_window(400, 1_000), Some((300, 600)));
+    assert_eq!(raised.late_window(650, 1_000), None);
+    // Lowered to 0: [600, 900) ends before 1000 and is emitted at the next epoch.
+    let mut lowered = restore_with(0);
+    let mut rows = Vec::new();
+    lowered.finish_epoch(1_000, 1_000, &mut rows);
+    assert_eq!(rows.iter().map(|r| r.window_start).collect::<Vec<_>>(), vec![600]);
 }
