@@ -748,7 +748,10 @@ impl Shard {
         let stats = &self.ctx.stats.shards[self.ctx.id];
         match self.ctx.plan.source_dlq[source] {
             Some(sink) => {
-                if let Some(hidden) = self.bad_input_warnings.check(Instant::now()) {
+                // A tombstone after a delete is what a change stream normally carries: counted,
+                // kept in the dead-letter table, not warned about.
+                let warn = reason != DeadLetterReason::Tombstone;
+                if let Some(hidden) = warn.then(|| self.bad_input_warnings.check(Instant::now())).flatten() {
                     let sink_name = &self.ctx.config.sinks[sink].name;
                     tracing::warn!(
                         topic = %topic, partition, offset, reason = reason.as_str(), %error, not_logged_since_last = hidden,
