@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::commit::{CommitError, Committer};
-use crate::config::{Bootstrap, Config};
+use crate::config::{Bootstrap, Config, GeneratorFamily};
 use crate::metrics::{MetricLabels, MetricsServer, MetricsSource};
 use crate::plan::Plan;
 use crate::shard::{run_shard, Control, ShardContext, ShardError};
 use crate::sink::PlanError;
+use crate::source::cdc_generator::{OrdersCdcGenerator, OrdersCdcSettings};
+use crate::source::envelope::GeneratedEvent;
 use crate::source::generator::{ClickGenerator, ClickGeneratorSettings, PurchaseGenerator};
-use crate::source::producer::{produce_events, EventProducer, ProduceSettings};
+use crate::source::producer::{produce_events, EventGenerator, EventProducer, ProduceSettings};
 use crate::source::{assign_partitions, fetch_partition_counts, SourceError, SourceSpec};
 use crate::state::{StateError, StateStore};
 use crate::telemetry::{PipelineStats, StatsSnapshot};
@@ -338,6 +340,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                 .as_ref()
                 .map(|p| (config.sources[p.source_index].topic.clone(), p.rate, PurchaseGenerator::new(g.seed, g.users)));
             let (rate, bootstrap, shutdown, failure) = (g.rate, bootstrap.clone(), shutdown.clone(), failure.clone());
+            let family = g.family.clone();
             let handle = std::thread::Builder::new()
                 .name("generator".into())
                 .spawn(move || {
@@ -345,7 +348,17 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                         Ok(p) => p,
                         Err(e) => return tracing::error!(error = %e, "generator cannot connect; no events will be generated"),
                     };
-                    let mut generator = ClickGenerator::new(settings);
+                    let mut generator = match &family {
+                        GeneratorFamily::Click => FamilyGenerator::Click(ClickGenerator::new(settings)),
+                        GeneratorFamily::Orders(o) => FamilyGenerator::Orders(OrdersCdcGenerator::new(OrdersCdcSettings {
+                            seed: settings.seed,
+                            orders: o.orders,
+                            duplicate_share: o.duplicate_share,
+                            replay_share: o.replay_share,
+                            malformed_share: settings.malformed_share,
+                            first_lsn: crate::time::now_micros().max(0) as u64,
+                        })),
+                    };
                     let stop = AtomicBool::new(false);
                     std::thread::scope(|s| {
                         s.spawn(|| {
@@ -496,5 +509,20 @@ impl ProgressLog {
         );
         self.last_at = Instant::now();
         self.last_events = s.events_in;
+    }
+}
+
+/// The event family a `[generator]` section produces.
+enum FamilyGenerator {
+    Click(ClickGenerator),
+    Orders(OrdersCdcGenerator),
+}
+
+impl EventGenerator for FamilyGenerator {
+    fn next_event_into(&mut self, base_time_ms: i64, event: &mut GeneratedEvent) {
+        match self {
+            FamilyGenerator::Click(g) => g.next_event_into(base_time_ms, event),
+            FamilyGenerator::Orders(g) => g.next_event_into(base_time_ms, event),
+        }
     }
 }

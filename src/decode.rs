@@ -5,11 +5,15 @@
 //! allocates nothing per event. Anything that does not fit the schema becomes a
 //! [`DecodeError`] whose [`DeadLetterReason`] says which stage rejected it.
 
+mod debezium;
+
 use std::fmt;
+
+pub use debezium::{encode_position_int, encode_position_str, ChangeOp};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::config::SourceConfig;
+use crate::config::{Format, SourceConfig};
 use crate::time::{epoch_int_to_micros, epoch_number_to_micros, parse_rfc3339_micros};
 use crate::types::{encode_key_str, encode_key_value, DeadLetterReason, EventTime, Num, Value};
 use crate::types::{FieldType, TimeFormat};
@@ -42,10 +46,14 @@ enum Slot {
 pub struct SourceDecoder {
     names: Vec<Box<str>>,
     types: Vec<FieldType>,
-    event_time_field: usize,
+    /// JSON rows: the schema index of the event-time field (`None` for change events, whose
+    /// time is in the envelope).
+    event_time_field: Option<usize>,
     time_format: TimeFormat,
     slots: Vec<Slot>,
     scratch: String,
+    /// Debezium sources: the envelope's state and the last change's op and position.
+    change: Option<Box<debezium::ChangeDecoder>>,
 }
 
 /// 0001-01-01T00:00:00Z in µs since the Unix epoch: the earliest event time accepted.
@@ -55,14 +63,20 @@ pub const MIN_EVENT_TIME: EventTime = -62_135_596_800_000_000;
 pub const MAX_EVENT_TIME: EventTime = 253_402_300_799_999_999;
 
 impl SourceDecoder {
-    /// Panics only if the config was not compiled (event-time field missing from the schema),
-    /// which the config compiler rules out.
+    /// Panics only if the config was not compiled (event-time field missing from the schema
+    /// of a JSON source), which the config compiler rules out.
     pub fn new(source: &SourceConfig) -> Self {
         let names: Vec<Box<str>> = source.schema.iter().map(|f| f.name.as_str().into()).collect();
-        let event_time_field = names
-            .iter()
-            .position(|n| **n == *source.event_time.field)
-            .expect("config compiler checks that the event-time field is in the schema");
+        let (event_time_field, change) = match &source.format {
+            Format::Json => {
+                let field = names
+                    .iter()
+                    .position(|n| **n == *source.event_time.field)
+                    .expect("config compiler checks that the event-time field is in the schema");
+                (Some(field), None)
+            }
+            Format::Debezium(d) => (None, Some(Box::new(debezium::ChangeDecoder::new(d.position.clone(), names.len())))),
+        };
         SourceDecoder {
             types: source.schema.iter().map(|f| f.ty).collect(),
             slots: vec![Slot::Missing; names.len()],
@@ -70,7 +84,20 @@ impl SourceDecoder {
             event_time_field,
             time_format: source.event_time.format,
             scratch: String::new(),
+            change,
         }
+    }
+
+    /// The op and the encoded source position of the last decoded change event (Debezium
+    /// sources; `None` for JSON rows or after a decode error).
+    pub fn change(&self) -> Option<(ChangeOp, &[u8])> {
+        let cdc = self.change.as_deref()?;
+        Some((cdc.change?, &cdc.position))
+    }
+
+    /// Whether field `idx` of the last decoded row is null or missing.
+    pub fn is_null(&self, idx: usize) -> bool {
+        matches!(self.slots[idx], Slot::Missing | Slot::Null)
     }
 
     pub fn field_index(&self, name: &str) -> Option<usize> {
@@ -81,6 +108,9 @@ impl SourceDecoder {
     pub fn decode(&mut self, payload: &[u8]) -> Result<EventTime, DecodeError> {
         self.slots.iter_mut().for_each(|s| *s = Slot::Missing);
         self.scratch.clear();
+        if self.change.is_some() {
+            return self.decode_change(payload);
+        }
         let mut de = serde_json::Deserializer::from_slice(payload);
         let seed = RowSeed {
             names: &self.names,
@@ -105,7 +135,7 @@ impl SourceDecoder {
                 Slot::Bad(found) => format!("must be {}, found {found}", type_phrase(self.types[i])),
                 _ => continue,
             };
-            if i == self.event_time_field {
+            if Some(i) == self.event_time_field {
                 continue;
             }
             return Err(DecodeError {
@@ -117,8 +147,14 @@ impl SourceDecoder {
     }
 
     fn event_time(&self, payload: &[u8]) -> Result<EventTime, DecodeError> {
-        let name = &self.names[self.event_time_field];
-        let t = match self.slots[self.event_time_field] {
+        let Some(field) = self.event_time_field else {
+            return Err(DecodeError {
+                reason: DeadLetterReason::EventTime,
+                message: "internal error: a JSON source without an event-time field".into(),
+            });
+        };
+        let name = &self.names[field];
+        let t = match self.slots[field] {
             Slot::Time(t) => Some(t),
             Slot::Int(v) => epoch_int_to_micros(v, self.time_format),
             Slot::Float(v) => epoch_number_to_micros(v, self.time_format),

@@ -99,6 +99,11 @@ pub fn query_shape(q: &QueryConfig, config: &Config) -> BTreeMap<String, String>
                 format!("[{}] and [{}]", names(source, &j.left_fields), names(right, &j.right_fields)),
             );
         }
+        QueryKind::Apply(a) => {
+            put("kind", "change apply".into());
+            let keys: Vec<String> = a.primary_key.iter().map(|k| format!("{k}: {}", field_type(k))).collect();
+            put("primary key", format!("[{}]", keys.join(", ")));
+        }
         QueryKind::Anomaly(a) => {
             put("kind", "anomaly detection".into());
             put("window", format!("{:?}", q.window));

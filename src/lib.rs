@@ -14,13 +14,15 @@
 //!   source; the click generator of the `[generator]` section, the event envelope every
 //!   generated family shares, and the producer with the one paced producing loop
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)
-//! - [`decode`]    bytes → typed row; bad records become dead letters
+//! - [`decode`]    bytes → typed row (JSON rows, Debezium change events); bad records become
+//!   dead letters
 //! - [`watermark`] per-partition clocks, min-combining, idleness
 //! - [`shard`]     one core's event loop: sources → routing by key group → operators → epoch barriers
 //! - [`operator`]  the interface the shard drives: restore, ports, lateness, epochs, state tables
 //! - [`window`]    window assignment (tumbling, sliding panes, sessions, global), keyed window operators
 //! - [`join`]      the stream-stream interval join (inner, left, right, full outer)
 //! - [`anomaly`]   rolling statistics over sliding windows and anomaly detection
+//! - [`apply`]     change events (Debezium) applied per primary key, ordered by source position
 //! - [`agg`]       mergeable accumulators: exact aggregates, HyperLogLog, percentile sketch
 //! - [`state`]     RocksDB: named tables split by key group, one atomic write batch per epoch
 //! - [`fingerprint`] what the stored state was built for, checked against the config at start
@@ -37,6 +39,7 @@
 
 pub mod agg;
 pub mod anomaly;
+pub mod apply;
 pub mod broker;
 pub mod commit;
 pub mod config;

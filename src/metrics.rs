@@ -390,6 +390,18 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
             total(&|s| s.late_by_query.get(q).map_or(0.0, counter)),
         );
     }
+    out.family(
+        "tidemark_cdc_changes_skipped_total",
+        "counter",
+        "Change events an apply query skipped: their key already had a change at that source position or later (duplicates, out-of-order replays).",
+    );
+    for (q, (name, _)) in labels.queries.iter().enumerate() {
+        out.sample(
+            "tidemark_cdc_changes_skipped_total",
+            &[("query", name)],
+            total(&|s| s.changes_skipped_by_query.get(q).map_or(0.0, counter)),
+        );
+    }
     if let Some(bytes) = scrape.state_size_bytes {
         out.family("tidemark_state_size_bytes", "gauge", "Size of the state store's live SST files.");
         out.sample("tidemark_state_size_bytes", &[], bytes as f64);
@@ -607,7 +619,7 @@ mod tests {
             received: 5,
             decoded: 4,
             bytes: 50,
-            dead_letters: [1, 0, 0, 0, 0],
+            dead_letters: [1, 0, 0, 0, 0, 0],
         };
         tally.publish(p0);
         tally.received = 7;

@@ -14,6 +14,7 @@
 //! Dispatch is by enum, so a record costs one match, not a virtual call.
 
 use crate::anomaly::{AnomalyOperator, AnomalySpec};
+use crate::apply::{ApplyOperator, ApplySpec};
 use crate::config::{QueryConfig, QueryKind};
 use crate::join::{JoinOperator, JoinSpec};
 use crate::state::TableWrites;
@@ -30,6 +31,8 @@ pub enum Operator {
     Join(JoinOperator),
     /// Rolling statistics and the readings judged against them (one input port).
     Anomaly(AnomalyOperator),
+    /// Change events applied per primary key (one input port).
+    Apply(ApplyOperator),
 }
 
 /// The operator a query runs.
@@ -41,6 +44,7 @@ pub enum OperatorSpec {
     Stateless,
     Join(JoinSpec),
     Anomaly(AnomalySpec),
+    Apply(ApplySpec),
 }
 
 /// Why a record is late for an operator.
@@ -63,6 +67,7 @@ impl Operator {
             OperatorSpec::Stateless => Operator::Stateless,
             OperatorSpec::Join(spec) => Operator::Join(JoinOperator::new(spec.clone())),
             OperatorSpec::Anomaly(spec) => Operator::Anomaly(AnomalyOperator::new(spec.clone())),
+            OperatorSpec::Apply(spec) => Operator::Apply(ApplyOperator::new(spec.clone())),
         }
     }
 
@@ -73,6 +78,7 @@ impl Operator {
             QueryKind::Stateless => &[],
             QueryKind::Join(_) => JoinOperator::TABLES,
             QueryKind::Anomaly(_) => AnomalyOperator::TABLES,
+            QueryKind::Apply(_) => ApplyOperator::TABLES,
         }
     }
 
@@ -93,6 +99,7 @@ impl Operator {
             Operator::Stateless => Ok(false),
             Operator::Join(op) => op.restore(table, key, value, owns),
             Operator::Anomaly(op) => op.restore(table, key, value, owns),
+            Operator::Apply(op) => op.restore(table, key, value, owns),
         }
     }
 
@@ -104,6 +111,8 @@ impl Operator {
             Operator::Stateless => {}
             Operator::Join(op) => op.resume_at(watermark),
             Operator::Anomaly(op) => op.resume_at(watermark),
+            // Changes are ordered by source position, not by event time.
+            Operator::Apply(_) => {}
         }
     }
 
@@ -118,6 +127,8 @@ impl Operator {
             Operator::Stateless => None,
             Operator::Join(op) => op.is_late(t, watermark).then_some(Late::Behind),
             Operator::Anomaly(op) => op.is_late(t, watermark).then_some(Late::Behind),
+            // A change is never late: its position, not its time, decides whether it applies.
+            Operator::Apply(_) => None,
         }
     }
 
@@ -133,6 +144,7 @@ impl Operator {
             Operator::Stateless => {}
             Operator::Join(op) => op.process(port, t, key, inputs, blob),
             Operator::Anomaly(op) => op.process(t, key, inputs),
+            Operator::Apply(op) => op.process(key, inputs, blob),
         }
     }
 
@@ -143,6 +155,7 @@ impl Operator {
             Operator::Stateless => {}
             Operator::Join(op) => op.finish_epoch(prev_watermark, watermark, out),
             Operator::Anomaly(op) => op.finish_epoch(prev_watermark, watermark, out),
+            Operator::Apply(op) => op.finish_epoch(out),
         }
     }
 
@@ -153,6 +166,7 @@ impl Operator {
             Operator::Stateless => Vec::new(),
             Operator::Join(op) => op.take_writes(),
             Operator::Anomaly(op) => op.take_writes(),
+            Operator::Apply(op) => op.take_writes(),
         }
     }
 
@@ -163,6 +177,7 @@ impl Operator {
             Operator::Stateless => 0,
             Operator::Join(op) => op.open_rows(),
             Operator::Anomaly(op) => op.open_windows(),
+            Operator::Apply(_) => 0,
         }
     }
 
@@ -173,6 +188,15 @@ impl Operator {
             Operator::Stateless => 0,
             Operator::Join(op) => op.open_keys(),
             Operator::Anomaly(op) => op.open_keys(),
+            Operator::Apply(op) => op.open_keys(),
+        }
+    }
+
+    /// Change events skipped since the last call (apply: at or before their key's position).
+    pub fn take_skipped_changes(&mut self) -> u64 {
+        match self {
+            Operator::Apply(op) => op.take_skipped(),
+            _ => 0,
         }
     }
 }

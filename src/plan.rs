@@ -10,6 +10,7 @@
 //! - the state tables of the operators.
 
 use crate::anomaly::{AnomalyMode, AnomalySpec};
+use crate::apply::ApplySpec;
 use crate::config::{AnomalyJudge, Config, FieldType, JoinType, QueryConfig, QueryKind, WindowConfig, ANOMALY_STAT_COLUMNS};
 use crate::expr::Expr;
 use crate::join::{JoinKind, JoinSpec, LEFT, RIGHT};
@@ -55,6 +56,9 @@ pub enum RouteAction {
     Carry(Vec<usize>),
     /// An anomaly detector's reading: the schema index of its field.
     Reading(usize),
+    /// A change event for an apply query: the schema indexes of the value columns (the row
+    /// outside the primary key), carried with the op and the source position.
+    Apply(Vec<usize>),
 }
 
 /// How one aggregate's input is read from an event.
@@ -139,6 +143,13 @@ impl Plan {
                     key_fields: q.key_fields.clone(),
                     action: RouteAction::Reading(a.field_index),
                 }),
+                QueryKind::Apply(a) => routes[q.source_index].push(Route {
+                    operator: qi,
+                    port: 0,
+                    filter,
+                    key_fields: a.key_fields.clone(),
+                    action: RouteAction::Apply(a.value_fields.clone()),
+                }),
             }
         }
         Ok(Plan {
@@ -188,6 +199,9 @@ fn operator_spec(q: &QueryConfig) -> OperatorSpec {
                 min_count: a.min_count,
             })
         }
+        QueryKind::Apply(a) => OperatorSpec::Apply(ApplySpec {
+            value_width: a.value_fields.len(),
+        }),
     }
 }
 
@@ -197,6 +211,12 @@ fn shape_of(q: &QueryConfig, config: &Config) -> OutputShape {
     let source = &config.sources[q.source_index];
     let columns: Vec<(String, FieldType)> = match &q.kind {
         QueryKind::Aggregate => return OutputShape::new(q, source),
+        // The primary key is the rows' key; the other fields are their values.
+        QueryKind::Apply(a) => {
+            let mut shape = OutputShape::columns(a.value_fields.iter().map(|&i| (source.schema[i].name.clone(), source.schema[i].ty)).collect());
+            shape.key_types = a.key_fields.iter().map(|&i| source.schema[i].ty).collect();
+            return shape;
+        }
         QueryKind::Stateless | QueryKind::Join(_) => q.select.iter().map(|s| (s.name.clone(), s.expr.expr.output_type())).collect(),
         QueryKind::Anomaly(a) => {
             let mut columns = Vec::new();

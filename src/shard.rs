@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use flume::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::config::Config;
-use crate::decode::SourceDecoder;
+use crate::decode::{ChangeOp, SourceDecoder};
 use crate::expr::{Row, Val};
 use crate::operator::{Late, Operator};
 use crate::plan::{Plan, RouteAction};
@@ -422,6 +422,9 @@ impl Shard {
         for (q, n) in self.late_tally.iter_mut().enumerate() {
             ShardStats::add(&stats.late_by_query[q], std::mem::take(n));
         }
+        for (q, op) in self.ops.iter_mut().enumerate() {
+            ShardStats::add(&stats.changes_skipped_by_query[q], op.take_skipped_changes());
+        }
         stats.busy_micros.store(self.busy.as_micros() as u64, Relaxed);
         let (since, busy_then) = self.busy_window;
         let elapsed = now.saturating_duration_since(since);
@@ -718,6 +721,35 @@ impl Shard {
                     });
                 }
                 RouteAction::Reading(f) => self.input_buf.push(num_slot(decoder.num(*f))),
+                RouteAction::Apply(values) => {
+                    let Some((op, position)) = decoder.change() else {
+                        continue; // only change events reach an apply route (checked by the config)
+                    };
+                    if let Some(&null_key) = route.key_fields.iter().find(|&&f| decoder.is_null(f)) {
+                        let name = &self.ctx.config.sources[source].schema[null_key].name;
+                        let msg = format!(
+                            "primary key field \"{name}\" is null or missing in the change's row (\"{}\"); a change must name the key it applies to",
+                            if op == ChangeOp::Delete { "before" } else { "after" }
+                        );
+                        self.dead_letter_at(input, file, offset, payload, DeadLetterReason::Schema, msg);
+                        continue;
+                    }
+                    self.blob_buf.extend_from_slice(position);
+                    let position_end = self.blob_buf.len() as u32;
+                    if op != ChangeOp::Delete {
+                        for &f in values {
+                            decoder.write_key_component(payload, f, &mut self.blob_buf);
+                        }
+                    }
+                    self.input_buf.extend([
+                        InSlot::Int(if op == ChangeOp::Delete { crate::apply::DELETE } else { crate::apply::UPSERT }),
+                        InSlot::Bytes { start: 0, end: position_end },
+                        InSlot::Bytes {
+                            start: position_end,
+                            end: self.blob_buf.len() as u32,
+                        },
+                    ]);
+                }
             }
             let dest = self.ctx.key_groups.shard_for_key(&self.key_buf, self.ctx.shards);
             if dest == self.ctx.id {
@@ -742,7 +774,10 @@ impl Shard {
         let stats = &self.ctx.stats.shards[self.ctx.id];
         match self.ctx.plan.source_dlq[source] {
             Some(sink) => {
-                if let Some(hidden) = self.bad_input_warnings.check(Instant::now()) {
+                // A tombstone after a delete is what a change stream normally carries: counted,
+                // kept in the dead-letter table, not warned about.
+                let warn = reason != DeadLetterReason::Tombstone;
+                if let Some(hidden) = warn.then(|| self.bad_input_warnings.check(Instant::now())).flatten() {
                     let sink_name = &self.ctx.config.sinks[sink].name;
                     tracing::warn!(
                         topic = %topic, partition, offset, reason = reason.as_str(), %error, not_logged_since_last = hidden,

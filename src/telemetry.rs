@@ -37,7 +37,7 @@ pub struct PartitionStats {
     pub decoded: AtomicU64,
     pub bytes: AtomicU64,
     /// By [`DeadLetterReason::ALL`] index.
-    pub dead_letters: [AtomicU64; 5],
+    pub dead_letters: [AtomicU64; DeadLetterReason::ALL.len()],
     /// Messages the broker holds beyond our position; -1 while unknown (and for files).
     pub lag: AtomicI64,
     /// The partition's watermark; [`UNKNOWN`] before its first event.
@@ -65,7 +65,7 @@ pub struct Tally {
     pub received: u64,
     pub decoded: u64,
     pub bytes: u64,
-    pub dead_letters: [u64; 5],
+    pub dead_letters: [u64; DeadLetterReason::ALL.len()],
 }
 
 impl Tally {
@@ -94,6 +94,9 @@ pub struct ShardStats {
     pub partitions: OnceLock<Vec<PartitionStats>>,
     /// Per query: events that arrived after their window closed (dead-lettered as `late`).
     pub late_by_query: Box<[AtomicU64]>,
+    /// Per query: change events not applied because their key already had a change at their
+    /// source position or later (duplicates, out-of-order replays; apply queries only).
+    pub changes_skipped_by_query: Box<[AtomicU64]>,
     /// Per query, as of the shard's last epoch.
     pub open_windows_by_query: Box<[AtomicU64]>,
     pub state_keys_by_query: Box<[AtomicU64]>,
@@ -110,6 +113,7 @@ impl ShardStats {
         let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
         ShardStats {
             late_by_query: zeros(queries),
+            changes_skipped_by_query: zeros(queries),
             open_windows_by_query: zeros(queries),
             state_keys_by_query: zeros(queries),
             exchange_queued: zeros(shards),
@@ -530,7 +534,7 @@ mod tests {
             received: 4,
             decoded: 3,
             bytes: 100,
-            dead_letters: [1, 0, 0, 0, 0],
+            dead_letters: [1, 0, 0, 0, 0, 0],
         };
         t.publish(part);
         t.received += 2;

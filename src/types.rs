@@ -52,10 +52,13 @@ pub enum DeadLetterReason {
     EventTime,
     Late,
     Sink,
+    /// A Kafka tombstone (empty value) on a change-event source: Debezium writes one after
+    /// each delete for log compaction; it carries no change to apply.
+    Tombstone,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 5] = [Self::Decode, Self::Schema, Self::EventTime, Self::Late, Self::Sink];
+    pub const ALL: [DeadLetterReason; 6] = [Self::Decode, Self::Schema, Self::EventTime, Self::Late, Self::Sink, Self::Tombstone];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +67,7 @@ impl DeadLetterReason {
             Self::EventTime => "event_time",
             Self::Late => "late",
             Self::Sink => "sink",
+            Self::Tombstone => "tombstone",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The shipped seed pipelines in `config/`, run as shipped (only the broker address, state and
 //! table paths redirected to a temp dir) on events made here, each table compared with an
 //! oracle computed here: click analytics (update), rolling metrics (sliding, append), user
-//! sessions (append), daily totals (update), and the file-drop pipeline.
+//! sessions (append), daily totals (update), the file-drop pipeline, and change data capture
+//! (Debezium change events applied per primary key).
 
 mod common;
 
@@ -536,4 +537,82 @@ fn bronze_and_silver_as_shipped() {
         assert_eq!(row[4], "2026-11-23");
     }
     assert_eq!(sorted_rows(&silver, &["page_url", "user_id"]), expected_silver);
+}
+
+#[test]
+fn cdc_orders_as_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = "shop.public.orders";
+    let broker = EmbeddedBroker::start(&[(topic.to_string(), 1)]).unwrap();
+    let order = |id: i64, status: &str, amount: f64, at_s: i64| serde_json::json!({ "order_id": id, "customer_id": format!("c{}", id % 3), "status": status, "amount": amount, "updated_at": rfc3339(T0 + at_s * 1000) });
+    let change = |op: &str, before: serde_json::Value, after: serde_json::Value, lsn: i64| {
+        serde_json::json!({
+            "before": before, "after": after, "op": op, "ts_ms": T0 + lsn + 5,
+            "source": { "connector": "postgresql", "name": "shop", "ts_ms": T0 + lsn, "schema": "public", "table": "orders", "lsn": lsn },
+        })
+        .to_string()
+    };
+    let null = serde_json::Value::Null;
+    let wrapped = |event: String| format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{event}}}"#);
+    let messages: Vec<String> = vec![
+        // The connector's snapshot, then the stream.
+        change("r", null.clone(), order(1, "pending", 10.0, 0), 100),
+        change("r", null.clone(), order(2, "paid", 20.0, 0), 100),
+        change("r", null.clone(), order(3, "pending", 30.0, 0), 100),
+        change("c", null.clone(), order(4, "pending", 40.0, 1), 110),
+        wrapped(change("u", order(1, "pending", 10.0, 0), order(1, "paid", 10.0, 2), 120)),
+        change("u", order(2, "paid", 20.0, 0), order(2, "shipped", 20.0, 3), 130),
+        change("d", order(3, "pending", 30.0, 0), null.clone(), 140),
+        String::new(), // the tombstone after the delete
+        // A duplicate, and a replay of an update older than order 1's current state.
+        change("u", order(2, "paid", 20.0, 0), order(2, "shipped", 20.0, 3), 130),
+        change("u", order(1, "pending", 10.0, 0), order(1, "cancelled", 10.0, 1), 115),
+        // An update of order 3 from before its delete, replayed: it stays deleted.
+        change("u", order(3, "pending", 30.0, 0), order(3, "paid", 30.0, 1), 135),
+        change("u", order(4, "pending", 40.0, 1), order(4, "pending", 44.5, 4), 150),
+        // Bad input: a wrong type, an unknown op, a missing position.
+        change(
+            "u",
+            order(4, "pending", 44.5, 4),
+            serde_json::json!({ "order_id": 4, "customer_id": "c1", "status": "x", "amount": "lots", "updated_at": rfc3339(T0) }),
+            160,
+        ),
+        change("t", null.clone(), null.clone(), 170),
+        change("c", null.clone(), order(5, "pending", 50.0, 5), 180).replace(r#","lsn":180"#, ""),
+        wrapped(change("c", null.clone(), order(6, "pending", 60.0, 6), 190)),
+    ];
+    let p = EventProducer::connect(broker.bootstrap_servers()).unwrap();
+    for m in &messages {
+        p.send(topic, Some(0), b"k", m.as_bytes()).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+
+    let expected: BTreeMap<Vec<String>, Vec<String>> = [
+        (1, "c1", "paid", "10", 2),
+        (2, "c2", "shipped", "20", 3),
+        (4, "c1", "pending", "44.5", 4),
+        (6, "c0", "pending", "60", 6),
+    ]
+    .into_iter()
+    .map(|(id, customer, status, amount, at_s)| {
+        (
+            vec![id.to_string()],
+            vec![customer.to_string(), status.to_string(), amount.to_string(), ts((T0 + at_s * 1000) * 1000)],
+        )
+    })
+    .collect();
+    let cdir = dir.path().join("cdc");
+    let (table, dead_letters) = (cdir.join("orders"), cdir.join("dead_letters"));
+    let columns = ["customer_id", "status", "amount", "updated_at"];
+    run_until(shipped("cdc_orders.toml", &cdir, Some(broker.bootstrap_servers())), "the orders table", || {
+        rows(&dead_letters).len() >= 4 && keyed(&table, &["order_id"], &columns) == expected
+    });
+    assert_eq!(keyed(&table, &["order_id"], &columns), expected);
+    let mut reasons: Vec<(String, String)> = rows(&dead_letters).into_iter().map(|r| (r["reason"].clone(), r["offset"].clone())).collect();
+    reasons.sort_by_key(|(_, offset)| offset.parse::<i64>().unwrap());
+    let want: Vec<(String, String)> = [("tombstone", 7), ("schema", 12), ("schema", 13), ("schema", 14)]
+        .iter()
+        .map(|(r, o)| (r.to_string(), o.to_string()))
+        .collect();
+    assert_eq!(reasons, want);
 }

@@ -10,10 +10,11 @@ use std::path::PathBuf;
 
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
-    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, GeneratorConfig, JoinConfig, KafkaConfig,
-    KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, Format, GeneratorConfig,
+    GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind,
+    SourceConfig, Sql, WindowConfig,
 };
-use super::raw::{RawAggregate, RawAnomaly, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
+use super::raw::{RawAggregate, RawAnomaly, RawApply, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
 use super::reader::At;
 use crate::expr::{Expr, ExprError};
 
@@ -276,6 +277,9 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         None => Vec::new(),
     };
     let shape = check_query_shape(&q, &query_name, diag);
+    if let (Some(from), Some(i)) = (&q.from, source_index) {
+        check_change_events(&query_name, from, &refs.raw_sources[i], shape == Shape::Apply, diag);
+    }
     let raw_aggregates = q.aggregates.as_deref().unwrap_or_default();
     let aggregates: Vec<AggregateConfig> = raw_aggregates
         .iter()
@@ -368,11 +372,31 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
             let raw = q.join.as_ref().expect("a join shape has a join table");
             if let Some((left_name, left_schema)) = &source {
                 if let Some(join) = compile_join(raw, (left_name, left_schema), q.select.as_deref(), refs, &expressions, diag) {
+                    if let (Some(right), Some(at)) = (refs.raw_sources.get(join.0.source_index), &raw.source) {
+                        check_change_events(&query_name, at, right, false, diag);
+                    }
                     select = join.1;
                     kind = QueryKind::Join(Box::new(join.0));
                 }
             }
             columns = select_columns(&select);
+        }
+        Shape::Apply => {
+            let raw = q.apply.as_ref().expect("an apply shape has an apply table");
+            if let Some((source_name, schema)) = &source {
+                if let Some(apply) = compile_apply(raw, &query_name, source_name, schema, diag) {
+                    columns = apply
+                        .key_fields
+                        .iter()
+                        .chain(&apply.value_fields)
+                        .map(|&i| Column {
+                            name: schema[i].name.clone(),
+                            ty: Some(schema[i].ty),
+                        })
+                        .collect();
+                    kind = QueryKind::Apply(apply);
+                }
+            }
         }
         Shape::Anomaly => {
             let raw = q.anomaly.as_ref().expect("an anomaly shape has an anomaly table");
@@ -431,7 +455,11 @@ fn compile_query(q: RawQuery, refs: &Refs<'_>, query_sinks: &mut HashMap<usize, 
         key_fields,
         aggregates,
         derive,
-        output: q.output.map_or(OutputMode::Append, |o| o.value),
+        output: if shape == Shape::Apply {
+            OutputMode::Update
+        } else {
+            q.output.map_or(OutputMode::Append, |o| o.value)
+        },
         allowed_lateness: q.allowed_lateness,
         sinks: q.sink.into_iter().flatten().map(|s| s.value).collect(),
         sink_indexes,
@@ -469,10 +497,13 @@ enum Shape {
     Stateless,
     Join,
     Anomaly,
+    Apply,
 }
 
 fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shape {
-    let shape = if q.join.is_some() {
+    let shape = if q.apply.is_some() {
+        Shape::Apply
+    } else if q.join.is_some() {
         Shape::Join
     } else if q.anomaly.is_some() {
         Shape::Anomaly
@@ -487,6 +518,7 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
         Shape::Stateless => "a stateless query (no window)",
         Shape::Join => "a join",
         Shape::Anomaly => "an anomaly detector",
+        Shape::Apply => "a change-applying query (apply)",
     };
     let forbid = |written: bool, key: &str, instead: &str| {
         if written {
@@ -538,8 +570,31 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
             forbid(q.select.is_some(), "select", "its columns are fixed");
             forbid(!q.derive.is_empty(), "derive", "its columns are fixed");
         }
+        Shape::Apply => {
+            let columns = "its columns are the source's schema fields, the primary key first";
+            forbid(q.window_written, "window", "it keeps the latest row per primary key");
+            forbid(q.join.is_some(), "join", "join the table's rows in a query of their own");
+            forbid(q.anomaly.is_some(), "anomaly", "detect anomalies in a query of its own");
+            forbid(q.aggregates.is_some(), "aggregates", columns);
+            forbid(!q.group_by.is_empty(), "group_by", "its key is apply.primary_key");
+            forbid(q.select.is_some(), "select", columns);
+            forbid(!q.derive.is_empty(), "derive", columns);
+            if q.filter.is_some() {
+                report(
+                    "where",
+                    format!("{what} applies every change of its source (a filter would keep rows whose later changes it drops); remove where"),
+                );
+            }
+            if let Some(output) = q.output.as_ref().filter(|o| o.value != OutputMode::Update) {
+                diag.report(
+                    output.path.clone(),
+                    output.line,
+                    format!("query \"{query_name}\": {what} upserts and deletes rows by primary key; remove output (or set output = \"update\")"),
+                );
+            }
+        }
     }
-    if shape != Shape::Aggregate {
+    if !matches!(shape, Shape::Aggregate | Shape::Apply) {
         if let Some(output) = q.output.as_ref().filter(|o| o.value != OutputMode::Append) {
             diag.report(
                 output.path.clone(),
@@ -547,14 +602,63 @@ fn check_query_shape(q: &RawQuery, query_name: &str, diag: &Diagnostics) -> Shap
                 format!("query \"{query_name}\": {what} appends its rows; remove output (or set output = \"append\")"),
             );
         }
-        if !q.allowed_lateness.is_zero() {
-            report(
-                "allowed_lateness",
-                format!("{what} takes no allowed_lateness; raise the source's watermark.delay to accept later events"),
-            );
-        }
+    }
+    if shape != Shape::Aggregate && !q.allowed_lateness.is_zero() {
+        report(
+            "allowed_lateness",
+            format!("{what} takes no allowed_lateness; raise the source's watermark.delay to accept later events"),
+        );
     }
     shape
+}
+
+/// Debezium change events are read only by `apply` queries, and `apply` reads only them.
+fn check_change_events(query_name: &str, from: &At<String>, source: &RawSource, apply: bool, diag: &Diagnostics) {
+    let debezium = matches!(source.format, Format::Debezium(_));
+    let problem = match (apply, debezium) {
+        (true, false) => format!(
+            "query \"{query_name}\" applies change events, but source \"{}\" has format = \"json\"; set format = \"debezium\" on the source, or remove apply",
+            from.value
+        ),
+        (false, true) => format!(
+            "source \"{}\" carries Debezium change events (format = \"debezium\"), which only a query with apply = {{ primary_key = [...] }} reads; \
+             apply them to a table and query that table, or read a JSON source",
+            from.value
+        ),
+        _ => return,
+    };
+    diag.report(from.path.clone(), from.line, problem);
+}
+
+/// `apply = { primary_key = [...] }`: the key fields (in the schema, not float) and the rest.
+fn compile_apply(raw: &RawApply, query_name: &str, source_name: &str, schema: &[FieldDef], diag: &Diagnostics) -> Option<ApplyConfig> {
+    let mut key_fields = Vec::with_capacity(raw.primary_key.len());
+    for key in &raw.primary_key {
+        let index = find_field(key, "primary_key field", source_name, schema, diag)?;
+        if schema[index].ty == FieldType::Float {
+            diag.report(
+                key.path.clone(),
+                key.line,
+                format!(
+                    "query \"{query_name}\": primary_key field \"{}\" is a float, which does not identify a row reliably; use string, int, bool or timestamp fields",
+                    key.value
+                ),
+            );
+            return None;
+        }
+        if !key_fields.contains(&index) {
+            key_fields.push(index);
+        }
+    }
+    if key_fields.is_empty() {
+        return None; // reported by the reader
+    }
+    let value_fields = (0..schema.len()).filter(|i| !key_fields.contains(i)).collect();
+    Some(ApplyConfig {
+        primary_key: raw.primary_key.iter().map(|k| k.value.clone()).collect(),
+        key_fields,
+        value_fields,
+    })
 }
 
 /// `select = [{ name, expr }]` over `input`, with unique names.
@@ -1250,6 +1354,22 @@ fn compile_generator(g: RawGenerator, source_names: &Names, sources: &[SourceCon
             );
         }
     }
+    if let (Some(source), Some(index)) = (&g.source, source_index) {
+        let debezium = matches!(sources[index].format, Format::Debezium(_));
+        let name = &source.value;
+        let problem = match (g.orders.is_some(), debezium) {
+            (true, false) => Some(format!(
+                "family = \"orders\" produces Debezium change events, but source \"{name}\" has format = \"json\"; point it at a source with format = \"debezium\""
+            )),
+            (false, true) => Some(format!(
+                "the click family produces JSON clicks, but source \"{name}\" has format = \"debezium\"; set family = \"orders\" or point it at a JSON source"
+            )),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            diag.report(source.path.clone(), source.line, problem);
+        }
+    }
     let purchases = g.purchases.map(|p| {
         let index = p.source.as_ref().and_then(|source| {
             let index = source_names.resolve(diag, source, "the generator produces purchases into", "source", "sources")?;
@@ -1272,6 +1392,7 @@ fn compile_generator(g: RawGenerator, source_names: &Names, sources: &[SourceCon
         }
     });
     GeneratorConfig {
+        family: g.orders.map_or(GeneratorFamily::Click, GeneratorFamily::Orders),
         purchases,
         source: g.source.map(|s| s.value).unwrap_or_default(),
         source_index: source_index.unwrap_or(0),

@@ -16,6 +16,8 @@ mod reader;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cdc;
 
 use std::path::Path;
 
@@ -26,9 +28,10 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
-    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, Bootstrap, CalendarUnit, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType,
-    FileSourceConfig, Format, GapPolicy, GeneratorConfig, JoinConfig, JoinType, KafkaConfig, KafkaSinkConfig, LogConfig, MetricsConfig, OutputMode,
-    PipelineConfig, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Bootstrap, CalendarUnit, Config, DebeziumFormat, DerivedColumn, EventTimeConfig,
+    FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, GeneratorConfig, GeneratorFamily, JoinConfig, JoinType, KafkaConfig, KafkaSinkConfig, LogConfig,
+    MetricsConfig, OrdersGeneratorConfig, OutputMode, PipelineConfig, PositionField, QueryConfig, QueryKind, SinkConfig, SinkKind, SourceConfig, Sql,
+    StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

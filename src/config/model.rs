@@ -207,9 +207,60 @@ pub struct FileSourceConfig {
 }
 
 /// Encoding of a source's messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
+    /// One JSON object per message: the row itself.
     Json,
+    /// `format = "debezium"`: Debezium JSON change events (with or without the
+    /// `{"schema": ..., "payload": ...}` wrapper); the row is `after` (`before` for a delete).
+    Debezium(DebeziumFormat),
+}
+
+/// How a Debezium source orders the changes of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebeziumFormat {
+    /// `position = ["source.lsn"]` (the default): the envelope fields whose values, compared
+    /// in order (integers numerically, strings byte-wise), order the changes of a key. Each
+    /// is a field of the payload (`"ts_ms"`) or of an object in it (`"source.pos"`).
+    pub position: Vec<PositionField>,
+}
+
+/// One component of a Debezium source position: `source.lsn` is `{ object: Some("source"),
+/// field: "lsn" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionField {
+    pub object: Option<String>,
+    pub field: String,
+}
+
+impl PositionField {
+    /// `"source.lsn"` → `source` / `lsn`; `"ts_ms"` → a top-level field.
+    pub fn parse(path: &str) -> Option<PositionField> {
+        let mut parts = path.split('.');
+        let (first, second) = (parts.next()?, parts.next());
+        if parts.next().is_some() || first.is_empty() || second.is_some_and(str::is_empty) {
+            return None;
+        }
+        Some(match second {
+            Some(field) => PositionField {
+                object: Some(first.to_string()),
+                field: field.to_string(),
+            },
+            None => PositionField {
+                object: None,
+                field: first.to_string(),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for PositionField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some(object) => write!(f, "{object}.{}", self.field),
+            None => f.write_str(&self.field),
+        }
+    }
 }
 
 /// One schema field: `user_id = "string"`.
@@ -299,6 +350,19 @@ pub enum QueryKind {
     Join(Box<JoinConfig>),
     /// `anomaly = { ... }` with a sliding `window`: readings judged against rolling statistics.
     Anomaly(AnomalyConfig),
+    /// `apply = { primary_key = [...] }`: the change events of a Debezium source applied to a
+    /// table keyed by primary key (update output).
+    Apply(ApplyConfig),
+}
+
+/// `apply = { primary_key = ["order_id"] }`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyConfig {
+    pub primary_key: Vec<String>,
+    /// Schema indexes of the primary-key fields, in key order.
+    pub key_fields: Vec<usize>,
+    /// Schema indexes of the other fields, in schema order: the table's value columns.
+    pub value_fields: Vec<usize>,
 }
 
 /// `join = { source = "purchases", type = "left", on = ["user_id"], between = ["0s", "30m"] }`
@@ -592,9 +656,12 @@ pub struct KafkaSinkConfig {
     pub options: std::collections::BTreeMap<String, String>,
 }
 
-/// `[generator]`: built-in click-event generator producing into a source's topic.
+/// `[generator]`: built-in event generator producing into a source's topic: clicks (the
+/// default), or with `family = "orders"` Debezium change events of an orders table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratorConfig {
+    /// What it generates.
+    pub family: GeneratorFamily,
     pub source: String,
     /// Index into [`Config::sources`] of `source`.
     pub source_index: usize,
@@ -616,6 +683,27 @@ pub struct GeneratorConfig {
     pub malformed_share: f64,
     /// `purchases = { source = "purchases", rate = 5 }`: also purchases by the same users.
     pub purchases: Option<PurchasesConfig>,
+}
+
+/// The generator's event family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GeneratorFamily {
+    /// Click events (`users`, `pages`, the disorder, late and malformed shares, `purchases`).
+    Click,
+    /// `family = "orders"`: Debezium change events of a model orders table.
+    Orders(OrdersGeneratorConfig),
+}
+
+/// `family = "orders"`: the settings of the orders change-event family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrdersGeneratorConfig {
+    /// Order ids live at once, about. Default 1000.
+    pub orders: u32,
+    /// Share of events sent twice in a row (a duplicate delivery), in 0..=1. Default 0.
+    pub duplicate_share: f64,
+    /// Share of events followed by a replay of an older change of some order, in 0..=1.
+    /// Default 0. (The generator's `malformed_share` applies too.)
+    pub replay_share: f64,
 }
 
 /// Purchases the generator produces into another source (clean events, stamped now).

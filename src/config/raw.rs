@@ -13,8 +13,8 @@ use toml::de::DeValue;
 
 use super::duration::format_duration;
 use super::model::{
-    AggFn, AnomalyJudge, Bootstrap, CalendarUnit, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, JoinType, LogConfig, MetricsConfig, OutputMode,
-    SinkKind, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
+    AggFn, AnomalyJudge, Bootstrap, CalendarUnit, DebeziumFormat, FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, JoinType, LogConfig, MetricsConfig,
+    OutputMode, PositionField, SinkKind, StartingOffsets, TimeFormat, WatermarkConfig, WindowConfig,
 };
 use super::reader::{found, number, At, Fields, Value};
 
@@ -155,6 +155,8 @@ pub(crate) struct RawQuery {
     pub select: Option<Vec<RawDerived>>,
     pub join: Option<RawJoin>,
     pub anomaly: Option<RawAnomaly>,
+    /// `apply = { primary_key = [...] }`
+    pub apply: Option<RawApply>,
     /// Path and line of the query's table.
     pub at: At<()>,
     /// `None` when absent (append) or invalid (reported; see `output_valid`).
@@ -222,6 +224,13 @@ pub(crate) struct RawAnomaly {
     pub judge: AnomalyJudge,
 }
 
+/// `apply = { primary_key = ["order_id"] }`
+#[derive(Debug)]
+pub(crate) struct RawApply {
+    /// Empty when missing (reported).
+    pub primary_key: Vec<At<String>>,
+}
+
 /// `{ name = "ctr", expr = "clicks / views" }`
 #[derive(Debug)]
 pub(crate) struct RawDerived {
@@ -266,6 +275,8 @@ pub(crate) struct RawGenerator {
     pub malformed_share: f64,
     /// `purchases = { source = "purchases", rate = 5 }`
     pub purchases: Option<RawPurchases>,
+    /// `family = "orders"` and its settings; `None` for clicks.
+    pub orders: Option<super::model::OrdersGeneratorConfig>,
 }
 
 /// Purchases by the generator's users into another source, for the demo's join.
@@ -499,12 +510,39 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
             settle,
         });
     }
-    let format = value_or(f.take_choice("format", &[("json", Format::Json)]), Format::Json);
+    let format_written = f.has("format");
+    let format_name = f.take_choice("format", &FORMATS).map(|c| c.value);
+    let format = match format_name {
+        Some(FormatName::Debezium) => Format::Debezium(DebeziumFormat {
+            position: read_position(&mut f),
+        }),
+        _ => {
+            // With an invalid format the format's error is enough.
+            if let Some(value) = f.take_unlisted("position").filter(|_| !format_written || format_name.is_some()) {
+                f.report_at(
+                    f.key_path("position"),
+                    f.line_of(value),
+                    "\"position\" applies only to Debezium change events; add format = \"debezium\", or remove it".to_string(),
+                );
+            }
+            Format::Json
+        }
+    };
     let schema = f.require("schema", read_schema);
 
     let mut event_time_field = None;
     let mut event_time_format = TimeFormat::Auto;
-    if let Some(mut et) = f.require("event_time", Fields::take_table) {
+    let debezium = matches!(format, Format::Debezium(_));
+    if debezium {
+        event_time_format = TimeFormat::EpochMillis;
+        if let Some(value) = f.take_unlisted("event_time") {
+            f.report_at(
+                f.key_path("event_time"),
+                f.line_of(value),
+                "a Debezium source takes each change's event time from source.ts_ms (else ts_ms) of its envelope; remove event_time".to_string(),
+            );
+        }
+    } else if let Some(mut et) = f.require("event_time", Fields::take_table) {
         let field = et.require("field", Fields::take_str);
         let format = et.take_choice("format", &TIME_FORMATS);
         if let (Some(field), Some(schema)) = (&field, &schema) {
@@ -547,6 +585,60 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
         starting_offsets,
         on_error,
         on_gap,
+    }
+}
+
+/// Message formats a source may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FormatName {
+    Json,
+    Debezium,
+}
+
+const FORMATS: [(&str, FormatName); 2] = [("json", FormatName::Json), ("debezium", FormatName::Debezium)];
+
+/// The position of a Debezium change unless `position` says otherwise (Postgres).
+pub(crate) const DEFAULT_POSITION: &str = "source.lsn";
+
+/// `position = ["source.file", "source.pos", "source.row"]` of a Debezium source: envelope
+/// fields, at most one dot each, none of them in a row. Default `["source.lsn"]`.
+fn read_position(f: &mut Fields<'_, '_>) -> Vec<PositionField> {
+    let default = || vec![PositionField::parse(DEFAULT_POSITION).expect("a valid default")];
+    let line = f.take_value("position").and_then(|v| f.line_of(v));
+    let Some(paths) = f.take_str_list("position") else {
+        return default();
+    };
+    if paths.is_empty() {
+        f.report_at(
+            f.key_path("position"),
+            line,
+            "list at least one envelope field ordering the changes of a key, e.g. position = [\"source.lsn\"] (Postgres) or [\"source.file\", \"source.pos\", \"source.row\"] (MySQL)".to_string(),
+        );
+        return default();
+    }
+    let mut fields: Vec<PositionField> = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let parsed = PositionField::parse(&path.value);
+        let problem = match &parsed {
+            None => Some(
+                "is not a field path: write a field of the change event's payload (\"ts_ms\") or of an object in it (\"source.lsn\"), with at most one dot",
+            ),
+            Some(p) if ["before", "after", "op"].contains(&p.object.as_deref().unwrap_or(&p.field)) => {
+                Some("names the row or the operation; the position must come from the envelope, e.g. \"source.lsn\"")
+            }
+            Some(p) if fields.contains(p) => Some("is listed twice; list each field once"),
+            Some(_) => None,
+        };
+        match (problem, parsed) {
+            (Some(problem), _) => f.report_at(path.path.clone(), path.line, format!("position field \"{}\" {problem}", path.value)),
+            (None, Some(p)) => fields.push(p),
+            (None, None) => {}
+        }
+    }
+    if fields.is_empty() {
+        default()
+    } else {
+        fields
     }
 }
 
@@ -642,6 +734,7 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
     f.take_value("select"); // listed as allowed
     let join = f.take_table("join").map(read_join);
     let anomaly = f.take_table("anomaly").map(read_anomaly);
+    let apply = f.take_table("apply").map(read_apply);
     let output_written = f.has("output");
     let output = f.take_choice("output", &OUTPUT_MODES);
     let output_valid = !output_written || output.is_some();
@@ -660,6 +753,7 @@ fn read_query(mut f: Fields<'_, '_>) -> RawQuery {
         select,
         join,
         anomaly,
+        apply,
         at,
         output,
         output_valid,
@@ -893,6 +987,32 @@ fn to_interval(value: &Value<'_>) -> Result<(i64, i64), String> {
     Ok((bounds[0], bounds[1]))
 }
 
+/// `apply = { primary_key = ["order_id"] }`.
+fn read_apply(mut a: Fields<'_, '_>) -> RawApply {
+    let line = a.take_value("primary_key").and_then(|v| a.line_of(v));
+    let primary_key = a.require("primary_key", Fields::take_str_list);
+    let written = primary_key.is_some();
+    let primary_key = primary_key.unwrap_or_default();
+    if written && primary_key.is_empty() {
+        a.report_at(
+            a.key_path("primary_key"),
+            line,
+            "list the fields identifying a row, e.g. primary_key = [\"order_id\"]".to_string(),
+        );
+    }
+    for (i, key) in primary_key.iter().enumerate() {
+        if primary_key[..i].iter().any(|k| k.value == key.value) {
+            a.report_at(
+                key.path.clone(),
+                key.line,
+                format!("\"{}\" appears more than once in primary_key; list each field once", key.value),
+            );
+        }
+    }
+    a.finish();
+    RawApply { primary_key }
+}
+
 const ANOMALY_JUDGES: [(&str, AnomalyJudge); 2] = [("trailing", AnomalyJudge::Trailing), ("containing", AnomalyJudge::Containing)];
 
 /// `anomaly = { field, threshold, min_count, judge }`.
@@ -1094,7 +1214,32 @@ fn read_kafka_sink(mut f: Fields<'_, '_>, name: Option<At<String>>) -> RawSink {
     }
 }
 
+/// Keys of `[generator]` that only the click family reads.
+const CLICK_GENERATOR_KEYS: [&str; 6] = ["users", "pages", "disorder", "late_share", "late_by", "purchases"];
+/// Keys of `[generator]` that only the orders family reads.
+const ORDERS_GENERATOR_KEYS: [&str; 3] = ["orders", "duplicate_share", "replay_share"];
+const DEFAULT_ORDERS: u32 = 1000;
+
 fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {
+    let family = f.take_choice("family", &[("click", false), ("orders", true)]);
+    let is_orders = family.as_ref().is_some_and(|f| f.value);
+    let (foreign, family_name): (&[&'static str], &str) = if is_orders {
+        (&CLICK_GENERATOR_KEYS, "the click family (family = \"click\", the default)")
+    } else {
+        (&ORDERS_GENERATOR_KEYS, "family = \"orders\"")
+    };
+    if family.is_some() || !f.has("family") {
+        for &key in foreign {
+            if let Some(value) = f.take_unlisted(key) {
+                f.report_at(f.key_path(key), f.line_of(value), format!("\"{key}\" applies only to {family_name}; remove it"));
+            }
+        }
+    }
+    let orders = is_orders.then(|| super::model::OrdersGeneratorConfig {
+        orders: f.take_int("orders", 1, u64::from(u32::MAX)).map_or(DEFAULT_ORDERS, |n| n.value as u32),
+        duplicate_share: value_or(f.take_share("duplicate_share"), 0.0),
+        replay_share: value_or(f.take_share("replay_share"), 0.0),
+    });
     let source = f.require("source", Fields::take_str);
     let rate = value_or(f.take_int("rate", 1, u64::MAX), DEFAULT_RATE);
     let seed = value_or(f.take_int("seed", 0, u64::MAX), DEFAULT_SEED);
@@ -1112,6 +1257,7 @@ fn read_generator(mut f: Fields<'_, '_>) -> RawGenerator {
     });
     f.finish();
     RawGenerator {
+        orders,
         purchases,
         source,
         rate,

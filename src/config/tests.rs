@@ -256,6 +256,7 @@ fn full_config_parses_into_expected_values() {
     assert_eq!(
         config.generator,
         Some(GeneratorConfig {
+            family: GeneratorFamily::Click,
             source: "clicks".into(),
             source_index: 0,
             rate: 5000,
@@ -331,6 +332,7 @@ fn defaults_are_applied() {
     assert_eq!(
         generator,
         GeneratorConfig {
+            family: GeneratorFamily::Click,
             source: "events".into(),
             source_index: 0,
             rate: 1000,

@@ -229,8 +229,10 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
         let shape = &shapes[query];
         // Only aggregations have window and key columns of their own; the other kinds carry
         // every column as a value.
-        let (window_columns, key_names) = match q.kind {
+        let (window_columns, key_names) = match &q.kind {
             QueryKind::Aggregate => (q.window.columns().to_vec(), q.group_by.clone()),
+            // Rows keyed (and upserted) by the primary key.
+            QueryKind::Apply(a) => (Vec::new(), a.primary_key.clone()),
             _ => (Vec::new(), Vec::new()),
         };
         let merge_keys: Vec<String> = window_columns.iter().take(1).map(|c| c.to_string()).chain(key_names.iter().cloned()).collect();

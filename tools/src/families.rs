@@ -1,4 +1,5 @@
-//! The load generator's event families: clicks, sensor readings, purchases and Nexmark.
+//! The load generator's event families: clicks, sensor readings, purchases, Nexmark, and
+//! Debezium change events of an orders table.
 //!
 //! Every family is a seeded, allocation-free generator like the
 //! [click generator](tidemark::source::generator) (which *is* the click family): one `ChaCha8Rng` per
@@ -12,6 +13,10 @@
 //! | `sensor`   | `device_id`                           | `sensor_type`                    |
 //! | `purchase` | `user_id`                             | `product_id`                     |
 //! | `nexmark`  | auction id (person id for persons)    | `name` / `item_name` / `channel` |
+//!
+//! The `orders` family is the library's [orders change-event generator](tidemark::source::cdc_generator):
+//! its own duplicates, replays and tombstones instead of the envelope's disorder and lateness
+//! (only `malformed_share` applies), keyed by the Debezium key `{"order_id":N}`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +24,7 @@ use std::str::FromStr;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use tidemark::source::cdc_generator::{OrdersCdcGenerator, OrdersCdcSettings, DEFAULT_FIRST_LSN};
 use tidemark::source::envelope::{
     mix64, push_checked_field, push_fixed2_field, push_int_field, push_key, push_padded, push_rfc3339_millis, push_str_field, push_timestamp_field, push_u64,
     Envelope, GeneratedEvent,
@@ -26,17 +32,22 @@ use tidemark::source::envelope::{
 use tidemark::source::generator::{ClickGenerator, ClickGeneratorSettings};
 use tidemark::source::producer::EventGenerator;
 
-/// One of the four event families.
+/// One of the event families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     Click,
     Sensor,
     Purchase,
     Nexmark,
+    /// Debezium change events of an orders table.
+    Orders,
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [Family::Click, Family::Sensor, Family::Purchase, Family::Nexmark];
+    pub const ALL: [Family; 5] = [Family::Click, Family::Sensor, Family::Purchase, Family::Nexmark, Family::Orders];
+    /// The families whose events arrive through the shared [`Envelope`] (disorder, very-late
+    /// and malformed events).
+    pub const ENVELOPED: [Family; 4] = [Family::Click, Family::Sensor, Family::Purchase, Family::Nexmark];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +55,7 @@ impl Family {
             Family::Sensor => "sensor",
             Family::Purchase => "purchase",
             Family::Nexmark => "nexmark",
+            Family::Orders => "orders",
         }
     }
 
@@ -54,6 +66,7 @@ impl Family {
             Family::Sensor => "sensor-events",
             Family::Purchase => "purchase-events",
             Family::Nexmark => "nexmark-events",
+            Family::Orders => "orders-events",
         }
     }
 }
@@ -70,7 +83,7 @@ impl FromStr for Family {
         Family::ALL
             .into_iter()
             .find(|family| family.name() == s)
-            .ok_or_else(|| format!("unknown event family `{s}`: use click, sensor, purchase or nexmark"))
+            .ok_or_else(|| format!("unknown event family `{s}`: use click, sensor, purchase, nexmark or orders"))
     }
 }
 
@@ -87,6 +100,9 @@ pub struct FamilySettings {
     pub late_share: f64,
     pub late_by_ms: i64,
     pub malformed_share: f64,
+    /// Orders family: share of changes sent twice, and followed by a replay of an older one.
+    pub duplicate_share: f64,
+    pub replay_share: f64,
 }
 
 impl Default for FamilySettings {
@@ -99,6 +115,8 @@ impl Default for FamilySettings {
             late_share: 0.0,
             late_by_ms: 3_600_000,
             malformed_share: 0.0,
+            duplicate_share: 0.0,
+            replay_share: 0.0,
         }
     }
 }
@@ -116,6 +134,7 @@ pub enum FamilyGenerator {
     Sensor(SensorGenerator),
     Purchase(PurchaseGenerator),
     Nexmark(NexmarkGenerator),
+    Orders(OrdersCdcGenerator),
 }
 
 impl FamilyGenerator {
@@ -133,6 +152,14 @@ impl FamilyGenerator {
             Family::Sensor => FamilyGenerator::Sensor(SensorGenerator::new(settings)),
             Family::Purchase => FamilyGenerator::Purchase(PurchaseGenerator::new(settings)),
             Family::Nexmark => FamilyGenerator::Nexmark(NexmarkGenerator::new(settings)),
+            Family::Orders => FamilyGenerator::Orders(OrdersCdcGenerator::new(OrdersCdcSettings {
+                seed: settings.seed,
+                orders: settings.keys,
+                duplicate_share: settings.duplicate_share,
+                replay_share: settings.replay_share,
+                malformed_share: settings.malformed_share,
+                first_lsn: DEFAULT_FIRST_LSN,
+            })),
         }
     }
 
@@ -142,6 +169,7 @@ impl FamilyGenerator {
             FamilyGenerator::Sensor(_) => Family::Sensor,
             FamilyGenerator::Purchase(_) => Family::Purchase,
             FamilyGenerator::Nexmark(_) => Family::Nexmark,
+            FamilyGenerator::Orders(_) => Family::Orders,
         }
     }
 }
@@ -153,6 +181,7 @@ impl EventGenerator for FamilyGenerator {
             FamilyGenerator::Sensor(g) => g.next_event_into(base_time_ms, event),
             FamilyGenerator::Purchase(g) => g.next_event_into(base_time_ms, event),
             FamilyGenerator::Nexmark(g) => g.next_event_into(base_time_ms, event),
+            FamilyGenerator::Orders(g) => g.next_event_into(base_time_ms, event),
         }
     }
 }
@@ -568,6 +597,8 @@ mod tests {
             late_share: 0.05,
             late_by_ms: 3_600_000,
             malformed_share: 0.02,
+            duplicate_share: 0.0,
+            replay_share: 0.0,
         }
     }
 
@@ -799,7 +830,7 @@ mod tests {
         let mut s = settings(9);
         s.late_share = 0.1;
         s.malformed_share = 0.05;
-        for family in Family::ALL {
+        for family in Family::ENVELOPED {
             let events = generate(family, &s, 20_000);
             let late = events.iter().filter(|e| e.kind == EventKind::VeryLate).count();
             assert!((1_800..=2_200).contains(&late), "{family}: late {late}");
@@ -858,11 +889,31 @@ mod tests {
     }
 
     #[test]
+    fn orders_family_is_debezium_change_events_keyed_by_order() {
+        let mut s = settings(11);
+        s.duplicate_share = 0.1;
+        s.replay_share = 0.1;
+        let events = generate(Family::Orders, &s, 5_000);
+        let mut ops: HashMap<String, usize> = HashMap::new();
+        for event in events.iter().filter(|e| e.kind == EventKind::Valid && !e.payload.is_empty()) {
+            let object = parse(event);
+            let op = object["op"].as_str().unwrap().to_owned();
+            let row = if op == "d" { &object["before"] } else { &object["after"] };
+            assert_eq!(event.key, format!("{{\"order_id\":{}}}", row["order_id"]).into_bytes());
+            assert!(object["source"]["lsn"].is_u64() && object["source"]["ts_ms"].is_u64(), "{object:?}");
+            *ops.entry(op).or_default() += 1;
+        }
+        assert!(["c", "u", "d"].iter().all(|op| ops.get(*op).is_some_and(|n| *n > 100)), "{ops:?}");
+        let tombstones = events.iter().filter(|e| e.payload.is_empty()).count();
+        assert!(tombstones >= ops["d"] / 2, "{tombstones} tombstones for {} deletes", ops["d"]);
+    }
+
+    #[test]
     fn family_names_parse_and_have_default_topics() {
         for family in Family::ALL {
             assert_eq!(family.name().parse::<Family>(), Ok(family));
             assert_eq!(family.default_topic(), format!("{family}-events"));
         }
-        assert!("clicks".parse::<Family>().unwrap_err().contains("click, sensor, purchase or nexmark"));
+        assert!("clicks".parse::<Family>().unwrap_err().contains("click, sensor, purchase, nexmark or orders"));
     }
 }

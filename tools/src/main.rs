@@ -32,7 +32,7 @@ enum Command {
         /// Bootstrap servers, e.g. 127.0.0.1:9092.
         #[arg(long)]
         brokers: String,
-        /// Event family: click, sensor, purchase or nexmark.
+        /// Event family: click, sensor, purchase, nexmark or orders (Debezium change events).
         #[arg(long)]
         family: Family,
         /// Topic (default: <family>-events, e.g. click-events).
@@ -50,9 +50,15 @@ enum Command {
         /// Seed of the generated events: same seed, same events.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark).
+        /// Distinct keys: users (click, purchase), devices (sensor), open auctions bids go to (nexmark), live orders (orders).
         #[arg(long, visible_alias = "users", default_value_t = 1000)]
         keys: u32,
+        /// Orders family: share of changes sent twice (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        duplicate_share: f64,
+        /// Orders family: share of changes followed by a replay of an older change (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        replay_share: f64,
         /// Distinct pages (`page_url`) of the click family [default: 500].
         #[arg(long)]
         pages: Option<u32>,
@@ -149,11 +155,25 @@ fn main() -> ExitCode {
             duration,
             seed,
             keys,
+            duplicate_share,
+            replay_share,
             pages,
             envelope,
             report_every,
         } => {
             if !envelope.check() {
+                return ExitCode::FAILURE;
+            }
+            if family == Family::Orders && (envelope.late_share > 0.0 || !envelope.disorder.is_zero()) {
+                eprintln!("error: --late-share and --disorder apply to the other families; orders events mix in --duplicate-share and --replay-share instead");
+                return ExitCode::FAILURE;
+            }
+            if family != Family::Orders && (duplicate_share > 0.0 || replay_share > 0.0) {
+                eprintln!("error: --duplicate-share and --replay-share apply to the orders family only");
+                return ExitCode::FAILURE;
+            }
+            if !(0.0..=1.0).contains(&duplicate_share) || !(0.0..=1.0).contains(&replay_share) {
+                eprintln!("error: --duplicate-share and --replay-share must be between 0 and 1");
                 return ExitCode::FAILURE;
             }
             if pages.is_some() && family != Family::Click {
@@ -168,6 +188,8 @@ fn main() -> ExitCode {
                 late_share: envelope.late_share,
                 late_by_ms: envelope.late_by.as_millis() as i64,
                 malformed_share: envelope.malformed_share,
+                duplicate_share,
+                replay_share,
             };
             let topic = topic.unwrap_or_else(|| family.default_topic().to_owned());
             let producer = match EventProducer::connect(&brokers) {
