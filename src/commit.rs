@@ -43,6 +43,13 @@ pub enum CommitError {
         table_epoch: u64,
         state_epoch: u64,
     },
+    #[error("sink \"{sink}\" ({location}) holds epochs only up to {table_epoch}, but it confirmed holding epoch {confirmed}: the table (or topic) was deleted or restored from an older backup, and the rows in between are gone. Restore it, or start afresh: a new path (or topic) with a new state_dir")]
+    TableBehind {
+        sink: String,
+        location: String,
+        table_epoch: u64,
+        confirmed: u64,
+    },
     #[error("cannot start the committer's tokio runtime: {0}")]
     Runtime(std::io::Error),
     #[error("the shards stopped before finishing epoch {0} (see the error logged before this one)")]
@@ -115,6 +122,17 @@ impl Committer {
                 source,
             })?;
             let plan = sink.plan();
+            if let Some(confirmed) = self.store.sink_epoch(&plan.name)?.filter(|c| table_epoch.is_none_or(|t| t < *c)) {
+                return Err(CommitError::TableBehind {
+                    sink: plan.name.clone(),
+                    location: match &plan.config.kafka {
+                        Some(k) => format!("topic \"{}\"", k.topic),
+                        None => plan.path.display().to_string(),
+                    },
+                    table_epoch: table_epoch.unwrap_or(0),
+                    confirmed,
+                });
+            }
             if let Some(table_epoch) = table_epoch.filter(|e| *e > flushed_epoch) {
                 return Err(CommitError::TableAhead {
                     sink: plan.name.clone(),
@@ -160,7 +178,8 @@ impl Committer {
             counters.rows_written.fetch_add(rows.len() as u64, Relaxed);
             counters.commits.fetch_add(1, Relaxed);
         }
-        self.store.clear_pending(epoch, &sink.plan().name)?;
+        let written = matches!(outcome, WriteOutcome::Committed { .. } | WriteOutcome::AlreadyCommitted);
+        self.store.clear_pending(epoch, &sink.plan().name, written)?;
         sink.maintain().await;
         Ok(outcome)
     }

@@ -53,6 +53,8 @@ const P_QUERY_WATERMARK: &[u8] = b"qwm\0";
 const P_QUERY_RECORD: &[u8] = b"qrec\0";
 /// Per source (by name): what it reads.
 const P_SOURCE_RECORD: &[u8] = b"srec\0";
+/// Per sink (by name): the last epoch it confirmed holding.
+const P_SINK_EPOCH: &[u8] = b"sinkep\0";
 
 /// Where a source partition stands as of a flushed epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -477,10 +479,25 @@ impl StateStore {
         Ok(())
     }
 
-    /// Drops pending output once its sink holds it.
-    pub fn clear_pending(&self, epoch: u64, sink: &str) -> StateResult<()> {
-        self.db.delete_cf(self.meta(), pending_key(epoch, sink))?;
+    /// Drops pending output once its sink holds it; `written`: the sink committed it (or
+    /// already held it), so the sink must hold at least this epoch from now on.
+    pub fn clear_pending(&self, epoch: u64, sink: &str, written: bool) -> StateResult<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.meta(), pending_key(epoch, sink));
+        if written {
+            batch.put_cf(self.meta(), [P_SINK_EPOCH, sink.as_bytes()].concat(), epoch.to_le_bytes());
+        }
+        self.db.write(batch)?;
         Ok(())
+    }
+
+    /// The last epoch `sink` confirmed holding, if any.
+    pub fn sink_epoch(&self, sink: &str) -> StateResult<Option<u64>> {
+        let key = [P_SINK_EPOCH, sink.as_bytes()].concat();
+        match self.meta_get(&key)? {
+            Some(v) => Ok(Some(u64::from_le_bytes(self.fixed8(&key, &v)?))),
+            None => Ok(None),
+        }
     }
 
     /// Approximate bytes of live SST files (for metrics and progress lines).
@@ -578,8 +595,10 @@ mod tests {
         assert_eq!(r.positions[&("t".to_string(), 3)], pos);
         assert_eq!(r.file_positions["drops"], b"{}".to_vec());
         assert_eq!(store.pending().unwrap(), vec![(1, "sink".to_string(), b"rows".to_vec())]);
-        store.clear_pending(1, "sink").unwrap();
+        assert_eq!(store.sink_epoch("sink").unwrap(), None);
+        store.clear_pending(1, "sink", true).unwrap();
         assert!(store.pending().unwrap().is_empty());
+        assert_eq!(store.sink_epoch("sink").unwrap(), Some(1), "the sink's confirmed epoch is kept");
         // Window 10 was range-deleted and 30 point-deleted by epoch 2; 20 and the put survive.
         assert_eq!(entries(&store, 0), vec![(b"x".to_vec(), b"y".to_vec()), (key(20, b"k2"), b"b".to_vec())]);
         assert!(entries(&store, 1).is_empty());

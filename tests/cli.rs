@@ -383,3 +383,83 @@ fn file_drop_source_killed_and_restarted_equals_the_oracle() {
     assert_eq!(as_rows(&read_views(&dir.path().join("views"))), expected);
     assert_eq!(read_dead_letters(&dir.path().join("dlq")), expected_dlq);
 }
+
+/// Whether an event is late does not depend on speed, epoch cuts or crashes: the same input
+/// read at once, read as it trickles in with short epochs, and read by a daemon killed with
+/// SIGKILL at random moments gives identical tables and dead letters. The watermark delay
+/// (500 ms) is shorter than the input's disorder (2 s), so many events are late by a margin
+/// that any timing-dependent rule would judge differently.
+#[test]
+fn fast_slow_and_killed_runs_write_identical_tables_and_dead_letters() {
+    let events = plan(97, 0, 16_000, 0.01, 0.02);
+    let toml = |name: &str, addr: &str, dir: &std::path::Path| {
+        pipeline_toml(name, addr, dir, 2)
+            .replace(&format!("delay = \"{DELAY_MS}ms\""), "delay = \"500ms\"")
+            .replace("commit_interval = \"200ms\"", "commit_interval = \"50ms\"")
+    };
+    let tables = |dir: &std::path::Path| (read_views(&dir.join("views")), read_dead_letters(&dir.join("dlq")));
+    let in_process = |slow: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = tidemark::broker::EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+        if !slow {
+            produce(broker.bootstrap_servers(), &events);
+        }
+        let cfg = tidemark::config::parse_config(&toml("same", broker.bootstrap_servers(), dir.path())).unwrap();
+        let running = tidemark::daemon::start(cfg, std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).unwrap();
+        if slow {
+            for chunk in events.chunks(500) {
+                produce(broker.bootstrap_servers(), chunk);
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        }
+        wait_for("every event read", Duration::from_secs(60), || running.stats().events_in == events.len() as u64);
+        running.stop().unwrap();
+        tables(dir.path())
+    };
+    let fast = in_process(false);
+    let late = fast.1.iter().filter(|(reason, _)| reason == "late").count();
+    assert!(late > 100, "the input must make many late events ({late})");
+    assert!(!fast.0.is_empty());
+    let slow = in_process(true);
+    assert_eq!(slow, fast, "read slowly, the tables differ from the run that read everything at once");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, addr) = start_broker(dir.path(), &[format!("{TOPIC}:{PARTITIONS}")]);
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(&config, toml("same", &addr, dir.path())).unwrap();
+    let seed: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("identical-runs test seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let trickle = {
+        let (addr, events) = (addr.clone(), events.clone());
+        std::thread::spawn(move || {
+            for chunk in events.chunks(800) {
+                produce(&addr, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    while !trickle.is_finished() {
+        let mut child = Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..1_200)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    trickle.join().unwrap();
+    let mut child = Command::new(BIN).arg("run").arg(&config).stdout(Stdio::null()).spawn().unwrap();
+    let mut last = (Vec::new(), Vec::new());
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the killed run's tables to equal the fast run's", Duration::from_secs(90), || {
+            last = tables(dir.path());
+            last == fast
+        })
+    }));
+    sigterm(&child);
+    wait_exit(&mut child, Duration::from_secs(30));
+    sigterm(&broker);
+    wait_exit(&mut broker, Duration::from_secs(10));
+    if waited.is_err() {
+        assert_eq!(last.1, fast.1, "dead letters of the killed run differ");
+        assert_eq!(last.0, fast.0, "tables of the killed run differ");
+    }
+}

@@ -283,3 +283,38 @@ fn a_changed_window_is_refused_at_restart_and_more_lateness_is_accepted() {
     running.stop().unwrap();
     assert_matches_oracle(dir.path(), &events);
 }
+
+/// A second pipeline writing the same tables is refused while the first runs; a table
+/// deleted behind the state's back is refused at start instead of being silently refilled
+/// with only the newest rows.
+#[test]
+fn a_second_writer_and_a_deleted_table_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    let events = plan(95, 0, 3000, 0.0, 0.0);
+    produce(broker.bootstrap_servers(), &events);
+    let running = start("fenced", broker.bootstrap_servers(), dir.path());
+    wait_for_oracle(dir.path(), &events);
+
+    let toml = pipeline_toml("fenced", broker.bootstrap_servers(), dir.path(), 2);
+    let other_state = toml.replace(
+        &dir.path().join("state").display().to_string(),
+        &dir.path().join("state2").display().to_string(),
+    );
+    let err = tidemark::daemon::start(parse_config(&other_state).unwrap(), Arc::new(AtomicBool::new(false)))
+        .err()
+        .expect("a second writer is refused");
+    assert!(err.to_string().contains("is being written by another process"), "{err}");
+    running.stop().unwrap();
+    assert_matches_oracle(dir.path(), &events);
+
+    std::fs::remove_dir_all(dir.path().join("views")).unwrap();
+    let err = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false)))
+        .err()
+        .expect("a table behind the state is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("sink \"views\"") && text.contains("holds epochs only up to 0, but it confirmed holding epoch"),
+        "{text}"
+    );
+}

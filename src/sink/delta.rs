@@ -607,6 +607,12 @@ impl DeltaTableSink {
         if let Some((app_id, version)) = txn {
             properties = properties.with_application_transaction(Transaction::new(app_id, version));
         }
+        // The data files first, so the log never names a file a crash could lose.
+        let added = actions.iter().filter_map(|a| match a {
+            Action::Add(add) => Some(add.path.as_str()),
+            _ => None,
+        });
+        super::durable::sync_files(&self.path, added)?;
         let snapshot = self.table.snapshot().map_err(|e| self.delta_err("commit", e))?;
         let finalized = CommitBuilder::from(properties)
             .with_actions(actions)
@@ -627,6 +633,7 @@ impl DeltaTableSink {
             })?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
+        super::durable::sync_log(&self.path, version)?;
         Ok(version)
     }
 

@@ -11,6 +11,10 @@ pub type SinkResult<T> = Result<T, DeltaSinkError>;
 /// (see [`DeltaSinkError::is_retryable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaSinkError {
+    /// Syncing written files to disk failed.
+    #[error(transparent)]
+    Durable(#[from] super::durable::DurableError),
+
     /// User configuration: the sink points at a table made for a different query.
     #[error(
         "the Delta table at {} has columns ({found}); the query produces ({expected}); \
@@ -168,7 +172,8 @@ impl DeltaSinkError {
             | DeltaSinkError::EpochOutOfRange { .. }
             | DeltaSinkError::TableNotFound { .. }
             | DeltaSinkError::ConcurrentWriter { .. }
-            | DeltaSinkError::UnsupportedTable { .. } => false,
+            | DeltaSinkError::UnsupportedTable { .. }
+            | DeltaSinkError::Durable(_) => false,
         }
     }
 }

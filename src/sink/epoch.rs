@@ -33,6 +33,8 @@ pub enum EpochSink {
 /// A Delta table written one commit per epoch.
 pub struct DeltaEpochSink {
     plan: SinkPlan,
+    /// This process is the table's only writer while it holds this.
+    _lock: super::durable::TableLock,
     table: DeltaTableSink,
     /// Commits since the last compaction.
     since_compaction: u64,
@@ -53,8 +55,10 @@ impl EpochSink {
         if plan.config.kind == crate::config::SinkKind::Kafka {
             return Ok(EpochSink::Kafka(Box::new(KafkaEpochSink::open(plan)?)));
         }
+        let lock = super::durable::TableLock::acquire(&plan.path, &format!("pipeline/sink {}", plan.app_id)).map_err(DeltaSinkError::from)?;
         let table = DeltaTableSink::open_or_create(&plan.path, plan.schema.clone(), &table_options(&plan)).await?;
         Ok(EpochSink::Delta(Box::new(DeltaEpochSink {
+            _lock: lock,
             plan,
             table,
             since_compaction: 0,

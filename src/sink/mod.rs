@@ -8,6 +8,7 @@ pub mod delta;
 mod delta_error;
 #[cfg(test)]
 mod delta_ops_tests;
+pub mod durable;
 pub mod epoch;
 pub mod kafka;
 mod table_files;
