@@ -1333,6 +1333,7 @@ fn compile_sink(s: RawSink, fed_by_query: Option<&QueryOutput>, dead_letters: bo
         compact_every: s.compact_every,
         compact_min_files: s.compact_min_files,
         checkpoint_interval: s.checkpoint_interval,
+        log_retention: s.log_retention,
         vacuum_retention: s.vacuum_retention,
     }
 }

@@ -632,6 +632,10 @@ pub struct SinkConfig {
     /// `vacuum_retention = "7d"`: after each compaction, delete data files unreferenced for
     /// longer than this. Default: never vacuum (every old version stays readable).
     pub vacuum_retention: Option<Duration>,
+    /// At each checkpoint, log files older than this (and older than the checkpoint) are
+    /// deleted, so the log does not grow for ever; versions before it can no longer be
+    /// read (time travel). Default 30 days.
+    pub log_retention: Duration,
     /// `kind = "kafka"`: the topic and how rows become messages (the Delta options above are
     /// unused).
     pub kafka: Option<KafkaSinkConfig>,

@@ -71,6 +71,8 @@ const DEFAULT_EXCHANGE_BATCH: usize = 1024;
 const DEFAULT_EXCHANGE_CAPACITY: usize = 16;
 const DEFAULT_PARTITIONS: u32 = 4;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Delta log files older than this are deleted at checkpoints (Delta's own default).
+const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// An epoch ends early once its sources have read this many bytes.
 const DEFAULT_MAX_EPOCH_BYTES: u64 = 128 * 1024 * 1024;
 const MIN_EPOCH_BYTES: u64 = 1024 * 1024;
@@ -249,6 +251,7 @@ pub(crate) struct RawSink {
     pub compact_min_files: usize,
     pub checkpoint_interval: u64,
     pub vacuum_retention: Option<Duration>,
+    pub log_retention: Duration,
     /// `kind = "kafka"` only.
     pub kafka: Option<RawKafkaSink>,
 }
@@ -1154,8 +1157,10 @@ fn read_sink(mut f: Fields<'_, '_>) -> RawSink {
         .map_or(DEFAULT_COMPACT_MIN_FILES, |n| n.value as usize);
     let checkpoint_interval = value_or(f.take_int("checkpoint_interval", 1, u64::MAX), DEFAULT_CHECKPOINT_INTERVAL);
     let vacuum_retention = f.take_duration("vacuum_retention").map(|d| d.value);
+    let log_retention = value_or(f.take_duration("log_retention"), DEFAULT_LOG_RETENTION);
     f.finish();
     RawSink {
+        log_retention,
         name,
         kind,
         path,
@@ -1170,8 +1175,9 @@ fn read_sink(mut f: Fields<'_, '_>) -> RawSink {
 }
 
 /// Keys of a Delta sink, reported when written on a Kafka sink.
-const DELTA_SINK_KEYS: [&str; 7] = [
+const DELTA_SINK_KEYS: [&str; 8] = [
     "path",
+    "log_retention",
     "partition_by",
     "target_file_size",
     "compact_every",
@@ -1205,6 +1211,7 @@ fn read_kafka_sink(mut f: Fields<'_, '_>, name: Option<At<String>>) -> RawSink {
         compact_min_files: DEFAULT_COMPACT_MIN_FILES,
         checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         vacuum_retention: None,
+        log_retention: DEFAULT_LOG_RETENTION,
         kafka: Some(RawKafkaSink {
             topic,
             key,

@@ -70,6 +70,9 @@ pub struct TableOptions {
     /// A checkpoint is written when a commit's version is a multiple of this; 0 never writes
     /// one.
     pub checkpoint_interval: u64,
+    /// At each checkpoint, delete log files older than this and than the checkpoint; `None`
+    /// keeps every log file.
+    pub log_retention: Option<Duration>,
 }
 
 impl Default for TableOptions {
@@ -78,6 +81,7 @@ impl Default for TableOptions {
             partition_by: Vec::new(),
             target_file_size_bytes: 128 * 1024 * 1024,
             checkpoint_interval: 10,
+            log_retention: None,
         }
     }
 }
@@ -673,6 +677,14 @@ impl DeltaTableSink {
                 %error,
                 "writing a Delta checkpoint failed; readers replay more log files until the next one"
             );
+            return;
+        }
+        let Some(retention) = self.options.log_retention else { return };
+        let cutoff = chrono::Utc::now().timestamp_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match deltalake::checkpoints::cleanup_expired_logs_for(after, self.table.log_store().as_ref(), cutoff, None).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(table = %self.path.display(), files = n, "deleted expired Delta log files"),
+            Err(error) => tracing::warn!(table = %self.path.display(), %error, "deleting expired Delta log files failed; retried at the next checkpoint"),
         }
     }
 

@@ -76,6 +76,7 @@ fn options(partition_by: &[&str], target_file_size_bytes: u64, checkpoint_interv
         partition_by: partition_by.iter().map(|s| s.to_string()).collect(),
         target_file_size_bytes,
         checkpoint_interval,
+        log_retention: None,
     }
 }
 
@@ -546,6 +547,40 @@ async fn checkpoints_are_written_every_interval() {
     expected.sort();
     assert_eq!(table_rows(path, None).await, expected);
     assert_eq!(table_rows(path, Some(6)).await.len(), 5);
+}
+
+/// With a log retention, each checkpoint deletes the log files before it that are older
+/// than the retention: the log stays short; the epochs (txn actions) and rows live on in the
+/// checkpoint, and a reopened table resumes exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_clean_up_expired_log_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let opts = TableOptions {
+        log_retention: Some(std::time::Duration::ZERO),
+        ..options(&[], 1 << 20, 5)
+    };
+    let mut sink = DeltaTableSink::open_or_create(path, schema(), &opts).await.unwrap();
+    for epoch in 1..=23u64 {
+        sink.append_epoch(APP, epoch, vec![batch(&[row(&format!("k{epoch}"), "d1", 1)])]).await.unwrap();
+    }
+    let mut logs: Vec<String> = std::fs::read_dir(path.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json") && !n.starts_with('_'))
+        .collect();
+    logs.sort();
+    // The last checkpoint is at version 20: the commits before it are gone.
+    assert_eq!(logs.first().map(String::as_str), Some("00000000000000000020.json"), "{logs:?}");
+    assert!(logs.len() <= 4, "{logs:?}");
+    drop(sink);
+    let mut reopened = DeltaTableSink::open_or_create(path, schema(), &opts).await.unwrap();
+    assert_eq!(reopened.committed_epoch(APP).await.unwrap(), Some(23));
+    assert_eq!(
+        reopened.append_epoch(APP, 5, vec![batch(&[row("again", "d1", 1)])]).await.unwrap(),
+        AppendOutcome::AlreadyCommitted
+    );
+    assert_eq!(table_rows(path, None).await.len(), 23);
 }
 
 #[tokio::test(flavor = "multi_thread")]

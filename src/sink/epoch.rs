@@ -46,6 +46,7 @@ pub fn table_options(plan: &SinkPlan) -> TableOptions {
         partition_by: plan.config.partition_by.clone(),
         target_file_size_bytes: plan.config.target_file_size_bytes,
         checkpoint_interval: plan.config.checkpoint_interval,
+        log_retention: Some(plan.config.log_retention),
     }
 }
 
