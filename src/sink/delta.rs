@@ -663,7 +663,7 @@ impl DeltaTableSink {
     /// Writes a checkpoint of the loaded version `after` if the versions since `before`
     /// reached a multiple of the checkpoint interval. A failure is logged, not returned: the
     /// commit stands, and the next interval writes a checkpoint again.
-    async fn maybe_checkpoint(&self, before: i64, after: i64) {
+    async fn maybe_checkpoint(&mut self, before: i64, after: i64) {
         let Ok(interval) = i64::try_from(self.options.checkpoint_interval) else {
             return;
         };
@@ -683,7 +683,14 @@ impl DeltaTableSink {
         let cutoff = chrono::Utc::now().timestamp_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         match deltalake::checkpoints::cleanup_expired_logs_for(after, self.table.log_store().as_ref(), cutoff, None).await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(table = %self.path.display(), files = n, "deleted expired Delta log files"),
+            Ok(n) => {
+                tracing::debug!(table = %self.path.display(), files = n, "deleted expired Delta log files");
+                // The loaded state may still name the deleted commits (it reads them lazily):
+                // load it afresh from the new checkpoint.
+                if let Err(error) = self.table.update_state().await {
+                    tracing::warn!(table = %self.path.display(), %error, "reloading the table after the log clean-up failed; the next commit reloads it");
+                }
+            }
             Err(error) => tracing::warn!(table = %self.path.display(), %error, "deleting expired Delta log files failed; retried at the next checkpoint"),
         }
     }

@@ -563,6 +563,11 @@ async fn checkpoints_clean_up_expired_log_files() {
     let mut sink = DeltaTableSink::open_or_create(path, schema(), &opts).await.unwrap();
     for epoch in 1..=23u64 {
         sink.append_epoch(APP, epoch, vec![batch(&[row(&format!("k{epoch}"), "d1", 1)])]).await.unwrap();
+        // The same sink goes on after each clean-up: a replayed epoch is still recognised.
+        assert_eq!(
+            sink.append_epoch(APP, epoch, vec![batch(&[row("again", "d1", 1)])]).await.unwrap(),
+            AppendOutcome::AlreadyCommitted
+        );
     }
     let mut logs: Vec<String> = std::fs::read_dir(path.join("_delta_log"))
         .unwrap()
