@@ -634,7 +634,8 @@ pub struct SinkConfig {
     pub vacuum_retention: Option<Duration>,
     /// At each checkpoint, log files older than this (and older than the checkpoint) are
     /// deleted, so the log does not grow for ever; versions before it can no longer be
-    /// read (time travel). Default 30 days.
+    /// read (time travel). Default 1 hour: each commit lists the log directory, so a longer
+    /// retention makes every commit slower.
     pub log_retention: Duration,
     /// `kind = "kafka"`: the topic and how rows become messages (the Delta options above are
     /// unused).

@@ -71,8 +71,9 @@ const DEFAULT_EXCHANGE_BATCH: usize = 1024;
 const DEFAULT_EXCHANGE_CAPACITY: usize = 16;
 const DEFAULT_PARTITIONS: u32 = 4;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Delta log files older than this are deleted at checkpoints (Delta's own default).
-const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Delta log files older than this are deleted at checkpoints. Short: every commit lists the
+/// log directory, so its cost grows with the files kept (measured in BENCHMARKS.md).
+const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(3_600);
 /// An epoch ends early once its sources have read this many bytes.
 const DEFAULT_MAX_EPOCH_BYTES: u64 = 128 * 1024 * 1024;
 const MIN_EPOCH_BYTES: u64 = 1024 * 1024;

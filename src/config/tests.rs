@@ -123,7 +123,7 @@ fn default_sink(name: &str, path: &str) -> SinkConfig {
         compact_min_files: 4,
         checkpoint_interval: 10,
         vacuum_retention: None,
-        log_retention: Duration::from_secs(30 * 86_400),
+        log_retention: Duration::from_secs(3_600),
         kafka: None,
     }
 }
@@ -1000,7 +1000,7 @@ fn sink_table_options_parse() {
             compact_min_files: 2,
             checkpoint_interval: 1,
             vacuum_retention: Some(Duration::from_secs(7 * 86_400)),
-            log_retention: Duration::from_secs(30 * 86_400),
+            log_retention: Duration::from_secs(3_600),
             kafka: None,
         }
     );
