@@ -279,6 +279,8 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         }
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Watches the topics for partitions added while running; it stops with the last shard.
+    let partition_watch = kafka_sources.then(|| crate::source::kafka::PartitionWatch::start(&config, &bootstrap, &counts));
     let mut controls = Vec::new();
     let mut shard_threads = Vec::new();
     for (id, (outbound, inbound)) in outbound.into_iter().zip(inbound).enumerate() {
@@ -293,9 +295,14 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             plan: plan.clone(),
             key_groups: store.key_groups(),
             recovered: recovered.clone(),
+            // Every shard reads Kafka when any source does, even with no partition yet: it may
+            // own partitions added while running.
             sources: std::iter::once(assignment[id].clone())
-                .filter(|partitions| !partitions.is_empty())
-                .map(SourceSpec::Kafka)
+                .filter(|_| kafka_sources)
+                .map(|partitions| SourceSpec::Kafka {
+                    partitions,
+                    watch: partition_watch.clone(),
+                })
                 .chain(file_assignment[id].iter().map(|&si| SourceSpec::Files(si)))
                 .collect(),
             inbound,
