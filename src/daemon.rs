@@ -447,8 +447,10 @@ fn coordinate(config: &Config, first_epoch: u64, controls: &[flume::Sender<Contr
     let bytes_read = || stats.shards.iter().flat_map(|s| s.partitions()).map(|p| p.bytes.load(Relaxed)).sum::<u64>();
     let mut epoch_began_at = bytes_read();
     loop {
-        // An epoch ends at its interval, or early once it has read max_epoch_bytes.
-        while Instant::now() < next_tick && !shutdown.load(Relaxed) && bytes_read() - epoch_began_at < config.pipeline.max_epoch_bytes {
+        // An epoch ends at its interval, or early once it has read max_epoch_bytes or a shard
+        // has read its share of them (it pauses its sources; the others may have less left).
+        let share_read = || stats.shards.iter().any(|s| s.read_epoch_share.load(Relaxed) == epoch);
+        while Instant::now() < next_tick && !shutdown.load(Relaxed) && bytes_read() - epoch_began_at < config.pipeline.max_epoch_bytes && !share_read() {
             if failure.abort.load(Relaxed) {
                 return;
             }

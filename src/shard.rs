@@ -247,6 +247,9 @@ struct Shard {
     wall_clock: EventTime,
     /// Bytes read by the sources since the last barrier.
     epoch_bytes: u64,
+    /// The epoch being read (one past the last barrier), for telling the coordinator this
+    /// shard has read its share of it.
+    open_epoch: u64,
     latency: EpochLatency,
     /// Time spent working, total; and the (instant, total) the current busy-ratio window began.
     busy: Duration,
@@ -339,6 +342,7 @@ impl Shard {
             late_tally: vec![0; cfg.queries.len()],
             wall_clock: crate::time::now_micros(),
             epoch_bytes: 0,
+            open_epoch: ctx.recovered.epoch + 1,
             latency: EpochLatency::new(now, crate::time::now_micros(), cfg.pipeline.commit_interval),
             busy: Duration::ZERO,
             busy_window: (now, Duration::ZERO),
@@ -381,7 +385,12 @@ impl Shard {
                 let backlogged = self.queues.iter().any(|q| q.len() > MAX_LOCAL_QUEUE);
                 let epoch_full = self.epoch_bytes >= self.ctx.config.pipeline.max_epoch_bytes / self.ctx.shards as u64;
                 if epoch_full {
-                    // This shard's share of the epoch is read: wait for the barrier.
+                    // This shard's share of the epoch is read: wait for the barrier, and say so
+                    // (the others may have less left to read than their share).
+                    let read_share = &self.ctx.stats.shards[self.ctx.id].read_epoch_share;
+                    if read_share.load(Relaxed) != self.open_epoch {
+                        read_share.store(self.open_epoch, Relaxed);
+                    }
                 } else if backlogged {
                     if self.blocked_since.is_none() {
                         ShardStats::add(&self.ctx.stats.shards[self.ctx.id].backpressure_pauses, 1);
@@ -506,6 +515,7 @@ impl Shard {
 
     fn start_barrier(&mut self, epoch: u64, last: bool) {
         self.epoch_bytes = 0;
+        self.open_epoch = epoch + 1;
         let watermarks = self.source_watermarks();
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {

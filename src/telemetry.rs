@@ -90,6 +90,9 @@ pub struct ShardStats {
     pub offsets_skipped: AtomicU64,
     /// Times this shard stopped reading its sources because a peer's channel was full.
     pub backpressure_pauses: AtomicU64,
+    /// The last epoch in which this shard read its share of `max_epoch_bytes` and paused its
+    /// sources until the barrier (0: none yet).
+    pub read_epoch_share: AtomicU64,
     /// The partitions this shard reads: set when it opens them, replaced (keeping the old
     /// entries) when it starts reading partitions added to a topic. Locked only then and when
     /// read: the shard publishes through its own handles.

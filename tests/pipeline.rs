@@ -476,3 +476,32 @@ fn a_file_source_reads_past_an_unreadable_file_and_reads_a_replaced_finished_fil
     let summary = running.stop().expect("the pipeline never stopped");
     assert_eq!(summary.stats.events_in, events.len() as u64);
 }
+
+/// Every event in the two partitions shard 0 reads, none for shard 1: shard 0 pauses at its
+/// share of max_epoch_bytes (half of it), and the epoch must end then rather than wait an hour
+/// for bytes shard 1 will never read.
+#[test]
+fn an_epoch_ends_once_a_shard_read_its_share_even_if_the_others_have_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    // ~7.5 MB: three shares of 2 MiB and more (a poll round reads well under 1 MiB, so the
+    // paused shard alone never reaches max_epoch_bytes).
+    let events: Vec<Sent> = plan(83, 0, 50_000, 0.0, 0.0)
+        .into_iter()
+        .map(|s| Sent {
+            partition: if s.partition % 2 == 0 { 0 } else { 2 },
+            ..s
+        })
+        .collect();
+    assert_eq!(tidemark::source::partition_owner(0, 2, 2), 0, "partitions 0 and 2 are shard 0's");
+    produce(broker.bootstrap_servers(), &events);
+    init_logs();
+    let toml = pipeline_toml("share", broker.bootstrap_servers(), dir.path(), 2)
+        .replace("commit_interval = \"200ms\"", "commit_interval = \"1h\"\nmax_epoch_bytes = \"4MiB\"");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("the input to be read", Duration::from_secs(60), || {
+        running.stats().events_in == events.len() as u64
+    });
+    wait_for("epochs committed by size", Duration::from_secs(30), || running.stats().committed_epoch >= 3);
+    running.stop().unwrap();
+}
