@@ -468,7 +468,14 @@ impl KafkaSource {
             self.known_counts[si] = count;
         }
         if self.parts.len() > before {
-            self.reassign()?;
+            // Added to the running assignment: the partitions already read keep fetching
+            // (a full re-assign would stop and restart them).
+            let new: Vec<_> = self.parts[before..]
+                .iter()
+                .map(|p| (p.topic.to_string(), p.partition, Offset::Beginning))
+                .collect();
+            let tpl = assignment_list(&new).map_err(client_error(&self.bootstrap))?;
+            self.consumer.incremental_assign(&tpl).map_err(client_error(&self.bootstrap))?;
         }
         Ok(self.parts.len() - before)
     }
@@ -478,8 +485,8 @@ impl KafkaSource {
         std::mem::take(&mut self.added)
     }
 
-    /// Assigns every owned partition at its position (new ones, and those not read yet from a
-    /// logical start, from the beginning: a "latest" start is always resolved to an offset).
+    /// Assigns every owned partition again at its position (those not read yet from a logical
+    /// start, from the beginning: a "latest" start is always resolved to an offset).
     fn reassign(&mut self) -> Result<(), SourceError> {
         let list: Vec<_> = self
             .parts
@@ -717,9 +724,10 @@ mod tests {
 
     #[test]
     fn partitions_added_to_a_topic_are_dealt_and_assigned_from_the_start() {
-        let broker = crate::broker::EmbeddedBroker::start(&[("events".to_string(), 2)]).unwrap();
+        // The topic has 4 partitions; the shards were dealt the first 2 (as if it grew since).
+        let broker = crate::broker::EmbeddedBroker::start(&[("events".to_string(), 4)]).unwrap();
         let producer = crate::source::producer::EventProducer::connect(broker.bootstrap_servers()).unwrap();
-        for p in 0..2 {
+        for p in 0..4 {
             producer.send("events", Some(p), b"k", br#"{"key":"k","value":1,"ts":1}"#).unwrap();
         }
         producer.flush(Duration::from_secs(10)).unwrap();
@@ -739,9 +747,16 @@ mod tests {
             (1, 2),
         )
         .unwrap();
+        let mut read: Vec<(usize, i64)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read.is_empty() {
+            assert!(Instant::now() < deadline, "partition 1 not read");
+            source.poll(10, |r| read.push((r.input, r.offset))).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(source.discover().unwrap(), 0);
-        // The topic now has 5 partitions (as the watch would find): shard 1 takes 3 of the new.
-        watch.counts[0].store(5, Relaxed);
+        // The watch finds 4 partitions: shard 1 takes partition 3 (2 is shard 0's).
+        watch.counts[0].store(4, Relaxed);
         source.next_discovery = Instant::now();
         assert_eq!(source.discover().unwrap(), 1);
         assert_eq!(source.take_added(), 1);
@@ -750,5 +765,15 @@ mod tests {
         assert_eq!(source.inputs()[1].restored_max_event_time, None);
         source.next_discovery = Instant::now();
         assert_eq!(source.discover().unwrap(), 0, "each partition is added once");
+        // The new partition is read from its start, as input 1.
+        while read.len() < 2 {
+            assert!(Instant::now() < deadline, "partition 3 not read: {read:?}");
+            source.poll(10, |r| read.push((r.input, r.offset))).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(read, [(0, 0), (1, 0)]);
+        let mut positions = Vec::new();
+        source.positions(|_| None, &mut positions);
+        assert_eq!(positions.iter().map(|p| (p.partition, p.next_offset)).collect::<Vec<_>>(), [(1, 1), (3, 1)]);
     }
 }
