@@ -114,6 +114,16 @@ impl EmbeddedBroker {
         }
     }
 
+    /// Takes the broker down (`false`: connections are dropped and refused) or up again, to
+    /// see how clients behave while it is unreachable (tests, drills).
+    pub fn set_up(&self, up: bool) -> Result<(), KafkaError> {
+        if up {
+            self.cluster.broker_up(-1)
+        } else {
+            self.cluster.broker_down(-1)
+        }
+    }
+
     /// The `bootstrap.servers` value for clients, e.g. `127.0.0.1:38719` (loopback IPv4 and
     /// an ephemeral port chosen at start).
     pub fn bootstrap_servers(&self) -> &str {

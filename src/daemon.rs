@@ -279,6 +279,8 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         }
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Watches the topics for partitions added while running; it stops with the last shard.
+    let partition_watch = kafka_sources.then(|| crate::source::kafka::PartitionWatch::start(&config, &bootstrap, &counts));
     let mut controls = Vec::new();
     let mut shard_threads = Vec::new();
     for (id, (outbound, inbound)) in outbound.into_iter().zip(inbound).enumerate() {
@@ -293,9 +295,14 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             plan: plan.clone(),
             key_groups: store.key_groups(),
             recovered: recovered.clone(),
+            // Every shard reads Kafka when any source does, even with no partition yet: it may
+            // own partitions added while running.
             sources: std::iter::once(assignment[id].clone())
-                .filter(|partitions| !partitions.is_empty())
-                .map(SourceSpec::Kafka)
+                .filter(|_| kafka_sources)
+                .map(|partitions| SourceSpec::Kafka {
+                    partitions,
+                    watch: partition_watch.clone(),
+                })
                 .chain(file_assignment[id].iter().map(|&si| SourceSpec::Files(si)))
                 .collect(),
             inbound,
@@ -440,8 +447,10 @@ fn coordinate(config: &Config, first_epoch: u64, controls: &[flume::Sender<Contr
     let bytes_read = || stats.shards.iter().flat_map(|s| s.partitions()).map(|p| p.bytes.load(Relaxed)).sum::<u64>();
     let mut epoch_began_at = bytes_read();
     loop {
-        // An epoch ends at its interval, or early once it has read max_epoch_bytes.
-        while Instant::now() < next_tick && !shutdown.load(Relaxed) && bytes_read() - epoch_began_at < config.pipeline.max_epoch_bytes {
+        // An epoch ends at its interval, or early once it has read max_epoch_bytes or a shard
+        // has read its share of them (it pauses its sources; the others may have less left).
+        let share_read = || stats.shards.iter().any(|s| s.read_epoch_share.load(Relaxed) == epoch);
+        while Instant::now() < next_tick && !shutdown.load(Relaxed) && bytes_read() - epoch_began_at < config.pipeline.max_epoch_bytes && !share_read() {
             if failure.abort.load(Relaxed) {
                 return;
             }

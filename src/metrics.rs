@@ -232,11 +232,14 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
     let unknown = String::from("?");
     let source_name = |i: usize| labels.sources.get(i).unwrap_or(&unknown);
     // Every partition of every shard, with its labels.
-    let partitions: Vec<(&PartitionStats, &String, String)> = stats
+    let partitions: Vec<(Arc<PartitionStats>, &String, String)> = stats
         .shards
         .iter()
-        .flat_map(|s| s.partitions().iter())
-        .map(|p| (p, source_name(p.source), p.partition.to_string()))
+        .flat_map(|s| s.partitions())
+        .map(|p| {
+            let (source, partition) = (source_name(p.source), p.partition.to_string());
+            (p, source, partition)
+        })
         .collect();
     let seconds = |micros: i64| micros as f64 / 1e6;
 
@@ -294,6 +297,53 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
                 seconds(wm),
             );
         }
+    }
+
+    // Per file source (read by one shard).
+    let files: Vec<_> = stats.shards.iter().flat_map(|s| s.files()).collect();
+    let file_gauges: [CounterFamily<crate::telemetry::FileSourceStats>; 2] = [
+        (
+            "tidemark_file_source_files_done",
+            "Files the file source has read to the end (as recorded in its stored position).",
+            |f| &f.files_done,
+        ),
+        (
+            "tidemark_file_source_files_queued",
+            "Files listed in the file source's directory and waiting to be read (not counting the one being read).",
+            |f| &f.files_queued,
+        ),
+    ];
+    for (name, help, field) in file_gauges {
+        out.family(name, "gauge", help);
+        for f in &files {
+            out.sample(name, &[("source", source_name(f.source))], counter(field(f)));
+        }
+    }
+    out.family(
+        "tidemark_file_source_current_offset_bytes",
+        "gauge",
+        "Byte offset of the next unread line of the file being read (decompressed for gzip); absent between files.",
+    );
+    for f in &files {
+        if let Some((file, offset)) = f.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            out.sample(
+                "tidemark_file_source_current_offset_bytes",
+                &[("source", source_name(f.source)), ("file", file)],
+                *offset as f64,
+            );
+        }
+    }
+    out.family(
+        "tidemark_file_source_read_errors_total",
+        "counter",
+        "Failed reads of a file source's directory or files (retried with backoff; a file that keeps failing is dead-lettered).",
+    );
+    for f in &files {
+        out.sample(
+            "tidemark_file_source_read_errors_total",
+            &[("source", source_name(f.source))],
+            counter(&f.read_errors),
+        );
     }
 
     out.family(
@@ -612,19 +662,23 @@ mod tests {
     fn renders_help_type_labels_and_sums() {
         let stats = PipelineStats::new(2, 2, 1);
         // Shard 0 reads clicks partitions 0 and 1; shard 1 reads the weirdly named file source.
-        let _ = stats.shards[0].partitions.set(vec![PartitionStats::new(0, 0), PartitionStats::new(0, 1)]);
-        let _ = stats.shards[1].partitions.set(vec![PartitionStats::new(1, -1)]);
-        let (p0, f) = (&stats.shards[0].partitions()[0], &stats.shards[1].partitions()[0]);
+        stats.shards[0].set_partitions(vec![Arc::new(PartitionStats::new(0, 0)), Arc::new(PartitionStats::new(0, 1))]);
+        stats.shards[1].set_partitions(vec![Arc::new(PartitionStats::new(1, -1))]);
+        let files = Arc::new(crate::telemetry::FileSourceStats::new(1));
+        files.publish(3, 2, Some(("drop-0004.jsonl.gz", 1234)));
+        ShardStats::add(&files.read_errors, 1);
+        stats.shards[1].set_files(vec![files.clone()]);
+        let (p0, f) = (stats.shards[0].partitions()[0].clone(), stats.shards[1].partitions()[0].clone());
         let mut tally = crate::telemetry::Tally {
             received: 5,
             decoded: 4,
             bytes: 50,
             dead_letters: [1, 0, 0, 0, 0, 0],
         };
-        tally.publish(p0);
+        tally.publish(&p0);
         tally.received = 7;
         tally.dead_letters[3] = 2;
-        tally.publish(f);
+        tally.publish(&f);
         p0.lag.store(12, Relaxed);
         p0.watermark.store(1_700_000_001_000_000, Relaxed);
         ShardStats::add(&stats.shards[1].late_by_query[1], 2);
@@ -718,6 +772,17 @@ mod tests {
         );
         assert_eq!(sample_value(&text, r#"tidemark_late_events_total{query="late_ok"}"#), 3.0);
         assert_eq!(sample_value(&text, r#"tidemark_late_events_total{query="views"}"#), 0.0);
+        let file_source = r#"source="we\"ird\\name\nx""#;
+        assert_eq!(sample_value(&text, &format!("tidemark_file_source_files_done{{{file_source}}}")), 3.0);
+        assert_eq!(sample_value(&text, &format!("tidemark_file_source_files_queued{{{file_source}}}")), 2.0);
+        assert_eq!(sample_value(&text, &format!("tidemark_file_source_read_errors_total{{{file_source}}}")), 1.0);
+        assert_eq!(
+            sample_value(
+                &text,
+                &format!("tidemark_file_source_current_offset_bytes{{{file_source},file=\"drop-0004.jsonl.gz\"}}")
+            ),
+            1234.0
+        );
         assert_eq!(sample_value(&text, r#"tidemark_state_keys{query="views",shard="1"}"#), 40.0);
         assert_eq!(sample_value(&text, r#"tidemark_exchange_queue_batches{from="0",to="1"}"#), 3.0);
         assert!(!text.contains(r#"tidemark_exchange_queue_batches{from="0",to="0"}"#));

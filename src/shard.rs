@@ -190,6 +190,22 @@ struct Input {
     label: Rc<str>,
     clock: PartitionClock,
     tally: Tally,
+    /// Its published counters.
+    stats: Arc<PartitionStats>,
+}
+
+impl Input {
+    fn new(config: &Config, info: crate::source::InputInfo, now: Instant) -> Input {
+        let w = &config.sources[info.source].watermark;
+        Input {
+            source: info.source,
+            partition: info.partition,
+            label: info.label,
+            clock: PartitionClock::new(w.delay, w.idle_timeout, info.restored_max_event_time, now),
+            tally: Tally::default(),
+            stats: Arc::new(PartitionStats::new(info.source, info.partition)),
+        }
+    }
 }
 
 struct Alignment {
@@ -231,6 +247,9 @@ struct Shard {
     wall_clock: EventTime,
     /// Bytes read by the sources since the last barrier.
     epoch_bytes: u64,
+    /// The epoch being read (one past the last barrier), for telling the coordinator this
+    /// shard has read its share of it.
+    open_epoch: u64,
     latency: EpochLatency,
     /// Time spent working, total; and the (instant, total) the current busy-ratio window began.
     busy: Duration,
@@ -287,6 +306,7 @@ impl Shard {
             recovered: &ctx.recovered,
             stats: &ctx.stats,
             shard: ctx.id,
+            shards: ctx.shards,
         };
         let mut sources = Vec::new();
         let mut first_input = Vec::new();
@@ -294,20 +314,10 @@ impl Shard {
         for spec in std::mem::take(&mut ctx.sources) {
             let source = ShardSource::open(spec, &source_cx)?;
             first_input.push(inputs.len());
-            inputs.extend(source.inputs().into_iter().map(|info| {
-                let w = &cfg.sources[info.source].watermark;
-                Input {
-                    source: info.source,
-                    partition: info.partition,
-                    label: info.label,
-                    clock: PartitionClock::new(w.delay, w.idle_timeout, info.restored_max_event_time, now),
-                    tally: Tally::default(),
-                }
-            }));
+            inputs.extend(source.inputs().into_iter().map(|info| Input::new(&cfg, info, now)));
             sources.push(source);
         }
-        let published: Vec<PartitionStats> = inputs.iter().map(|i| PartitionStats::new(i.source, i.partition)).collect();
-        let _ = ctx.stats.shards[ctx.id].partitions.set(published);
+        ctx.stats.shards[ctx.id].set_partitions(inputs.iter().map(|i| i.stats.clone()).collect());
         tracing::info!(shard = ctx.id, inputs = inputs.len(), sources = sources.len(), "shard started");
         let n = ctx.shards;
         Ok(Shard {
@@ -332,6 +342,7 @@ impl Shard {
             late_tally: vec![0; cfg.queries.len()],
             wall_clock: crate::time::now_micros(),
             epoch_bytes: 0,
+            open_epoch: ctx.recovered.epoch + 1,
             latency: EpochLatency::new(now, crate::time::now_micros(), cfg.pipeline.commit_interval),
             busy: Duration::ZERO,
             busy_window: (now, Duration::ZERO),
@@ -374,7 +385,12 @@ impl Shard {
                 let backlogged = self.queues.iter().any(|q| q.len() > MAX_LOCAL_QUEUE);
                 let epoch_full = self.epoch_bytes >= self.ctx.config.pipeline.max_epoch_bytes / self.ctx.shards as u64;
                 if epoch_full {
-                    // This shard's share of the epoch is read: wait for the barrier.
+                    // This shard's share of the epoch is read: wait for the barrier, and say so
+                    // (the others may have less left to read than their share).
+                    let read_share = &self.ctx.stats.shards[self.ctx.id].read_epoch_share;
+                    if read_share.load(Relaxed) != self.open_epoch {
+                        read_share.store(self.open_epoch, Relaxed);
+                    }
                 } else if backlogged {
                     if self.blocked_since.is_none() {
                         ShardStats::add(&self.ctx.stats.shards[self.ctx.id].backpressure_pauses, 1);
@@ -408,15 +424,13 @@ impl Shard {
     fn publish(&mut self, now: Instant) {
         self.last_publish = now;
         let stats = &self.ctx.stats.shards[self.ctx.id];
-        let published = stats.partitions();
-        for (i, input) in self.inputs.iter_mut().enumerate() {
-            let Some(to) = published.get(i) else { continue };
-            input.tally.publish(to);
-            to.watermark.store(input.clock.own_watermark(), Relaxed);
+        for input in &mut self.inputs {
+            input.tally.publish(&input.stats);
+            input.stats.watermark.store(input.clock.own_watermark(), Relaxed);
         }
         for (source, &first) in self.sources.iter().zip(&self.first_input) {
-            for (local, to) in published.iter().enumerate().skip(first).take(source.input_count()) {
-                to.lag.store(source.lag(local - first), Relaxed);
+            for local in 0..source.input_count() {
+                self.inputs[first + local].stats.lag.store(source.lag(local), Relaxed);
             }
         }
         for (q, n) in self.late_tally.iter_mut().enumerate() {
@@ -454,18 +468,54 @@ impl Shard {
         }
     }
 
-    /// Per source: the min over this shard's non-idle inputs of it ([`IDLE`] for none).
+    /// Per source: the min over this shard's non-idle inputs of it ([`IDLE`] for none). An
+    /// input is idle only when quiet for its idle timeout *and* caught up with reads working.
     fn source_watermarks(&self) -> Vec<EventTime> {
         let now = Instant::now();
         let mut wms = vec![IDLE; self.ctx.config.sources.len()];
-        for input in &self.inputs {
-            wms[input.source] = wms[input.source].min(input.clock.watermark(now));
+        for (source, &first) in self.sources.iter().zip(&self.first_input) {
+            for local in 0..source.input_count() {
+                let input = &self.inputs[first + local];
+                let wm = input.clock.watermark(now, source.progress(local, now));
+                wms[input.source] = wms[input.source].min(wm);
+            }
         }
         wms
     }
 
+    /// Takes on the inputs the sources added (partitions added to a topic): each gets a
+    /// watermark clock that holds its source back until its first event (or until it is
+    /// idle: quiet and caught up), and counters of its own.
+    fn discover_inputs(&mut self) -> Result<(), ShardError> {
+        let now = Instant::now();
+        let mut changed = false;
+        for si in 0..self.sources.len() {
+            let added = self.sources[si].discover()?;
+            if added == 0 {
+                continue;
+            }
+            let count = self.sources[si].input_count();
+            let infos = self.sources[si].inputs();
+            let at = self.first_input[si] + count - added;
+            let new: Vec<Input> = infos[count - added..]
+                .iter()
+                .map(|info| Input::new(&self.ctx.config, info.clone(), now))
+                .collect();
+            self.inputs.splice(at..at, new);
+            for first in &mut self.first_input[si + 1..] {
+                *first += added;
+            }
+            changed = true;
+        }
+        if changed {
+            self.ctx.stats.shards[self.ctx.id].set_partitions(self.inputs.iter().map(|i| i.stats.clone()).collect());
+        }
+        Ok(())
+    }
+
     fn start_barrier(&mut self, epoch: u64, last: bool) {
         self.epoch_bytes = 0;
+        self.open_epoch = epoch + 1;
         let watermarks = self.source_watermarks();
         for dest in 0..self.ctx.shards {
             if dest != self.ctx.id {
@@ -550,6 +600,7 @@ impl Shard {
     }
 
     fn poll_sources(&mut self) -> Result<bool, ShardError> {
+        self.discover_inputs()?;
         let now = Instant::now();
         self.wall_clock = crate::time::now_micros();
         let mut sources = std::mem::take(&mut self.sources);

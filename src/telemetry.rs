@@ -8,7 +8,7 @@
 //! endpoint, the progress log, tests) sum the shards when they look.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -90,8 +90,15 @@ pub struct ShardStats {
     pub offsets_skipped: AtomicU64,
     /// Times this shard stopped reading its sources because a peer's channel was full.
     pub backpressure_pauses: AtomicU64,
-    /// The partitions this shard reads, set once when it opens them.
-    pub partitions: OnceLock<Vec<PartitionStats>>,
+    /// The last epoch in which this shard read its share of `max_epoch_bytes` and paused its
+    /// sources until the barrier (0: none yet).
+    pub read_epoch_share: AtomicU64,
+    /// The partitions this shard reads: set when it opens them, replaced (keeping the old
+    /// entries) when it starts reading partitions added to a topic. Locked only then and when
+    /// read: the shard publishes through its own handles.
+    partitions: Mutex<Vec<Arc<PartitionStats>>>,
+    /// The file sources this shard reads, set when it opens them.
+    files: Mutex<Vec<Arc<FileSourceStats>>>,
     /// Per query: events that arrived after their window closed (dead-lettered as `late`).
     pub late_by_query: Box<[AtomicU64]>,
     /// Per query: change events not applied because their key already had a change at their
@@ -128,8 +135,62 @@ impl ShardStats {
         }
     }
 
-    pub fn partitions(&self) -> &[PartitionStats] {
-        self.partitions.get().map_or(&[], Vec::as_slice)
+    /// The partitions this shard reads (handles to their counters).
+    pub fn partitions(&self) -> Vec<Arc<PartitionStats>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the list of partitions this shard reads.
+    pub fn set_partitions(&self, partitions: Vec<Arc<PartitionStats>>) {
+        *self.partitions.lock().unwrap_or_else(|e| e.into_inner()) = partitions;
+    }
+
+    /// The file sources this shard reads.
+    pub fn files(&self) -> Vec<Arc<FileSourceStats>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_files(&self, files: Vec<Arc<FileSourceStats>>) {
+        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = files;
+    }
+}
+
+/// Where a file source stands, published by the shard reading it after each poll.
+#[derive(Debug)]
+pub struct FileSourceStats {
+    /// Index into `Config::sources`.
+    pub source: usize,
+    /// Files read to the end (as recorded in the source's position).
+    pub files_done: AtomicU64,
+    /// Files listed and waiting to be read (the one being read not counted).
+    pub files_queued: AtomicU64,
+    /// Failed reads of the directory or of a file (each retried after a backoff).
+    pub read_errors: AtomicU64,
+    /// The file being read and the byte offset of its next unread line (in the decompressed
+    /// stream for gzip); `None` between files. Locked when it changes and when scraped.
+    pub current: Mutex<Option<(String, u64)>>,
+}
+
+impl FileSourceStats {
+    pub fn new(source: usize) -> Self {
+        FileSourceStats {
+            source,
+            files_done: AtomicU64::new(0),
+            files_queued: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Publishes the reader's standing (called by the reading shard after each poll).
+    pub fn publish(&self, done: u64, queued: u64, current: Option<(&str, u64)>) {
+        self.files_done.store(done, Relaxed);
+        self.files_queued.store(queued, Relaxed);
+        let mut slot = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match (slot.as_mut(), current) {
+            (Some((file, offset)), Some((now_file, now_offset))) if file == now_file => *offset = now_offset,
+            (_, now) => *slot = now.map(|(f, o)| (f.to_string(), o)),
+        }
     }
 }
 
@@ -323,7 +384,7 @@ impl PipelineStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let sum = |f: &dyn Fn(&ShardStats) -> &AtomicU64| self.shards.iter().map(|s| f(s).load(Relaxed)).sum::<u64>();
         let partition_sum =
-            |f: &dyn Fn(&PartitionStats) -> &AtomicU64| self.shards.iter().flat_map(|s| s.partitions()).map(|p| f(p).load(Relaxed)).sum::<u64>();
+            |f: &dyn Fn(&PartitionStats) -> &AtomicU64| self.shards.iter().flat_map(|s| s.partitions()).map(|p| f(&p).load(Relaxed)).sum::<u64>();
         let by_reason: Vec<(DeadLetterReason, u64)> = DeadLetterReason::ALL
             .iter()
             .enumerate()
@@ -527,18 +588,18 @@ mod tests {
     #[test]
     fn tallies_publish_to_the_partition_then_reset_and_the_snapshot_sums_partitions() {
         let stats = PipelineStats::new(2, 1, 1);
-        let _ = stats.shards[0].partitions.set(vec![PartitionStats::new(0, 3)]);
-        let _ = stats.shards[1].partitions.set(vec![PartitionStats::new(0, 4), PartitionStats::new(1, -1)]);
-        let part = &stats.shards[0].partitions()[0];
+        stats.shards[0].set_partitions(vec![Arc::new(PartitionStats::new(0, 3))]);
+        stats.shards[1].set_partitions(vec![Arc::new(PartitionStats::new(0, 4)), Arc::new(PartitionStats::new(1, -1))]);
+        let part = stats.shards[0].partitions()[0].clone();
         let mut t = Tally {
             received: 4,
             decoded: 3,
             bytes: 100,
             dead_letters: [1, 0, 0, 0, 0, 0],
         };
-        t.publish(part);
+        t.publish(&part);
         t.received += 2;
-        t.publish(part);
+        t.publish(&part);
         assert_eq!(part.received.load(Relaxed), 6);
         assert_eq!(part.decoded.load(Relaxed), 3);
         assert_eq!(part.dead_letters[0].load(Relaxed), 1);

@@ -2,6 +2,12 @@
 //! min over its non-idle partitions; the pipeline's watermark is the min over all shards,
 //! taken at each epoch barrier, and never goes backwards (it is persisted with the epoch).
 //!
+//! A partition is idle only when it has been quiet for `idle_timeout` *and* its source says it
+//! is caught up ([`Progress::CaughtUp`]: nothing left to read, and reading works). A partition
+//! with a backlog, one whose fetches fail (broker down), or one whose state is not known yet
+//! keeps holding the watermark back however long it is quiet: skipping it would close windows
+//! its unread records belong to.
+//!
 //! Encoding: a watermark is an [`EventTime`]. [`IDLE`] (`i64::MAX`) means "no constraint"
 //! (idle partition, or a shard that owns no active partition), so a plain `min` ignores idle
 //! inputs; [`UNKNOWN`] (`i64::MIN`) means "an active input has not seen an event yet", which
@@ -27,6 +33,19 @@ pub fn advance(current: EventTime, combined: EventTime) -> EventTime {
     } else {
         current.max(combined)
     }
+}
+
+/// Where an input stands against the end of its log, as its source last knew it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Everything the log holds was read, and the last reads succeeded.
+    CaughtUp,
+    /// Records are waiting to be read.
+    Behind,
+    /// Reading fails (broker unreachable, fetch or I/O errors): what is left is unknown.
+    Failing,
+    /// Not known yet (before the first fetch, or no fresh report from the client).
+    Unknown,
 }
 
 /// Event-time clock of one source partition.
@@ -61,12 +80,14 @@ impl PartitionClock {
         self.last_event_at += blocked;
     }
 
-    pub fn is_idle(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last_event_at) >= self.idle_timeout
+    /// Idle: quiet for `idle_timeout` and caught up. Only then may the watermark pass it by.
+    pub fn is_idle(&self, now: Instant, progress: Progress) -> bool {
+        progress == Progress::CaughtUp && now.saturating_duration_since(self.last_event_at) >= self.idle_timeout
     }
 
-    pub fn watermark(&self, now: Instant) -> EventTime {
-        if self.is_idle(now) {
+    /// The watermark this partition imposes: [`IDLE`] when idle, else its own.
+    pub fn watermark(&self, now: Instant, progress: Progress) -> EventTime {
+        if self.is_idle(now, progress) {
             return IDLE;
         }
         self.own_watermark()
@@ -116,27 +137,52 @@ mod tests {
             let now = Instant::now();
             let mut c = PartitionClock::new(Duration::from_millis(delay_ms), Duration::from_secs(3600), None, now);
             for t in &times { c.observe(*t, now); }
-            prop_assert_eq!(c.watermark(now), times.iter().max().unwrap() - delay_ms as i64 * 1000);
+            prop_assert_eq!(c.watermark(now, Progress::CaughtUp), times.iter().max().unwrap() - delay_ms as i64 * 1000);
         }
     }
 
     #[test]
     fn unknown_blocks_and_idle_releases() {
         let t0 = Instant::now();
+        let up = Progress::CaughtUp;
         let mut a = PartitionClock::new(Duration::ZERO, Duration::from_secs(1), None, t0);
         let mut b = PartitionClock::new(Duration::ZERO, Duration::from_secs(1), None, t0);
         a.observe(500, t0);
-        assert_eq!(combine_min([a.watermark(t0), b.watermark(t0)]), UNKNOWN);
-        assert_eq!(advance(100, combine_min([a.watermark(t0), b.watermark(t0)])), 100);
+        assert_eq!(combine_min([a.watermark(t0, up), b.watermark(t0, up)]), UNKNOWN);
+        assert_eq!(advance(100, combine_min([a.watermark(t0, up), b.watermark(t0, up)])), 100);
         // b stays quiet for the idle timeout: only a counts.
         let later = t0 + Duration::from_millis(1500);
         a.observe(900, later);
-        assert_eq!(combine_min([a.watermark(later), b.watermark(later)]), 900);
+        assert_eq!(combine_min([a.watermark(later, up), b.watermark(later, up)]), 900);
         // Blocked time is excused: b is not idle if the shard could not read.
         b.excuse(Duration::from_secs(1));
-        assert_eq!(b.watermark(later), UNKNOWN);
+        assert_eq!(b.watermark(later, up), UNKNOWN);
         // Restored max survives a restart.
         let r = PartitionClock::new(Duration::from_millis(1), Duration::from_secs(9), Some(10_000), t0);
-        assert_eq!(r.watermark(t0), 9_000);
+        assert_eq!(r.watermark(t0, up), 9_000);
+    }
+
+    #[test]
+    fn a_quiet_partition_is_idle_only_when_caught_up_and_reading_works() {
+        let t0 = Instant::now();
+        let mut c = PartitionClock::new(Duration::ZERO, Duration::from_secs(1), None, t0);
+        c.observe(700, t0);
+        let quiet = t0 + Duration::from_secs(60);
+        // A backlog, failing fetches (broker down) and an unknown state all hold the watermark
+        // at the partition's own, however long it has been quiet.
+        for progress in [Progress::Behind, Progress::Failing, Progress::Unknown] {
+            assert!(!c.is_idle(quiet, progress), "{progress:?}");
+            assert_eq!(c.watermark(quiet, progress), 700, "{progress:?}");
+        }
+        assert_eq!(c.watermark(quiet, Progress::CaughtUp), IDLE);
+        // Caught up but not yet quiet for idle_timeout: not idle either.
+        assert_eq!(c.watermark(t0 + Duration::from_millis(500), Progress::CaughtUp), 700);
+        // A new partition with a backlog and no event yet holds the source at UNKNOWN.
+        let fresh = PartitionClock::new(Duration::ZERO, Duration::from_secs(1), None, t0);
+        assert_eq!(
+            combine_min([c.watermark(quiet, Progress::CaughtUp), fresh.watermark(quiet, Progress::Behind)]),
+            UNKNOWN
+        );
+        assert_eq!(advance(100, combine_min([fresh.watermark(quiet, Progress::Behind)])), 100);
     }
 }

@@ -318,3 +318,190 @@ fn a_second_writer_and_a_deleted_table_are_refused() {
         "{text}"
     );
 }
+
+/// The metrics endpoint's text.
+fn scrape(running: &tidemark::daemon::RunningPipeline) -> String {
+    use std::io::{Read, Write};
+    let address = running.metrics_address().expect("metrics are on");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// On Apache Kafka: a topic grows from 2 to 4 partitions while the pipeline runs. The new
+/// partitions are found (metadata refreshed every 500 ms), dealt to the shards and read from
+/// their start; the tables equal the oracle over every event, including those in the new
+/// partitions. After a restart their positions come from the state: only the events produced
+/// while the pipeline was down are read again.
+#[test]
+fn on_apache_kafka_partitions_added_while_running_are_read_and_restored() {
+    let addr = common::kafka::bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (topic, name) = (common::kafka::unique("grow-clicks"), common::kafka::unique("grow"));
+    common::kafka::create_topics(&addr, &[(topic.as_str(), 2)]);
+    // Phase 1 on the two partitions the topic starts with.
+    let mut events: Vec<Sent> = plan(91, 0, 4_000, 0.0, 0.01)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| Sent {
+            partition: (i % 2) as i32,
+            ..s
+        })
+        .collect();
+    produce_to(&addr, &topic, &events);
+    init_logs();
+    let toml = pipeline_toml_on(&topic, &name, &addr, dir.path(), 2).replace(
+        &format!("group_id = \"{name}\"\n"),
+        &format!("group_id = \"{name}\"\nmetadata_refresh = \"500ms\"\n"),
+    );
+    assert!(toml.contains("metadata_refresh"), "the [kafka] section changed");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("phase 1 to be read", Duration::from_secs(60), || {
+        running.stats().events_in == events.len() as u64
+    });
+
+    common::kafka::tool(
+        "kafka-topics",
+        &[
+            "--bootstrap-server",
+            &addr,
+            "--alter",
+            "--topic",
+            &topic,
+            "--partitions",
+            &PARTITIONS.to_string(),
+        ],
+    );
+    // The new partitions are read (they show in the metrics) before anything is produced to
+    // them, so none of their events can be judged late against a watermark they missed.
+    wait_for("the new partitions to be assigned", Duration::from_secs(60), || {
+        let text = scrape(&running);
+        (2..PARTITIONS).all(|p| text.contains(&format!("tidemark_events_received_total{{source=\"clicks\",partition=\"{p}\"}}")))
+    });
+    let phase2 = plan(92, 4_000, 6_000, 0.0, 0.01);
+    assert!((2..PARTITIONS).all(|p| phase2.iter().any(|s| s.partition == p)));
+    produce_to(&addr, &topic, &phase2);
+    events.extend(phase2);
+    wait_for_oracle(dir.path(), &events);
+    let first = running.stop().expect("graceful stop");
+    assert_eq!(first.stats.events_in, events.len() as u64, "every event read once");
+    assert_matches_oracle(dir.path(), &events);
+
+    // Restart: the new partitions resume at their stored positions.
+    let phase3 = plan(93, 10_000, 2_000, 0.0, 0.0);
+    produce_to(&addr, &topic, &phase3);
+    events.extend(phase3);
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for_oracle(dir.path(), &events);
+    let second = running.stop().expect("graceful stop");
+    assert_eq!(second.stats.events_in, 2_000, "only the events produced while down are read");
+    assert_matches_oracle(dir.path(), &events);
+}
+
+/// The oracle's watermark for a file source: one clock over everything read.
+fn file_watermark_us(events: &[Sent]) -> i64 {
+    let max_t = events
+        .iter()
+        .filter(|s| matches!(s.event.kind, tidemark::source::generator::EventKind::Valid))
+        .map(|s| {
+            let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
+            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_micros()
+        })
+        .max()
+        .unwrap();
+    max_t - DELAY_MS * 1000
+}
+
+/// A file source with an unreadable file first in line: the pipeline does not stop, the
+/// files after it are read while it waits for its retries, and the metrics show the source's
+/// progress and the failed reads. Then a finished file is replaced by a new one under the
+/// same name: the new one is read too.
+#[test]
+fn a_file_source_reads_past_an_unreadable_file_and_reads_a_replaced_finished_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let events = plan(95, 0, 3_000, 0.0, 0.0);
+    // Drops a file the way writers should: written under a hidden name, then renamed in. Its
+    // modification time is an hour ago, so it counts as settled at once.
+    let drop_file = |name: &str, chunk: &[Sent]| {
+        let tmp = inbox.join(format!(".{name}"));
+        let mut body = Vec::new();
+        for s in chunk {
+            body.extend_from_slice(&s.event.payload);
+            body.push(b'\n');
+        }
+        std::fs::write(&tmp, body).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&tmp).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
+        std::fs::rename(&tmp, inbox.join(name)).unwrap();
+    };
+    // Reads of this process's memory at address 0 fail with EIO, even for root.
+    std::os::unix::fs::symlink("/proc/self/mem", inbox.join("bad.jsonl")).unwrap();
+    drop_file("part-0000.jsonl", &events[..1_000]);
+    drop_file("part-0001.jsonl", &events[1_000..2_000]);
+    init_logs();
+    let toml = file_pipeline_toml("file-errors", &inbox, dir.path(), 2);
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    let read = &events[..2_000];
+    let expected = oracle(read, file_watermark_us(read));
+    wait_for("the readable files in the tables", Duration::from_secs(60), || {
+        as_rows(&read_views(&dir.path().join("views"))) == expected
+    });
+    let metric = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l[series.len() + 1..].parse().ok())
+    };
+    let text = scrape(&running);
+    assert_eq!(metric(&text, r#"tidemark_file_source_files_done{source="clicks"}"#), Some(2.0), "{text}");
+    assert_eq!(
+        metric(&text, r#"tidemark_file_source_files_queued{source="clicks"}"#),
+        Some(1.0),
+        "the unreadable file waits for its next attempt"
+    );
+    assert!(metric(&text, r#"tidemark_file_source_read_errors_total{source="clicks"}"#).unwrap() >= 1.0);
+
+    // A new file renamed onto a finished name is a new file.
+    drop_file("part-0000.jsonl", &events[2_000..]);
+    let expected = oracle(&events, file_watermark_us(&events));
+    wait_for("the replacing file in the tables", Duration::from_secs(60), || {
+        as_rows(&read_views(&dir.path().join("views"))) == expected
+    });
+    let summary = running.stop().expect("the pipeline never stopped");
+    assert_eq!(summary.stats.events_in, events.len() as u64);
+}
+
+/// Every event in the two partitions shard 0 reads, none for shard 1: shard 0 pauses at its
+/// share of max_epoch_bytes (half of it), and the epoch must end then rather than wait an hour
+/// for bytes shard 1 will never read.
+#[test]
+fn an_epoch_ends_once_a_shard_read_its_share_even_if_the_others_have_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), PARTITIONS)]).unwrap();
+    // ~7.5 MB: three shares of 2 MiB and more (a poll round reads well under 1 MiB, so the
+    // paused shard alone never reaches max_epoch_bytes).
+    let events: Vec<Sent> = plan(83, 0, 50_000, 0.0, 0.0)
+        .into_iter()
+        .map(|s| Sent {
+            partition: if s.partition % 2 == 0 { 0 } else { 2 },
+            ..s
+        })
+        .collect();
+    assert_eq!(tidemark::source::partition_owner(0, 2, 2), 0, "partitions 0 and 2 are shard 0's");
+    produce(broker.bootstrap_servers(), &events);
+    init_logs();
+    let toml = pipeline_toml("share", broker.bootstrap_servers(), dir.path(), 2)
+        .replace("commit_interval = \"200ms\"", "commit_interval = \"1h\"\nmax_epoch_bytes = \"4MiB\"");
+    let running = tidemark::daemon::start(parse_config(&toml).unwrap(), Arc::new(AtomicBool::new(false))).unwrap();
+    wait_for("the input to be read", Duration::from_secs(60), || {
+        running.stats().events_in == events.len() as u64
+    });
+    wait_for("epochs committed by size", Duration::from_secs(30), || running.stats().committed_epoch >= 3);
+    running.stop().unwrap();
+}

@@ -39,6 +39,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         bootstrap_servers: raw.kafka.bootstrap_servers,
         group_id: raw.kafka.group_id.unwrap_or(name),
         options: raw.kafka.options,
+        metadata_refresh: raw.kafka.metadata_refresh,
     };
 
     check_unique(diag, "source", raw.sources.iter().map(|s| s.name.as_ref()));

@@ -150,6 +150,9 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// `[kafka.options]`: librdkafka settings passed through as strings.
     pub options: BTreeMap<String, String>,
+    /// How often the source topics' partition counts are looked up, so partitions added while
+    /// running are read. Default 30s.
+    pub metadata_refresh: Duration,
 }
 
 /// Where the Kafka brokers are.

@@ -85,6 +85,8 @@ const DEFAULT_USERS: u32 = 1000;
 const DEFAULT_PAGES: u32 = 50;
 const DEFAULT_LATE_BY: Duration = Duration::from_secs(3600);
 const DEFAULT_SETTLE: Duration = Duration::from_secs(5);
+const DEFAULT_METADATA_REFRESH: Duration = Duration::from_secs(30);
+const MIN_METADATA_REFRESH: Duration = Duration::from_millis(100);
 const DEFAULT_TARGET_FILE_SIZE_BYTES: u64 = 128 << 20;
 const DEFAULT_COMPACT_EVERY: u64 = 10;
 const DEFAULT_COMPACT_MIN_FILES: usize = 4;
@@ -119,6 +121,7 @@ pub(crate) struct RawKafka {
     pub bootstrap_servers: Bootstrap,
     pub group_id: Option<String>,
     pub options: BTreeMap<String, String>,
+    pub metadata_refresh: Duration,
 }
 
 #[derive(Debug)]
@@ -313,6 +316,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         bootstrap_servers: Bootstrap::Embedded,
         group_id: None,
         options: BTreeMap::new(),
+        metadata_refresh: DEFAULT_METADATA_REFRESH,
     });
     let sources = read_list(&mut root, "sources", "source", read_source);
     let queries = read_list(&mut root, "queries", "query", read_query);
@@ -448,12 +452,27 @@ fn read_kafka(mut f: Fields<'_, '_>) -> RawKafka {
         }
     });
     let group_id = f.take_str("group_id").map(|s| s.value);
+    let metadata_refresh = match f.take_duration("metadata_refresh") {
+        Some(d) if d.value < MIN_METADATA_REFRESH => {
+            f.report_at(
+                f.key_path("metadata_refresh"),
+                d.line,
+                format!(
+                    "must be at least {} (each refresh asks the brokers for metadata); raise it",
+                    format_duration(MIN_METADATA_REFRESH)
+                ),
+            );
+            DEFAULT_METADATA_REFRESH
+        }
+        d => value_or(d, DEFAULT_METADATA_REFRESH),
+    };
     let options = read_librdkafka_options(&mut f);
     f.finish();
     RawKafka {
         bootstrap_servers,
         group_id,
         options,
+        metadata_refresh,
     }
 }
 

@@ -16,6 +16,7 @@ max_epoch_bytes = "64MiB"
 [kafka]
 bootstrap_servers = "localhost:9092"
 group_id = "tidemark-clicks"
+metadata_refresh = "10s"
 
 [kafka.options]
 "security.protocol" = "plaintext"
@@ -162,6 +163,7 @@ fn full_config_parses_into_expected_values() {
                 ("fetch.min.bytes".to_string(), "1024".to_string()),
                 ("enable.auto.commit".to_string(), "false".to_string()),
             ]),
+            metadata_refresh: Duration::from_secs(10),
         }
     );
 
@@ -295,6 +297,7 @@ fn defaults_are_applied() {
             bootstrap_servers: Bootstrap::Embedded,
             group_id: "mini".into(),
             options: BTreeMap::new(),
+            metadata_refresh: Duration::from_secs(30),
         }
     );
     let source = &config.sources[0];
@@ -1988,4 +1991,12 @@ fn max_future_takes_a_duration_or_off() {
     assert_eq!(parsed("max_future = \"off\""), None);
     let errors = errors_of(&with("max_future = \"soon\""));
     assert!(error_at(&errors, "sources[0].watermark.max_future").message.contains("soon"), "{errors:#?}");
+}
+
+#[test]
+fn a_metadata_refresh_below_100ms_is_refused() {
+    let text = FULL.replace("metadata_refresh = \"10s\"", "metadata_refresh = \"10ms\"");
+    let errors = parse_config(&text).unwrap_err();
+    let e = error_at(&errors.0, "kafka.metadata_refresh");
+    assert!(e.message.contains("at least 100ms"), "{}", e.message);
 }

@@ -42,6 +42,24 @@
 //! - gzip: the decoder read the trailer of the last member (and the CRC matched). A gzip file is
 //!   done at once at the end of its stream: do not append gzip members to a file in place.
 //!
+//! # Identity
+//! A file is known by its name *and* its identity ([`FileId`]): device and inode number, and a
+//! hash of its first bytes (up to 4 KiB, as they are on disk), with its size and modification
+//! time as a cheap change detector. At every listing, each done file still present is checked:
+//! - unchanged size and modification time, same inode: the same file (no read);
+//! - another inode (a new file renamed onto the name, log rotation): a new file, read in full;
+//! - same inode but changed: its first bytes decide — the same: the file was appended to after
+//!   it was read (a warning; appends to a finished file are not read); different: rewritten in
+//!   place (`cp` over it, truncate-and-write rotation), a new file, read in full.
+//!
+//! The file being read is checked the same way whenever it is reopened (after a restart, or
+//! after a read error): if it was replaced, or is now shorter than the position, the rest of
+//! the old file is lost — reported as [`FileEvent::Replaced`] — and the new one is read from
+//! its start. Only a new file that reuses the inode number of the one it replaces *and* starts
+//! with the same bytes (the first 4 KiB, or all of a shorter old file) is taken for the old one.
+//! Positions written before identities were kept restore as they are: the files present are
+//! taken as the ones recorded, and their identities kept from then on.
+//!
 //! Resuming inside a plain file seeks to the offset. Resuming inside a gzip file re-decompresses
 //! and discards the prefix up to the offset: its cost grows with the offset (gzip streams cannot
 //! be entered in the middle), so prefer many moderate gzip files over one huge one.
@@ -66,27 +84,39 @@
 //! - [`FileEvent::Vanished`]: a file that was listed (or was being read) but was deleted before
 //!   it could be read. It is counted ([`FileSource::files_vanished`]) and not recorded as done.
 //!
-//! Errors that a retry may fix or that need the operator ([`FileSourceError`]: the directory is
-//! missing or unreadable, a file cannot be opened, a stored offset lies beyond the end of its
-//! file) are returned by `poll` without moving the position; calling `poll` again retries.
+//! - [`FileEvent::Replaced`]: the file being read was replaced (see "Identity"); the new one is
+//!   read from its start.
+//! - [`FileEvent::Unreadable`]: opening or reading the file failed
+//!   [`FileSourceOptions::max_read_attempts`] times in a row. It is recorded as done.
+//!
+//! I/O errors never stop the source. A file that cannot be opened or read is retried after a
+//! backoff (doubling from [`FileSourceOptions::retry_backoff`] up to
+//! [`FileSourceOptions::max_retry_backoff`]); one that fails before its first line is put
+//! aside meanwhile and the files after it are read. After `max_read_attempts` failures in a
+//! row it is given up ([`FileEvent::Unreadable`]). A directory that cannot be listed is
+//! retried with the same backoff for as long as it takes. Every failure is logged and counted
+//! ([`FileSource::read_errors`]); while the directory or a file keeps failing,
+//! [`FileSource::progress`] says so (the watermark is not let past the source as idle). Only
+//! [`FileSource::open`] fails, on a directory that is missing or is not one.
 //!
 //! # Limits
 //! - One file at a time: a plain file whose writer keeps appending holds back the files after it.
 //! - `done` names every file read that is still in the directory; names of files deleted or moved
 //!   away are dropped from it at the next listing (a file that reappears under a name no longer in
 //!   `done` is a new file and is read). Move or delete processed files to keep positions small.
-//! - Appends to a file after it is done are not read.
+//! - Appends to a file after it is done are not read (they are logged once).
 //! - The settle rule trusts modification times against this machine's clock; on network file
 //!   systems with a skewed clock, raise `settle`.
 //! - A truncated gzip file is re-decompressed from its start each time it grows.
 //! - Reading streams through a 256 KiB buffer; a line is copied only when it crosses the buffer's
 //!   end, and at most `max_line_bytes` of a line are held in memory.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -102,6 +132,8 @@ const KEEP_PENDING_BYTES: usize = 1024 * 1024;
 /// Extra settle time when modification times look whole-second (coarse file-system timestamps).
 const COARSE_MTIME_MARGIN: Duration = Duration::from_secs(2);
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+/// How many of a file's first bytes its identity hashes.
+const HEAD_BYTES: usize = 4096;
 
 /// The suffixes read by default.
 pub const DEFAULT_SUFFIXES: [&str; 6] = [".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz"];
@@ -124,6 +156,14 @@ pub struct FileSourceOptions {
     /// When idle (nothing new, or waiting for a file to settle), the directory is listed and the
     /// waiting file checked at most this often (default 200 ms).
     pub rescan: Duration,
+    /// The wait before retrying a failed read of a file or of the directory, doubled after each
+    /// failure in a row (default 200 ms) ...
+    pub retry_backoff: Duration,
+    /// ... up to this (default 10 s).
+    pub max_retry_backoff: Duration,
+    /// A file whose open or read fails this many times in a row is given up as
+    /// [`FileEvent::Unreadable`] (default 10, about 45 s of retries).
+    pub max_read_attempts: u32,
 }
 
 impl FileSourceOptions {
@@ -135,7 +175,16 @@ impl FileSourceOptions {
             settle: Duration::from_secs(5),
             max_line_bytes: 16 * 1024 * 1024,
             rescan: Duration::from_millis(200),
+            retry_backoff: Duration::from_millis(200),
+            max_retry_backoff: Duration::from_secs(10),
+            max_read_attempts: 10,
         }
+    }
+
+    /// The wait after the `attempt`-th failure in a row (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doubled = self.retry_backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        doubled.min(self.max_retry_backoff)
     }
 
     /// Whether a directory entry with this name is to be read.
@@ -155,6 +204,117 @@ pub struct FilePosition {
     /// The file being read and the offset of its next unread line (in the decompressed stream
     /// for gzip).
     pub current: Option<(String, u64)>,
+    /// Identities of the files in `done` and of the current one, by name (see "Identity").
+    /// Absent from positions written before identities were kept: the files present are then
+    /// taken as the ones recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, FileId>,
+}
+
+/// What tells a file apart from another under the same name: device and inode, a hash of its
+/// first bytes, and its size and modification time when last seen (a change detector only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime_ns: i64,
+    /// How many first bytes `head_hash` covers (at most 4 KiB; fewer for a shorter file).
+    pub head_len: u32,
+    /// FNV-1a (64 bit) of those bytes.
+    pub head_hash: u64,
+}
+
+/// How a file found under a recorded name relates to the recorded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sameness {
+    /// Unchanged.
+    Same,
+    /// The same file, grown or touched since.
+    Changed,
+    /// Another file.
+    Other,
+}
+
+impl FileId {
+    fn mtime_ns(meta: &Metadata) -> i64 {
+        meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+    }
+
+    /// The identity of an open file (read from its current position, which the caller resets).
+    fn of(file: &mut File, meta: &Metadata) -> io::Result<FileId> {
+        let (head_len, head_hash) = hash_head(file, HEAD_BYTES)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: FileId::mtime_ns(meta),
+            head_len,
+            head_hash,
+        })
+    }
+
+    fn read(path: &Path) -> io::Result<FileId> {
+        let mut file = File::open(path)?;
+        let meta = file.metadata()?;
+        FileId::of(&mut file, &meta)
+    }
+
+    /// Compares the file at `path` (with metadata `meta`) with this identity, reading its first
+    /// bytes only when the inode is the same but the size or modification time changed.
+    fn compare(&self, path: &Path, meta: &Metadata) -> io::Result<Sameness> {
+        if (meta.dev(), meta.ino()) != (self.dev, self.ino) {
+            return Ok(Sameness::Other);
+        }
+        if (meta.len(), FileId::mtime_ns(meta)) == (self.len, self.mtime_ns) {
+            return Ok(Sameness::Same);
+        }
+        self.compare_head(&mut File::open(path)?, meta)
+    }
+
+    /// Compares an open file (read from its current position, which the caller resets).
+    fn compare_head(&self, file: &mut File, meta: &Metadata) -> io::Result<Sameness> {
+        if (meta.dev(), meta.ino()) != (self.dev, self.ino) || meta.len() < u64::from(self.head_len) {
+            return Ok(Sameness::Other);
+        }
+        let (len, hash) = hash_head(file, self.head_len as usize)?;
+        Ok(if (len, hash) == (self.head_len, self.head_hash) {
+            Sameness::Changed
+        } else {
+            Sameness::Other
+        })
+    }
+
+    /// The same file, as seen now (size and modification time updated).
+    fn seen(self, meta: &Metadata) -> FileId {
+        FileId {
+            len: meta.len(),
+            mtime_ns: FileId::mtime_ns(meta),
+            ..self
+        }
+    }
+}
+
+/// (bytes read, FNV-1a 64) of the next `max` bytes of `file` (fewer at its end).
+fn hash_head(file: &mut File, max: usize) -> io::Result<(u32, u64)> {
+    let mut buf = vec![0u8; max];
+    let mut got = 0;
+    while got < max {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((got as u32, fnv1a(&buf[..got])))
+}
+
+/// FNV-1a, 64 bit: stable across releases (it is stored), and enough to tell file heads apart.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Why a line should be dead-lettered rather than decoded.
@@ -203,13 +363,24 @@ pub enum FileEvent {
     /// The file was deleted before it was read (or while waiting at `offset`). Not recorded as
     /// done.
     Vanished { file: String, offset: u64 },
+    /// The file being read (up to `offset`) was replaced by another under the same name, or cut
+    /// shorter than `offset`: the rest of the old one is lost, the new one is read from its
+    /// start.
+    Replaced { file: String, offset: u64 },
+    /// Opening or reading the file failed `attempts` times in a row (last error: `detail`);
+    /// lines before `offset` were read. It is recorded as done.
+    Unreadable { file: String, offset: u64, attempts: u32, detail: String },
 }
 
 impl FileEvent {
     /// The file the event is about.
     pub fn file(&self) -> &str {
         match self {
-            FileEvent::Corrupt { file, .. } | FileEvent::Truncated { file, .. } | FileEvent::Vanished { file, .. } => file,
+            FileEvent::Corrupt { file, .. }
+            | FileEvent::Truncated { file, .. }
+            | FileEvent::Vanished { file, .. }
+            | FileEvent::Replaced { file, .. }
+            | FileEvent::Unreadable { file, .. } => file,
         }
     }
 }
@@ -227,11 +398,24 @@ impl fmt::Display for FileEvent {
             FileEvent::Vanished { file, offset } => {
                 write!(f, "{file} was deleted before it was read (at byte {offset}); its remaining lines were not read")
             }
+            FileEvent::Replaced { file, offset } => write!(
+                f,
+                "{file} was replaced by another file (or cut shorter) while it was being read at byte {offset}; the rest of the old file was not read, the new one is read from its start. Writers should write under a new name (or a .tmp name) and rename it in"
+            ),
+            FileEvent::Unreadable {
+                file,
+                offset,
+                attempts,
+                detail,
+            } => write!(
+                f,
+                "{file} could not be read ({detail}) in {attempts} attempts; it was skipped from byte {offset} on. Fix it and drop it again under a new name to have it read"
+            ),
         }
     }
 }
 
-/// Errors that stop a poll (the position does not move; polling again retries).
+/// Errors opening the source, and read errors (retried inside [`FileSource::poll`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
     #[error("file source directory {} does not exist; create it (mkdir -p {}) or fix the source's `path`", dir.display(), dir.display())]
@@ -242,11 +426,6 @@ pub enum FileSourceError {
     ListDir { dir: PathBuf, source: io::Error },
     #[error("cannot read {}: {source} (check that the file is readable by tidemark; polling again retries)", path.display())]
     Read { path: PathBuf, source: io::Error },
-    #[error(
-        "the saved position says {} was read up to byte {offset}, but it now holds only {len} (decompressed) bytes: it was truncated or replaced after being read. Restore the file, or start over with a new state_dir",
-        path.display()
-    )]
-    BeyondEnd { path: PathBuf, offset: u64, len: u64 },
     #[error("invalid file source options: {0}")]
     Options(String),
 }
@@ -255,9 +434,20 @@ pub enum FileSourceError {
 pub struct FileSource {
     options: FileSourceOptions,
     done: BTreeSet<String>,
+    /// Identities of done files (see "Identity"); a done name without one is adopted from the
+    /// file present at the next listing.
+    ids: BTreeMap<String, FileId>,
     current: Option<Current>,
     /// Names listed but not yet read, in name order.
     queue: BTreeSet<String>,
+    /// Files put aside after failing before their first line: failures so far, next attempt.
+    retry: BTreeMap<String, (u32, Instant)>,
+    /// Failed reads (files and directory) since `open`.
+    read_errors: u64,
+    /// Failed listings of the directory in a row.
+    dir_failures: u32,
+    /// Done files found appended to, already warned about.
+    warned_appended: HashSet<String>,
     last_scan: Option<Instant>,
     idle_until: Option<Instant>,
     events: Vec<FileEvent>,
@@ -340,6 +530,11 @@ struct Current {
     pending_len: u64,
     /// Plain at its end, or gzip since opened: the file's stamp and since when it is unchanged.
     watch: Option<Watch>,
+    /// Its identity, once opened (or as restored).
+    id: Option<FileId>,
+    /// Failed opens or reads in a row, and when to try again.
+    attempts: u32,
+    retry_at: Option<Instant>,
 }
 
 impl Current {
@@ -353,6 +548,9 @@ impl Current {
             pending: Vec::new(),
             pending_len: 0,
             watch: None,
+            id: None,
+            attempts: 0,
+            retry_at: None,
         }
     }
 
@@ -382,6 +580,8 @@ enum Step {
     Problem(FileEvent),
     /// The file is gone.
     Vanished,
+    /// Another file is under its name now (or it is shorter than the offset).
+    Replaced,
 }
 
 /// What (re)opening the current file came to.
@@ -392,6 +592,7 @@ enum Open {
     Wait,
     Problem(FileEvent),
     Vanished,
+    Replaced,
 }
 
 impl FileSource {
@@ -402,20 +603,30 @@ impl FileSource {
             return Err(FileSourceError::Options("max_line_bytes must be at least 1".into()));
         }
         check_dir(&options.dir)?;
-        let FilePosition { done, current } = position;
+        let FilePosition { done, current, mut ids } = position;
         let current = match current {
             Some((name, offset)) if done.contains(&name) => {
                 tracing::warn!(file = %name, offset, "the saved file-source position lists its current file as done too; treating it as done");
                 None
             }
-            Some((name, offset)) => Some(Current::new(name, offset)),
+            Some((name, offset)) => {
+                let mut cur = Current::new(name, offset);
+                cur.id = ids.remove(&cur.name);
+                Some(cur)
+            }
             None => None,
         };
+        ids.retain(|name, _| done.contains(name));
         Ok(FileSource {
             options,
             done,
+            ids,
             current,
             queue: BTreeSet::new(),
+            retry: BTreeMap::new(),
+            read_errors: 0,
+            dir_failures: 0,
+            warned_appended: HashSet::new(),
             last_scan: None,
             idle_until: None,
             events: Vec::new(),
@@ -426,8 +637,9 @@ impl FileSource {
         })
     }
 
-    /// Reads up to `max_lines` lines, calling `on_line` for each, in order. Never waits: returns
-    /// `Ok(0)` when nothing new is there. Take [`FileSource::take_events`] afterwards.
+    /// Reads up to `max_lines` lines, calling `on_line` for each, in order. Never waits:
+    /// returns `Ok(0)` when nothing new is there. Take [`FileSource::take_events`] afterwards.
+    /// Read errors are retried (see "Problems"), never returned.
     pub fn poll(&mut self, max_lines: usize, mut on_line: impl FnMut(Line<'_>)) -> Result<usize, FileSourceError> {
         if max_lines == 0 {
             return Ok(0);
@@ -440,16 +652,36 @@ impl FileSource {
         }
         let mut handed = 0;
         while handed < max_lines {
-            if self.current.is_none() && !self.start_next()? {
-                self.idle_until = Some(Instant::now() + self.options.rescan);
-                break;
+            if self.current.is_none() {
+                match self.start_next() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.idle_until = Some(Instant::now() + self.options.rescan);
+                        break;
+                    }
+                    Err(e) => {
+                        self.dir_failed(e);
+                        break;
+                    }
+                }
             }
             let Some(cur) = self.current.as_mut() else { break };
+            if let Some(at) = cur.retry_at {
+                if Instant::now() < at {
+                    self.idle_until = Some(at.min(Instant::now() + self.options.rescan));
+                    break;
+                }
+                cur.retry_at = None;
+            }
             let step = match read_current(cur, &self.options, self.buffer_bytes, max_lines, &mut handed, &mut on_line) {
-                Ok(step) => step,
+                Ok(step) => {
+                    cur.attempts = 0;
+                    step
+                }
                 Err(e) => {
                     cur.drop_stream();
-                    return Err(e);
+                    self.file_failed(e);
+                    continue;
                 }
             };
             match step {
@@ -461,12 +693,12 @@ impl FileSource {
                 Step::Done => {
                     if let Some(cur) = self.current.take() {
                         tracing::debug!(file = %cur.name, bytes = cur.offset, "file read to the end");
-                        self.done.insert(cur.name);
+                        self.finish(cur.name);
                     }
                 }
                 Step::Problem(event) => {
                     if let Some(cur) = self.current.take() {
-                        self.done.insert(cur.name);
+                        self.finish(cur.name);
                     }
                     self.report(event);
                 }
@@ -475,16 +707,133 @@ impl FileSource {
                         self.note_vanished(cur.name, cur.offset);
                     }
                 }
+                Step::Replaced => {
+                    if let Some(cur) = self.current.as_mut() {
+                        let event = FileEvent::Replaced {
+                            file: cur.name.clone(),
+                            offset: cur.offset,
+                        };
+                        *cur = Current::new(cur.name.clone(), 0);
+                        self.report(event);
+                    }
+                }
             }
         }
         Ok(handed)
     }
 
+    /// Records a file as done, with its identity as it is now.
+    fn finish(&mut self, name: String) {
+        match FileId::read(&self.options.dir.join(&name)) {
+            Ok(id) => {
+                self.ids.insert(name.clone(), id);
+            }
+            // Gone or unreadable: adopted from the file under that name at the next listing.
+            Err(_) => {
+                self.ids.remove(&name);
+            }
+        }
+        self.done.insert(name);
+    }
+
+    /// Opening or reading the current file failed: retry it after a backoff, put it aside if it
+    /// failed before its first line, or give it up after `max_read_attempts`.
+    fn file_failed(&mut self, error: FileSourceError) {
+        self.read_errors += 1;
+        let Some(cur) = self.current.as_mut() else { return };
+        cur.attempts += 1;
+        let attempts = cur.attempts;
+        let max = self.options.max_read_attempts.max(1);
+        if attempts >= max {
+            let event = FileEvent::Unreadable {
+                file: cur.name.clone(),
+                offset: cur.offset,
+                attempts,
+                detail: error.to_string(),
+            };
+            if let Some(cur) = self.current.take() {
+                self.finish(cur.name);
+            }
+            self.report(event);
+            return;
+        }
+        let wait = self.options.backoff(attempts);
+        tracing::warn!(
+            file = %cur.name, offset = cur.offset, attempt = attempts, of = max, error = %error,
+            "file source: {error}; retrying in {wait:?} (after {max} failed attempts in a row the file is given up as a dead letter)"
+        );
+        let at = Instant::now() + wait;
+        if cur.offset == 0 {
+            // Nothing of it read: read the files after it meanwhile.
+            if let Some(cur) = self.current.take() {
+                self.retry.insert(cur.name, (attempts, at));
+            }
+        } else {
+            cur.retry_at = Some(at);
+        }
+    }
+
+    /// Listing the directory failed: retried after a backoff, for as long as it takes.
+    fn dir_failed(&mut self, error: FileSourceError) {
+        self.read_errors += 1;
+        self.dir_failures = self.dir_failures.saturating_add(1);
+        let wait = self.options.backoff(self.dir_failures);
+        tracing::warn!(attempt = self.dir_failures, error = %error, "file source: {error}; retrying in {wait:?}");
+        self.idle_until = Some(Instant::now() + wait);
+    }
+
+    /// Where the source stands against its directory, as of its last listing: caught up when no
+    /// file is being read, queued or waiting for a retry and the last listing worked; failing
+    /// while the directory cannot be listed or the current file cannot be read.
+    pub fn progress(&self) -> crate::watermark::Progress {
+        use crate::watermark::Progress;
+        if self.dir_failures > 0 || self.current.as_ref().is_some_and(|c| c.attempts > 0) {
+            Progress::Failing
+        } else if self.last_scan.is_none() {
+            Progress::Unknown
+        } else if self.current.is_some() || !self.queue.is_empty() || !self.retry.is_empty() {
+            Progress::Behind
+        } else {
+            Progress::CaughtUp
+        }
+    }
+
+    /// Failed reads of files or of the directory since `open` (each retried).
+    pub fn read_errors(&self) -> u64 {
+        self.read_errors
+    }
+
+    /// Files listed and waiting to be read (including those waiting for a retry), as of the
+    /// last listing.
+    pub fn files_queued(&self) -> usize {
+        self.queue.len() + self.retry.keys().filter(|n| !self.queue.contains(*n)).count()
+    }
+
+    /// The file being read and the offset of its next unread line.
+    pub fn current(&self) -> Option<(&str, u64)> {
+        self.current.as_ref().map(|c| (c.name.as_str(), c.offset))
+    }
+
+    /// Lists the directory now (as the next poll would), so the queue is known; a failure is
+    /// returned and left for `poll` to retry.
+    pub fn list(&mut self) -> Result<(), FileSourceError> {
+        self.scan()?;
+        self.last_scan = Some(Instant::now());
+        Ok(())
+    }
+
     /// The position after the last line handed out by `poll`.
     pub fn position(&self) -> FilePosition {
+        let mut ids = self.ids.clone();
+        if let Some(c) = &self.current {
+            if let Some(id) = c.id {
+                ids.insert(c.name.clone(), id);
+            }
+        }
         FilePosition {
             done: self.done.clone(),
             current: self.current.as_ref().map(|c| (c.name.clone(), c.offset)),
+            ids,
         }
     }
 
@@ -536,13 +885,17 @@ impl FileSource {
             self.scan()?;
             self.last_scan = Some(now);
         }
-        while let Some(name) = self.queue.pop_first() {
-            if !self.done.contains(&name) {
-                self.current = Some(Current::new(name, 0));
-                return Ok(true);
-            }
+        let ready = |name: &String| self.retry.get(name).is_none_or(|(_, at)| *at <= now);
+        let Some(name) = self.queue.iter().find(|n| !self.done.contains(*n) && ready(n)).cloned() else {
+            return Ok(false);
+        };
+        self.queue.remove(&name);
+        let mut cur = Current::new(name, 0);
+        if let Some((attempts, _)) = self.retry.remove(&cur.name) {
+            cur.attempts = attempts;
         }
-        Ok(false)
+        self.current = Some(cur);
+        Ok(true)
     }
 
     /// Lists the directory: refreshes the queue, reports queued files that vanished, and forgets
@@ -550,6 +903,10 @@ impl FileSource {
     fn scan(&mut self) -> Result<(), FileSourceError> {
         let dir = &self.options.dir;
         let entries = fs::read_dir(dir).map_err(|e| dir_error(dir, e))?;
+        if self.dir_failures > 0 {
+            tracing::info!(dir = %dir.display(), "file source directory can be listed again");
+            self.dir_failures = 0;
+        }
         let mut present = BTreeSet::new();
         for entry in entries {
             let entry = entry.map_err(|source| FileSourceError::ListDir { dir: dir.clone(), source })?;
@@ -573,6 +930,10 @@ impl FileSource {
                 present.insert(name);
             }
         }
+        self.done.retain(|n| present.contains(n));
+        self.ids.retain(|n, _| present.contains(n));
+        self.retry.retain(|n, _| present.contains(n));
+        self.check_done_files();
         let current = self.current.as_ref().map(|c| c.name.as_str());
         let queue: BTreeSet<String> = present
             .iter()
@@ -581,11 +942,47 @@ impl FileSource {
             .collect();
         let gone: Vec<String> = self.queue.iter().filter(|n| !present.contains(*n)).cloned().collect();
         self.queue = queue;
-        self.done.retain(|n| present.contains(n));
         for name in gone {
             self.note_vanished(name, 0);
         }
         Ok(())
+    }
+}
+
+impl FileSource {
+    /// Checks each done file against its identity (see "Identity"): a new file under a done
+    /// name is no longer done (so it is queued); a done name without an identity adopts the
+    /// file present.
+    fn check_done_files(&mut self) {
+        let mut renewed = Vec::new();
+        for name in &self.done {
+            let path = self.options.dir.join(name);
+            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Some(id) = self.ids.get(name).copied() else {
+                if let Ok(id) = FileId::read(&path) {
+                    self.ids.insert(name.clone(), id);
+                }
+                continue;
+            };
+            match id.compare(&path, &meta) {
+                Ok(Sameness::Same) => {}
+                Ok(Sameness::Changed) => {
+                    if self.warned_appended.insert(name.clone()) {
+                        tracing::warn!(file = %name, "{name} changed after it was read to the end (appended to, or touched); finished files are not read again: write new lines to a new file");
+                    }
+                    self.ids.insert(name.clone(), id.seen(&meta));
+                }
+                Ok(Sameness::Other) => renewed.push(name.clone()),
+                // Unreadable right now: decided at the next listing.
+                Err(_) => {}
+            }
+        }
+        for name in renewed {
+            tracing::info!(file = %name, "a new file replaced {name} after it was read; reading the new one");
+            self.done.remove(&name);
+            self.ids.remove(&name);
+            self.warned_appended.remove(&name);
+        }
     }
 }
 
@@ -631,6 +1028,7 @@ fn read_current(
                 Open::Wait => return Ok(Step::Wait),
                 Open::Problem(event) => return Ok(Step::Problem(event)),
                 Open::Vanished => return Ok(Step::Vanished),
+                Open::Replaced => return Ok(Step::Replaced),
             }
             may_reopen = may_reopen && !reopening;
         }
@@ -671,7 +1069,17 @@ fn open_stream(cur: &mut Current, options: &FileSourceOptions, buffer_bytes: usi
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Open::Vanished),
         Err(e) => return Err(read_error(e)),
     };
-    let stamp = Stamp::of(&file.metadata().map_err(read_error)?);
+    let meta = file.metadata().map_err(read_error)?;
+    let stamp = Stamp::of(&meta);
+    match cur.id {
+        None => cur.id = Some(FileId::of(&mut file, &meta).map_err(read_error)?),
+        Some(id) => {
+            if id.compare_head(&mut file, &meta).map_err(read_error)? == Sameness::Other {
+                return Ok(Open::Replaced);
+            }
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(read_error)?;
     let gzip = match cur.gzip {
         Some(gzip) => gzip,
         None => {
@@ -685,11 +1093,7 @@ fn open_stream(cur: &mut Current, options: &FileSourceOptions, buffer_bytes: usi
     cur.blocked = false;
     if !gzip {
         if stamp.len < cur.offset {
-            return Err(FileSourceError::BeyondEnd {
-                path,
-                offset: cur.offset,
-                len: stamp.len,
-            });
+            return Ok(Open::Replaced);
         }
         file.seek(SeekFrom::Start(cur.offset)).map_err(read_error)?;
         cur.watch = None;
@@ -716,11 +1120,7 @@ fn open_stream(cur: &mut Current, options: &FileSourceOptions, buffer_bytes: usi
             }
         };
         if available == 0 {
-            return Err(FileSourceError::BeyondEnd {
-                path,
-                offset: cur.offset,
-                len: cur.offset - left,
-            });
+            return Ok(Open::Replaced);
         }
         let n = usize::try_from(left).map_or(available, |left| left.min(available));
         reader.consume(n);
@@ -1282,8 +1682,8 @@ mod tests {
     fn a_vanished_resume_file_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let pos = FilePosition {
-            done: BTreeSet::new(),
             current: Some(("gone.jsonl".into(), 10)),
+            ..FilePosition::default()
         };
         let mut src = FileSource::open(opts(dir.path(), 0), pos).unwrap();
         let mut out = Vec::new();
@@ -1333,32 +1733,186 @@ mod tests {
     }
 
     #[test]
-    fn an_offset_beyond_the_end_is_an_error_and_does_not_move() {
+    fn a_file_shorter_than_the_position_is_read_again_from_its_start() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         write(d, "a.jsonl", b"1\n");
-        write(d, "b.jsonl.gz", &gz(b"1\n"));
-        for (name, offset) in [("a.jsonl", 3), ("b.jsonl.gz", 5)] {
+        write(d, "b.jsonl.gz", &gz(b"2\n"));
+        for (name, offset, line) in [("a.jsonl", 3, "1"), ("b.jsonl.gz", 5, "2")] {
+            age(d, name);
             let pos = FilePosition {
-                done: BTreeSet::new(),
                 current: Some((name.into(), offset)),
+                ..FilePosition::default()
             };
-            let mut src = FileSource::open(opts(d, 0), pos.clone()).unwrap();
-            let err = src.poll(10, |_| {}).unwrap_err();
-            assert!(matches!(err, FileSourceError::BeyondEnd { .. }), "{err}");
-            assert!(err.to_string().contains(name));
-            assert_eq!(src.position(), pos);
+            let mut src = FileSource::open(opts(d, 0), pos).unwrap();
+            let mut out = Vec::new();
+            poll_until(&mut src, &mut out, |s, _| s.files_done() == 2);
+            assert!(texts(&out).contains(&line.to_string()), "{name}: {out:?}");
+            let events = src.take_events();
+            assert_eq!(events, vec![FileEvent::Replaced { file: name.into(), offset }]);
+            assert!(events[0].to_string().contains("replaced"), "{}", events[0]);
         }
     }
 
     #[test]
+    fn a_finished_file_replaced_under_the_same_name_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "app.jsonl", b"{\"gen\":1}\n");
+        age(d, "app.jsonl");
+        let mut src = FileSource::open(opts(d, 0), FilePosition::default()).unwrap();
+        let mut out = Vec::new();
+        poll_until(&mut src, &mut out, |s, _| s.files_done() == 1);
+        // The position survives a restart with the identity.
+        let pos = src.position();
+        assert!(pos.ids.contains_key("app.jsonl"), "{pos:?}");
+        let mut src = FileSource::open(opts(d, 0), serde_json::from_str(&serde_json::to_string(&pos).unwrap()).unwrap()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(poll(&mut src, 10, &mut out), 0, "a finished file is not read twice");
+        }
+        // Rotation: a new file renamed onto the finished name (a new inode).
+        write(d, ".incoming", b"{\"gen\":2}\n{\"gen\":2}\n");
+        fs::rename(d.join(".incoming"), d.join("app.jsonl")).unwrap();
+        age(d, "app.jsonl");
+        poll_until(&mut src, &mut out, |_, out| out.len() == 3);
+        // Rewritten in place (same inode, other bytes), as `cp new app.jsonl` does.
+        let ino = fs::metadata(d.join("app.jsonl")).unwrap().ino();
+        fs::write(d.join("app.jsonl"), b"{\"gen\":3}\n").unwrap();
+        assert_eq!(fs::metadata(d.join("app.jsonl")).unwrap().ino(), ino);
+        age(d, "app.jsonl");
+        poll_until(&mut src, &mut out, |_, out| out.len() == 4);
+        // Appended to after it was read: the same file; appended lines are not read (logged).
+        append(d, "app.jsonl", b"{\"gen\":4}\n");
+        age(d, "app.jsonl");
+        for _ in 0..5 {
+            poll(&mut src, 10, &mut out);
+        }
+        assert_eq!(texts(&out), ["{\"gen\":1}", "{\"gen\":2}", "{\"gen\":2}", "{\"gen\":3}"]);
+        assert!(src.take_events().is_empty());
+        assert_eq!(src.files_done(), 1);
+    }
+
+    #[test]
+    fn positions_written_without_identities_still_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a.jsonl", b"1\n");
+        write(d, "b.jsonl", b"2\n3\n");
+        write(d, "c.jsonl", b"4\n");
+        for name in ["a.jsonl", "b.jsonl", "c.jsonl"] {
+            age(d, name);
+        }
+        // As stored before identities were kept.
+        let old = r#"{"done":["a.jsonl"],"current":["b.jsonl",2]}"#;
+        let pos: FilePosition = serde_json::from_str(old).unwrap();
+        assert!(pos.ids.is_empty());
+        let mut src = FileSource::open(opts(d, 0), pos).unwrap();
+        let mut out = Vec::new();
+        poll_until(&mut src, &mut out, |s, _| s.files_done() == 3);
+        assert_eq!(texts(&out), ["3", "4"]);
+        assert!(src.take_events().is_empty());
+        // The files present were adopted: replacing one now is noticed.
+        assert_eq!(src.position().ids.len(), 3);
+        fs::remove_file(d.join("a.jsonl")).unwrap();
+        write(d, "a.jsonl", b"5\n6\n");
+        age(d, "a.jsonl");
+        poll_until(&mut src, &mut out, |_, out| out.len() == 4);
+        assert_eq!(texts(&out), ["3", "4", "5", "6"]);
+    }
+
+    #[test]
     fn position_round_trips_through_json() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.jsonl", b"1\n");
+        let id = FileId::read(&dir.path().join("a.jsonl")).unwrap();
         let pos = FilePosition {
             done: BTreeSet::from(["a.jsonl".to_string()]),
             current: Some(("b.jsonl.gz".into(), 42)),
+            ids: BTreeMap::from([("a.jsonl".to_string(), id)]),
         };
         let json = serde_json::to_string(&pos).unwrap();
         assert_eq!(serde_json::from_str::<FilePosition>(&json).unwrap(), pos);
+        // Without identities the JSON is what older versions wrote and read.
+        let bare = FilePosition { ids: BTreeMap::new(), ..pos };
+        assert_eq!(serde_json::to_string(&bare).unwrap(), r#"{"done":["a.jsonl"],"current":["b.jsonl.gz",42]}"#);
+    }
+
+    /// A path whose reads fail with an I/O error, even for root: this process's own memory at
+    /// address 0 (`/proc/self/mem` answers EIO there).
+    fn unreadable(dir: &Path, name: &str) {
+        std::os::unix::fs::symlink("/proc/self/mem", dir.join(name)).unwrap();
+        assert!(
+            File::open(dir.join(name)).unwrap().read(&mut [0u8; 16]).is_err(),
+            "reading /proc/self/mem at 0 fails"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_is_retried_with_backoff_then_given_up_while_the_others_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        unreadable(d, "a.jsonl");
+        write(d, "b.jsonl", b"{\"b\":1}\n");
+        age(d, "b.jsonl");
+        let options = FileSourceOptions {
+            retry_backoff: Duration::from_millis(20),
+            max_retry_backoff: Duration::from_millis(80),
+            max_read_attempts: 4,
+            ..opts(d, 0)
+        };
+        assert_eq!(options.backoff(1), Duration::from_millis(20));
+        assert_eq!(options.backoff(2), Duration::from_millis(40));
+        assert_eq!(options.backoff(9), Duration::from_millis(80));
+        let mut src = FileSource::open(options, FilePosition::default()).unwrap();
+        let mut out = Vec::new();
+        // b is read while a waits for its retry; nothing stops the source.
+        poll_until(&mut src, &mut out, |s, _| s.files_done() == 1);
+        assert_eq!(texts(&out), ["{\"b\":1}"]);
+        assert!(src.read_errors() >= 1);
+        assert_eq!(src.progress(), crate::watermark::Progress::Behind, "a is still to be read");
+        let started = Instant::now();
+        poll_until(&mut src, &mut out, |s, _| s.files_done() == 2);
+        assert!(started.elapsed() >= Duration::from_millis(60), "retries wait: {:?}", started.elapsed());
+        assert_eq!(src.read_errors(), 4);
+        let events = src.take_events();
+        assert!(
+            matches!(&events[..], [FileEvent::Unreadable { file, offset: 0, attempts: 4, .. }] if file == "a.jsonl"),
+            "{events:?}"
+        );
+        assert!(
+            events[0].to_string().contains("a.jsonl") && events[0].to_string().contains("new name"),
+            "{}",
+            events[0]
+        );
+        assert_eq!(src.progress(), crate::watermark::Progress::CaughtUp);
+        assert_eq!(src.position().done, BTreeSet::from(["a.jsonl".to_string(), "b.jsonl".to_string()]));
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_listed_is_retried_and_the_source_says_it_is_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = dir.path().join("inbox");
+        fs::create_dir(&inbox).unwrap();
+        let options = FileSourceOptions {
+            retry_backoff: Duration::from_millis(10),
+            max_retry_backoff: Duration::from_millis(20),
+            ..opts(&inbox, 0)
+        };
+        let mut src = FileSource::open(options, FilePosition::default()).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(poll(&mut src, 10, &mut out), 0);
+        assert_eq!(src.progress(), crate::watermark::Progress::CaughtUp);
+        fs::remove_dir(&inbox).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(poll(&mut src, 10, &mut out), 0, "a missing directory is not an error of poll");
+        assert_eq!(src.progress(), crate::watermark::Progress::Failing);
+        assert!(src.read_errors() >= 1);
+        fs::create_dir(&inbox).unwrap();
+        write(&inbox, "a.jsonl", b"1\n");
+        age(&inbox, "a.jsonl");
+        poll_until(&mut src, &mut out, |s, _| s.files_done() == 1);
+        assert_eq!(texts(&out), ["1"]);
+        assert_eq!(src.progress(), crate::watermark::Progress::CaughtUp);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Sources: which shard owns which partition, and the per-shard Kafka consumer.
 //!
-//! Partition ownership is a pure function of the partition counts and the shard count
-//! ([`assign_partitions`]), so every restart with the same shards owns the same partitions.
+//! Partition ownership is a pure function of the source, the partition and the shard count
+//! ([`partition_owner`]), so every restart with the same shards owns the same partitions, and
+//! a partition added to a topic while running goes to the shard a restart would give it
+//! without moving any other.
 //! Each shard assigns (never subscribes) its partitions at the offsets stored with the last
 //! flushed epoch; Kafka's group offsets are not the truth. A stored offset the broker no
 //! longer has is a *gap*: reported with the lost range, and fatal unless `on_gap = "skip"`.
@@ -23,7 +25,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Bootstrap, Config, GapPolicy, StartingOffsets};
 use crate::state::{PartitionPosition, Recovered, StateError};
+use crate::telemetry::ShardStats;
 use crate::types::EventTime;
+use crate::watermark::Progress;
 
 pub mod files;
 
@@ -33,8 +37,12 @@ use memory::MemorySource;
 
 /// What one shard reads, as assigned by the daemon.
 pub enum SourceSpec {
-    /// These partitions of Kafka sources, through one consumer.
-    Kafka(Vec<SourcePartition>),
+    /// These partitions of Kafka sources, through one consumer; with a watch, also the
+    /// partitions added to the topics later that this shard owns.
+    Kafka {
+        partitions: Vec<SourcePartition>,
+        watch: Option<Arc<kafka::PartitionWatch>>,
+    },
     /// The file source with this index.
     Files(usize),
     /// Records held in memory (tests).
@@ -85,6 +93,23 @@ pub struct FileInput {
     source: usize,
     name: Rc<str>,
     reader: FileSource,
+    /// Where it stands, for the metrics; and (done, queued, offset, read errors) as last
+    /// published, so an unchanged standing is not published again.
+    stats: Arc<crate::telemetry::FileSourceStats>,
+    published: (usize, usize, Option<u64>, u64),
+}
+
+impl FileInput {
+    /// Publishes the reader's standing when it changed.
+    fn publish(&mut self) {
+        let r = &self.reader;
+        let now = (r.files_done(), r.files_queued(), r.current().map(|c| c.1), r.read_errors());
+        if now != self.published {
+            self.stats.publish(now.0 as u64, now.1 as u64, r.current());
+            ShardStats::add(&self.stats.read_errors, now.3 - self.published.3);
+            self.published = now;
+        }
+    }
 }
 
 /// A source as one shard reads it. The shard polls every source the same way and keeps a
@@ -102,19 +127,21 @@ pub struct SourceContext<'a> {
     pub recovered: &'a Recovered,
     pub stats: &'a Arc<crate::telemetry::PipelineStats>,
     pub shard: usize,
+    pub shards: usize,
 }
 
 impl ShardSource {
     /// Opens a source at the positions of the last flushed epoch.
     pub fn open(spec: SourceSpec, cx: &SourceContext<'_>) -> Result<ShardSource, SourceError> {
         match spec {
-            SourceSpec::Kafka(partitions) => Ok(ShardSource::Kafka(KafkaSource::open(
+            SourceSpec::Kafka { partitions, watch } => Ok(ShardSource::Kafka(KafkaSource::open(
                 cx.config.clone(),
                 cx.bootstrap,
                 &partitions,
+                watch,
                 cx.recovered,
                 cx.stats.clone(),
-                cx.shard,
+                (cx.shard, cx.shards),
             )?)),
             SourceSpec::Files(si) => {
                 let src = &cx.config.sources[si];
@@ -137,12 +164,37 @@ impl ShardSource {
                 };
                 let mut options = FileSourceOptions::new(fc.path.clone());
                 options.settle = fc.settle;
-                let reader = FileSource::open(options, position).map_err(|e| files_error(e.to_string()))?;
-                Ok(ShardSource::Files(Box::new(FileInput {
+                let mut reader = FileSource::open(options, position).map_err(|e| files_error(e.to_string()))?;
+                // Listed now so the start can say what is left to read; a failure is retried
+                // (and logged) by the first poll.
+                let listed = reader.list();
+                let (file, offset) = reader.current().map_or(("", 0), |(f, o)| (f, o));
+                tracing::info!(
+                    source = %src.name,
+                    dir = %fc.path.display(),
+                    files_done = reader.files_done(),
+                    files_queued = reader.files_queued(),
+                    current_file = file,
+                    current_offset = offset,
+                    listed = listed.is_ok(),
+                    "file source starting: {} files read, {} to read{}",
+                    reader.files_done(),
+                    reader.files_queued(),
+                    if file.is_empty() { String::new() } else { format!(", resuming {file} at byte {offset}") }
+                );
+                let stats = Arc::new(crate::telemetry::FileSourceStats::new(si));
+                let mut input = FileInput {
                     source: si,
                     name: src.name.as_str().into(),
                     reader,
-                })))
+                    stats,
+                    published: (usize::MAX, 0, None, 0),
+                };
+                input.publish();
+                let mut all = cx.stats.shards[cx.shard].files();
+                all.push(input.stats.clone());
+                cx.stats.shards[cx.shard].set_files(all);
+                Ok(ShardSource::Files(Box::new(input)))
             }
             SourceSpec::Memory(mut m) => {
                 m.resume(cx.recovered);
@@ -204,12 +256,38 @@ impl ShardSource {
                         problem: Some(event.to_string()),
                     });
                 }
+                f.publish();
                 result.map_err(|e| SourceError::Files {
                     source_name: f.name.to_string(),
                     message: e.to_string(),
                 })
             }
             ShardSource::Memory(m) => Ok(m.poll(max, on)),
+        }
+    }
+
+    /// Looks for inputs added since the last call (partitions added to a Kafka topic): returns
+    /// how many were added, at the end of [`ShardSource::inputs`].
+    pub fn discover(&mut self) -> Result<usize, SourceError> {
+        match self {
+            ShardSource::Kafka(k) => {
+                k.discover()?;
+                Ok(k.take_added())
+            }
+            ShardSource::Files(_) | ShardSource::Memory(_) => Ok(0),
+        }
+    }
+
+    /// Whether input `input` is caught up and readable: a quiet input may count as idle only
+    /// then (see [`crate::watermark`]).
+    pub fn progress(&self, input: usize, now: std::time::Instant) -> Progress {
+        match self {
+            ShardSource::Kafka(k) => k.progress(input, now),
+            ShardSource::Files(f) => f.reader.progress(),
+            ShardSource::Memory(m) => match m.lag(input) {
+                0 => Progress::CaughtUp,
+                _ => Progress::Behind,
+            },
         }
     }
 
@@ -254,17 +332,22 @@ pub struct SourcePartition {
     pub partition: i32,
 }
 
-/// Deals all partitions of all sources (source 0's partitions first, then source 1's, …)
-/// round-robin over the shards. Every partition has exactly one owner and shard loads
-/// differ by at most one partition.
+/// The shard that reads a partition: each source's partitions are dealt round-robin over the
+/// shards, source `s` starting at shard `s % shards`. Partitions added to a topic extend its
+/// deal without moving any partition already dealt, and within a source shard loads differ by
+/// at most one.
+pub fn partition_owner(source: usize, partition: i32, shards: usize) -> usize {
+    (source + partition.max(0) as usize) % shards.max(1)
+}
+
+/// Every partition of every source (`partition_counts[source]` of them) by owning shard
+/// ([`partition_owner`]), in (source, partition) order.
 pub fn assign_partitions(partition_counts: &[i32], shards: usize) -> Vec<Vec<SourcePartition>> {
     let mut owned = vec![Vec::new(); shards];
-    let all = partition_counts
-        .iter()
-        .enumerate()
-        .flat_map(|(source, &n)| (0..n).map(move |partition| SourcePartition { source, partition }));
-    for (i, sp) in all.enumerate() {
-        owned[i % shards].push(sp);
+    for (source, &n) in partition_counts.iter().enumerate() {
+        for partition in 0..n {
+            owned[partition_owner(source, partition, shards)].push(SourcePartition { source, partition });
+        }
     }
     owned
 }
@@ -396,8 +479,8 @@ pub fn check_position(stored_next: i64, low: i64, high: i64) -> StartCheck {
 
 /// Resolves where one partition starts: the stored offset if valid, otherwise per policy.
 /// Returns the offset to assign and, when a gap was skipped, its range.
-pub fn resolve_start(
-    consumer: &BaseConsumer,
+pub fn resolve_start<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
     stored_next: Option<i64>,
@@ -457,6 +540,19 @@ mod tests {
 
     proptest! {
         #[test]
+        fn added_partitions_never_move_the_ones_already_dealt(counts in proptest::collection::vec(0i32..40, 1..5), added in proptest::collection::vec(0i32..20, 1..5), shards in 1usize..9) {
+            let before = assign_partitions(&counts, shards);
+            let grown: Vec<i32> = counts.iter().zip(added.iter().chain(std::iter::repeat(&0))).map(|(c, a)| c + a).collect();
+            let after = assign_partitions(&grown, shards);
+            for (shard, owned) in before.iter().enumerate() {
+                for sp in owned {
+                    prop_assert!(after[shard].contains(sp), "{sp:?} moved away from shard {shard}");
+                    prop_assert_eq!(partition_owner(sp.source, sp.partition, shards), shard);
+                }
+            }
+        }
+
+        #[test]
         fn every_partition_has_one_owner_and_loads_are_even(counts in proptest::collection::vec(0i32..40, 0..5), shards in 1usize..9) {
             let owned = assign_partitions(&counts, shards);
             prop_assert_eq!(owned.len(), shards);
@@ -466,8 +562,10 @@ mod tests {
             model.sort_by_key(|p| (p.source, p.partition));
             got.sort_by_key(|p| (p.source, p.partition));
             prop_assert_eq!(got, model);
-            let loads: Vec<usize> = owned.iter().map(Vec::len).collect();
-            prop_assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1);
+            for source in 0..counts.len() {
+                let loads: Vec<usize> = owned.iter().map(|o| o.iter().filter(|p| p.source == source).count()).collect();
+                prop_assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1);
+            }
             // Deterministic.
             prop_assert_eq!(assign_partitions(&counts, shards), owned);
         }
