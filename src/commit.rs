@@ -7,7 +7,9 @@
 //! 2. each sink with rows gets the epoch through the epoch-sink interface
 //!    ([`EpochSink`]), tagged with its application id `<pipeline>/<sink>` and the epoch
 //!    number; a sink that already holds that epoch skips it;
-//! 3. the pending rows are dropped.
+//! 3. the pending rows are dropped;
+//! 4. every sink gets the queries' watermarks of the epoch, so a view's sink learns which
+//!    windows closed and forgets their keys ([`EpochSink::close_windows`]).
 //!
 //! Recovery runs step 2–3 for every pending epoch before new epochs start, so a crash at any
 //! instant neither loses nor duplicates a row.
@@ -160,6 +162,12 @@ impl Committer {
             let outcome = self.deliver(idx, epoch, &rows).await?;
             tracing::info!(sink = %sink_name, epoch, ?outcome, "recovered pending output");
         }
+        // The flushed epoch's query watermarks (restored into the stats at start): windows they
+        // closed stay closed, so a view's sink rebuilds its index for the open ones only.
+        let watermarks: Vec<crate::types::EventTime> = self.stats.query_watermarks.iter().map(|w| w.load(Relaxed)).collect();
+        for sink in &mut self.sinks {
+            sink.close_windows(&watermarks);
+        }
         Ok(n)
     }
 
@@ -179,6 +187,7 @@ impl Committer {
             counters.commits.fetch_add(1, Relaxed);
         }
         let written = matches!(outcome, WriteOutcome::Committed { .. } | WriteOutcome::AlreadyCommitted);
+        counters.indexed_keys.store(sink.indexed_keys() as u64, Relaxed);
         self.store.clear_pending(epoch, &sink.plan().name, written)?;
         sink.maintain().await;
         Ok(outcome)
@@ -247,6 +256,10 @@ impl Committer {
             if let Some(rows) = rows.as_ref().filter(|r| !r.is_empty()) {
                 self.deliver(idx, epoch, rows).await?;
             }
+        }
+        for (sink, counters) in self.sinks.iter_mut().zip(&self.stats.sinks) {
+            sink.close_windows(&query_watermarks);
+            counters.indexed_keys.store(sink.indexed_keys() as u64, Relaxed);
         }
         self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.partitions.iter()).collect::<Vec<_>>());
         self.stats.watermark.store(watermark, Relaxed);

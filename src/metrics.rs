@@ -521,6 +521,18 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
             out.sample(name, &[("sink", labels.sinks.get(i).unwrap_or(&unknown))], counter(field(sink)));
         }
     }
+    out.family(
+        "tidemark_sink_indexed_keys",
+        "gauge",
+        "Keys the sink's upsert index holds in memory: in an update-mode view, the keys of windows still open (all keys for global windows without reset).",
+    );
+    for (i, sink) in stats.sinks.iter().enumerate() {
+        out.sample(
+            "tidemark_sink_indexed_keys",
+            &[("sink", labels.sinks.get(i).unwrap_or(&unknown))],
+            counter(&sink.indexed_keys),
+        );
+    }
     {
         let h = stats.commit_duration.lock().unwrap_or_else(|e| e.into_inner());
         out.hdr_histogram(

@@ -208,6 +208,8 @@ pub struct SinkStats {
     pub retries: AtomicU64,
     /// Failed attempts whose cause was a commit conflict with another writer.
     pub conflicts: AtomicU64,
+    /// Keys in the sink's upsert index (a gauge): in a view, those of windows still open.
+    pub indexed_keys: AtomicU64,
 }
 
 /// Cumulative latencies of the epochs one shard contributed to, in microseconds.
@@ -333,6 +335,8 @@ pub struct StatsSnapshot {
     pub watermark: Option<i64>,
     pub rows_written: u64,
     pub delta_commits: u64,
+    /// Per sink (plan order): keys in its upsert index.
+    pub sink_indexed_keys: Vec<u64>,
 }
 
 impl PipelineStats {
@@ -403,6 +407,7 @@ impl PipelineStats {
             watermark: (wm != UNKNOWN).then_some(wm),
             rows_written: self.sinks.iter().map(|s| s.rows_written.load(Relaxed)).sum(),
             delta_commits: self.sinks.iter().map(|s| s.commits.load(Relaxed)).sum(),
+            sink_indexed_keys: self.sinks.iter().map(|s| s.indexed_keys.load(Relaxed)).collect(),
         }
     }
 }

@@ -465,7 +465,7 @@ output = "update"
 
 /// allowed_lateness in update mode: an event behind the watermark but within the bound updates
 /// its window (the corrected row is upserted); one beyond it is a `late` dead letter naming the
-/// window it missed.
+/// window it missed; the sink's index forgets the window once it is closed.
 #[test]
 fn lateness_inside_the_bound_updates_and_beyond_it_is_a_dead_letter() {
     init_logs();
@@ -512,6 +512,10 @@ allowed_lateness = "30s"
     wait_for("the watermark to pass the allowed lateness", Duration::from_secs(30), || {
         running.stats().watermark.is_some_and(|w| w >= (t0 + 57_000) * 1000)
     });
+    // The sink's upsert index keeps the keys of open windows only: [20 s, 30 s) and
+    // [60 s, 70 s) are open until the watermark passes their end + 30 s; [0, 10 s) is closed.
+    let indexed_keys = || running.stats().sink_indexed_keys[0];
+    wait_for("the index to drop the closed window", Duration::from_secs(30), || indexed_keys() == 2);
     send(3_000); // beyond the bound
     wait_for("the late dead letter", Duration::from_secs(30), || {
         !common::read_dead_letters(&dir.path().join("dlq")).is_empty()

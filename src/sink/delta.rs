@@ -16,7 +16,12 @@
 //! * **upsert** (a materialized view kept current without a query engine): copy-on-write.
 //!   An in-memory index says which data file holds each key; the files holding changed keys
 //!   are rewritten without them, together with the new rows, and the commit swaps them
-//!   (`remove` + `add`). Its cost follows the rows and files touched, not the table size;
+//!   (`remove` + `add`). Its cost follows the rows and files touched, not the table size.
+//!   In a windowed view ([`TableOptions::window_columns`]) a row changes only while its window
+//!   is open: the committer tells the sink how far windows are closed
+//!   ([`DeltaTableSink::close_windows_through`]), the index drops the keys of files holding
+//!   only closed windows, and a rewrite puts rows of closed windows in files of their own,
+//!   which no upsert touches again;
 //! * **overwrite** (complete output mode): `remove` every active file, `add` the new ones.
 //!
 //! Data files of an append or overwrite are written once per epoch and their `add` actions
@@ -25,8 +30,9 @@
 //! against; a retry on a newer version plans again and deletes the files of the old plan
 //! (the txn check has just shown that plan never landed).
 //!
-//! Maintenance: [`DeltaTableSink::compact`] bin-packs small files (an `OPTIMIZE` commit that
-//! changes no data), a checkpoint is written every `checkpoint_interval` versions, and
+//! Maintenance: [`DeltaTableSink::compact`] bin-packs small files of similar size (an
+//! `OPTIMIZE` commit that changes no data; in a view, files of closed windows apart from the
+//! others), a checkpoint is written every `checkpoint_interval` versions, and
 //! [`DeltaTableSink::vacuum`] deletes files removed longer ago than a retention period.
 //!
 //! Every async fn here needs a tokio runtime on the calling thread (delta-rs uses
@@ -38,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deltalake::arrow::array::{RecordBatch, UInt32Array};
+use deltalake::arrow::array::{BooleanArray, RecordBatch, UInt32Array};
 use deltalake::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
@@ -50,7 +56,9 @@ use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
 pub use super::delta_error::{DeltaSinkError, SinkResult};
-use super::table_files::{conform_batch, keep_mask, last_row_per_key, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile};
+use super::table_files::{
+    conform_batch, keep_mask, last_row_per_key, max_time_of, time_values, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile,
+};
 
 /// Attempts per epoch (the first try plus retries) before an epoch write gives up.
 const APPEND_ATTEMPTS: u32 = 4;
@@ -58,6 +66,10 @@ const APPEND_ATTEMPTS: u32 = 4;
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
 /// [`DeltaTableSink::compact`] leaves a partition alone until it has this many small files.
 pub const DEFAULT_COMPACTION_MIN_FILES: usize = 4;
+/// Compaction packs files together only when the largest is at most this many times the
+/// smallest, so a packed file moves up a size tier and is not packed again with every new
+/// small file.
+pub const COMPACTION_TIER_RATIO: i64 = 2;
 
 /// How a table is laid out and maintained; given when the sink opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +85,18 @@ pub struct TableOptions {
     /// At each checkpoint, delete log files older than this and than the checkpoint; `None`
     /// keeps every log file.
     pub log_retention: Option<Duration>,
+    /// Windowed views (upserted on the window start and group keys): the columns holding each
+    /// row's window start and end. `None` for tables whose rows may change at any time.
+    pub window_columns: Option<WindowColumns>,
+}
+
+/// The timestamp columns bounding each row's window in a view. A row changes only while its
+/// window is open; once [`DeltaTableSink::close_windows_through`] reaches its end, it is final.
+/// (Sessions: `session_start`, `session_end`; a session's end only grows while it is open.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowColumns {
+    pub start: String,
+    pub end: String,
 }
 
 impl Default for TableOptions {
@@ -82,6 +106,7 @@ impl Default for TableOptions {
             target_file_size_bytes: 128 * 1024 * 1024,
             checkpoint_interval: 10,
             log_retention: None,
+            window_columns: None,
         }
     }
 }
@@ -124,6 +149,11 @@ struct Upsert {
     rows: Option<RecordBatch>,
     /// Keys of the new rows and of the deleted ones: old rows with these keys go.
     changed: HashSet<Key>,
+    /// Views: the earliest window start of a changed key. Any earlier row of a changed key
+    /// ended after its start, so files ending at or before this cannot hold one.
+    earliest_start: Option<i64>,
+    /// Views: the earliest window end of a new row.
+    earliest_new_end: Option<i64>,
 }
 
 /// Files written by earlier attempts of one epoch write, reused while still valid.
@@ -153,6 +183,9 @@ pub struct DeltaTableSink {
     options: TableOptions,
     /// Key → data file, for upserts; built on the first upsert after opening.
     index: Option<KeyIndex>,
+    /// Views: rows whose window ends at or before this are final (never upserted or deleted
+    /// again), as the committer last said; `None` until it says.
+    windows_closed_through: Option<i64>,
     /// Data files read so far (index building, rewrites, compaction).
     files_read: AtomicU64,
     /// Epoch write attempts that failed and were retried, and how many of those failed on a
@@ -190,6 +223,7 @@ impl DeltaTableSink {
     /// rewritten.
     pub async fn open_or_create(path: &Path, schema: SchemaRef, options: &TableOptions) -> SinkResult<Self> {
         check_options(path, &schema, options)?;
+        check_window_columns(path, &schema, options)?;
         std::fs::create_dir_all(path).map_err(|source| DeltaSinkError::Io {
             path: path.to_path_buf(),
             source,
@@ -232,6 +266,7 @@ impl DeltaTableSink {
             schema,
             options: options.clone(),
             index: None,
+            windows_closed_through: None,
             files_read: AtomicU64::new(0),
             retries: 0,
             conflicts: 0,
@@ -283,10 +318,17 @@ impl DeltaTableSink {
     /// `deletes` batches need only the key columns.
     ///
     /// Copy-on-write: the files holding changed keys (found with an in-memory key index, built
-    /// by reading the key columns of every active file on the first upsert after opening) are
+    /// by reading the key columns of the active files on the first upsert after opening) are
     /// rewritten without those keys, together with the new rows, and the commit removes the
     /// old files (`dataChange = true`) and adds the new ones. An epoch reads and writes only
     /// the files it touches.
+    ///
+    /// Views ([`TableOptions::window_columns`]): the first build reads only files whose rows
+    /// end after the closed horizon ([`Self::close_windows_through`]) or after the earliest
+    /// window start this epoch changes, whichever is earlier (the statistics or partition
+    /// values in the log say where each file's rows end); rows of closed windows read from a
+    /// rewritten file are written to files of their own. Before the sink is told a horizon,
+    /// the index serves one epoch and is dropped.
     ///
     /// Nothing to upsert or delete: [`AppendOutcome::Skipped`]. Replays and retries as in
     /// [`Self::append_epoch`].
@@ -299,10 +341,16 @@ impl DeltaTableSink {
         deletes: Vec<RecordBatch>,
     ) -> SinkResult<AppendOutcome> {
         let txn_version = txn_version(epoch)?;
-        match self.prepare_upsert(key_columns, &upserts, &deletes)? {
+        let outcome = match self.prepare_upsert(key_columns, &upserts, &deletes)? {
             None => Ok(AppendOutcome::Skipped),
             Some(upsert) => self.write_epoch(app_id, epoch, txn_version, EpochChange::Upsert(upsert)).await,
+        };
+        if self.options.window_columns.is_some() && self.windows_closed_through.is_none() {
+            // Built for this epoch's keys only: until the sink learns how far windows are
+            // closed, a later epoch may change a window this index left out.
+            self.index = None;
         }
+        outcome
     }
 
     /// The new rows (last per key) and the changed keys of an upsert; `None` if it has no rows.
@@ -338,10 +386,28 @@ impl DeltaTableSink {
                 Some(rows)
             }
         };
+        let mut earliest_start = None;
+        let mut earliest_new_end = None;
+        if let Some(window) = &self.options.window_columns {
+            let min_time = |batch: &RecordBatch, column: &str| -> SinkResult<Option<i64>> { Ok(time_values(&self.path, batch, column)?.into_iter().min()) };
+            let deleted: Vec<&RecordBatch> = deletes.iter().filter(|b| b.num_rows() > 0).collect();
+            for batch in rows.iter().chain(deleted) {
+                earliest_start = earliest_start.into_iter().chain(min_time(batch, &window.start)?).min();
+            }
+            if let Some(rows) = &rows {
+                earliest_new_end = min_time(rows, &window.end)?;
+            }
+        }
         for batch in deletes.iter().filter(|b| b.num_rows() > 0) {
             changed.extend(encoder.encode(&self.path, batch)?);
         }
-        Ok(Some(Upsert { encoder, rows, changed }))
+        Ok(Some(Upsert {
+            encoder,
+            rows,
+            changed,
+            earliest_start,
+            earliest_new_end,
+        }))
     }
 
     /// The shared check-and-retry loop of every epoch write.
@@ -470,7 +536,7 @@ impl DeltaTableSink {
     /// it, reads the files holding changed keys, and writes their other rows together with
     /// the new rows.
     async fn plan_rewrite(&mut self, base_version: i64, upsert: &Upsert) -> SinkResult<Rewrite> {
-        self.sync_index(&upsert.encoder).await?;
+        self.sync_index(upsert).await?;
         let touched = self.index.as_ref().expect("synced above").files_holding(&upsert.changed);
         let mut rows: Vec<RecordBatch> = Vec::new();
         for file in &touched {
@@ -481,7 +547,8 @@ impl DeltaTableSink {
             }
         }
         rows.extend(upsert.rows.iter().cloned());
-        let added = self.write_files(&rows, Some(&upsert.encoder)).await?;
+        // Rows of closed windows go to files of their own: no upsert touches those again.
+        let added = self.write_split(rows, Some(&upsert.encoder)).await?;
         Ok(Rewrite {
             base_version,
             removed: touched,
@@ -489,11 +556,20 @@ impl DeltaTableSink {
         })
     }
 
-    /// Bin-packs small files: within each partition holding at least `min_files` (at least 2)
-    /// files smaller than half the target size, those files are rewritten as files of about
-    /// the target size. One `OPTIMIZE` commit removes and adds them with `dataChange = false`
-    /// and no `txn`: the content, the committed epochs and older versions (time travel) are
-    /// unchanged. `None` if no partition needed it.
+    /// Bin-packs small files of similar size. Files smaller than half the target size are
+    /// grouped by partition, and in a view by whether their windows are all closed (so a
+    /// packed file of closed windows is never rewritten by an upsert); each group is sorted by
+    /// size and cut into tiers of files within [`COMPACTION_TIER_RATIO`] of the tier's
+    /// smallest. A tier of at least `min_files` (at least 2) files is rewritten as files of
+    /// about the target size. One `OPTIMIZE` commit removes and adds them with
+    /// `dataChange = false` and no `txn`: the content, the committed epochs and older versions
+    /// (time travel) are unchanged. `None` if no tier needed it.
+    ///
+    /// What a run costs: the files of the tiers that filled since the last runs — mostly the
+    /// files written since then — never every small file of the table. A packed file holds
+    /// at least `min_files` files of its tier, so it soon outgrows the tier (twice its
+    /// smallest); a row is rewritten by compaction about log2(target size / first file size)
+    /// times in its life, not once per run.
     ///
     /// A concurrent writer removing one of the files fails the commit (retryable); the
     /// files written for it are deleted again.
@@ -503,15 +579,19 @@ impl DeltaTableSink {
         let target = self.options.target_file_size_bytes;
         let min_files = min_files.max(2);
 
-        let mut small_by_partition: BTreeMap<Vec<Option<String>>, Vec<DataFile>> = BTreeMap::new();
+        let mut small_by_group: BTreeMap<(Vec<Option<String>>, bool), Vec<DataFile>> = BTreeMap::new();
         for file in self.active_files()? {
             if (file.size_bytes.max(0) as u64) < target / 2 {
-                small_by_partition.entry(file.partition(&self.options.partition_by)).or_default().push(file);
+                let closed = file.is_final(self.windows_closed_through);
+                small_by_group
+                    .entry((file.partition(&self.options.partition_by), closed))
+                    .or_default()
+                    .push(file);
             }
         }
-        let bins: Vec<Vec<DataFile>> = small_by_partition
+        let bins: Vec<Vec<DataFile>> = small_by_group
             .into_values()
-            .filter(|files| files.len() >= min_files)
+            .flat_map(|files| size_tiers(files, min_files))
             .flat_map(|files| pack_bins(files, target))
             .collect();
         if bins.is_empty() {
@@ -569,12 +649,28 @@ impl DeltaTableSink {
     }
 
     /// Reads `files` whole and writes their rows as new files (not committed).
+    /// In a view, rows of closed windows and of open ones go to separate files.
     async fn rewrite_files(&self, files: &[DataFile], encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
         let mut rows = Vec::new();
         for file in files {
             rows.extend(self.reader().read(file, None).await?);
         }
-        self.write_files(&rows, encoder).await
+        self.write_split(rows, encoder).await
+    }
+
+    /// Writes rows as data files (not committed); in a view, rows of closed windows in files of
+    /// their own. On failure, deletes the files already written.
+    async fn write_split(&self, rows: Vec<RecordBatch>, encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
+        let (closed, open) = self.split_closed(rows)?;
+        let mut written = self.write_files(&closed, encoder).await?;
+        match self.write_files(&open, encoder).await {
+            Ok(files) => written.extend(files),
+            Err(err) => {
+                self.delete_files(written.iter().map(|f| f.add.path.as_str())).await;
+                return Err(err);
+            }
+        }
+        Ok(written)
     }
 
     /// Deletes data files that the current version does not reference and that were removed
@@ -652,7 +748,7 @@ impl DeltaTableSink {
                     index.remove_file(&file.path);
                 }
                 for file in added {
-                    index.insert_file(DataFile::from_add(&file.add), file.keys.clone().unwrap_or_default());
+                    index.insert_file(DataFile::from_new(file), file.keys.clone().unwrap_or_default());
                 }
                 index.version = Some(version);
             }
@@ -695,29 +791,102 @@ impl DeltaTableSink {
         }
     }
 
-    /// Brings the key index for `encoder`'s columns to the loaded version: built from every
-    /// active file the first time, afterwards by dropping files no longer active and reading
+    /// Brings the key index for the upsert's key columns to the loaded version: built from the
+    /// active files the first time, afterwards by dropping files no longer active and reading
     /// the keys of files it has not seen (commits by other writers, or ours it could not
-    /// follow).
-    async fn sync_index(&mut self, encoder: &Arc<KeyEncoder>) -> SinkResult<()> {
+    /// follow). In a view, files whose rows all ended at or before the index's horizon are not
+    /// read: the first build starts from the earliest window start the upsert changes (or the
+    /// closed horizon, if earlier).
+    async fn sync_index(&mut self, upsert: &Upsert) -> SinkResult<()> {
         let version = self.loaded_version()?;
+        let encoder = &upsert.encoder;
+        let views = self.options.window_columns.is_some();
         let mut index = match self.index.take() {
             Some(index) if index.encoder.columns() == encoder.columns() => index,
-            _ => KeyIndex::new(encoder.clone()),
+            _ => {
+                let floor = match (views, self.windows_closed_through, upsert.earliest_start) {
+                    (false, _, _) | (true, _, None) => None,
+                    (true, Some(closed), Some(start)) => Some(closed.min(start)),
+                    (true, None, Some(start)) => Some(start),
+                };
+                KeyIndex::new(encoder.clone(), floor)
+            }
         };
+        // A new row in a window the index took as closed would miss its old row. The window
+        // operator never sends one (events for closed windows are late); should it happen,
+        // the index reads those files again instead of duplicating the row.
+        if let (Some(floor), Some(end)) = (index.closed_through(), upsert.earliest_new_end) {
+            if end <= floor {
+                tracing::warn!(
+                    table = %self.path.display(),
+                    window_end_us = end,
+                    closed_through_us = floor,
+                    "an upsert changes a window the sink was told is closed; re-reading the files of that window (internal error: the rows are still written correctly)"
+                );
+                index.reopen_from(upsert.earliest_start.map(|s| s.min(floor)));
+            }
+        }
         if index.version != Some(version) {
             let active = self.active_files()?;
             let active_paths: HashSet<&str> = active.iter().map(|f| f.path.as_str()).collect();
-            index.retain_files(|path| active_paths.contains(path));
-            let unseen: Vec<DataFile> = active.iter().filter(|f| !index.contains_file(&f.path)).cloned().collect();
+            index.retain_files(|f| active_paths.contains(f.path.as_str()));
+            let unseen: Vec<DataFile> = active.iter().filter(|f| !index.knows(f)).cloned().collect();
             for file in unseen {
-                let keys = self.reader().read_keys(&file, &index.encoder).await?;
+                let end_column = self.options.window_columns.as_ref().map(|w| w.end.as_str());
+                let keys = self.reader().read_keys(&file, &index.encoder, end_column).await?;
                 index.insert_file(file, keys);
             }
             index.version = Some(version);
         }
         self.index = Some(index);
         Ok(())
+    }
+
+    /// Views: rows whose window ends at or before `through` are final — no epoch written after
+    /// this call upserts or deletes them (the window operator's promise: events for a window
+    /// closed at the query's watermark + allowed lateness are late). Their keys leave the
+    /// index; rewrites and compaction keep them in files of their own. Never moves back;
+    /// ignored for tables without [`TableOptions::window_columns`].
+    pub fn close_windows_through(&mut self, through: i64) {
+        if self.options.window_columns.is_none() || self.windows_closed_through.is_some_and(|c| c >= through) {
+            return;
+        }
+        self.windows_closed_through = Some(through);
+        if let Some(index) = &mut self.index {
+            index.close_through(through);
+        }
+    }
+
+    /// Views: how far windows are closed, as last told ([`Self::close_windows_through`]).
+    pub fn windows_closed_through(&self) -> Option<i64> {
+        self.windows_closed_through
+    }
+
+    /// Keys the upsert index holds: in a view, those of files with open windows; otherwise
+    /// every key of the table (0 before the first upsert).
+    pub fn indexed_keys(&self) -> usize {
+        self.index.as_ref().map_or(0, KeyIndex::key_count)
+    }
+
+    /// Splits rows into those of windows closed at the sink's horizon and the others (all
+    /// "others" when the table is no view or no horizon is known yet).
+    fn split_closed(&self, batches: Vec<RecordBatch>) -> SinkResult<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        let (Some(window), Some(through)) = (&self.options.window_columns, self.windows_closed_through) else {
+            return Ok((Vec::new(), batches));
+        };
+        let (mut closed, mut open) = (Vec::new(), Vec::new());
+        for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+            let ends = time_values(&self.path, &batch, &window.end)?;
+            let is_closed: BooleanArray = ends.iter().map(|e| Some(*e <= through)).collect();
+            let is_open = deltalake::arrow::compute::not(&is_closed).map_err(|source| self.arrow_err("upsert", source))?;
+            for (mask, out) in [(&is_closed, &mut closed), (&is_open, &mut open)] {
+                let part = filter_record_batch(&batch, mask).map_err(|source| self.arrow_err("upsert", source))?;
+                if part.num_rows() > 0 {
+                    out.push(part);
+                }
+            }
+        }
+        Ok((closed, open))
     }
 
     /// Deletes files written for a commit that failed, unless the commit landed after all
@@ -752,6 +921,7 @@ impl DeltaTableSink {
             batches,
             self.options.target_file_size_bytes,
             encoder,
+            self.options.window_columns.as_ref().map(|w| w.end.as_str()),
         )
         .await
     }
@@ -766,10 +936,19 @@ impl DeltaTableSink {
         }
     }
 
-    /// The active data files of the loaded version.
+    /// The active data files of the loaded version (in a view, with where their rows end).
     fn active_files(&self) -> SinkResult<Vec<DataFile>> {
         let state = self.table.snapshot().map_err(|e| self.delta_err("read", e))?;
-        state.log_data().into_iter().map(|view| DataFile::from_view(&self.path, &view)).collect()
+        let end_column = self.options.window_columns.as_ref().map(|w| w.end.as_str());
+        state
+            .log_data()
+            .into_iter()
+            .map(|view| {
+                let mut file = DataFile::from_view(&self.path, &view)?;
+                file.last_window_end = end_column.and_then(|c| max_time_of(&view, c));
+                Ok(file)
+            })
+            .collect()
     }
 
     /// Non-empty batches, conformed to the table schema.
@@ -903,6 +1082,22 @@ fn merge_clause(action_type: &str) -> MergePredicate {
     }
 }
 
+/// Cuts `files` into tiers of similar size: sorted by size, each tier holds the files up to
+/// [`COMPACTION_TIER_RATIO`] times its smallest. Tiers of fewer than `min_files` files are
+/// left out.
+fn size_tiers(mut files: Vec<DataFile>, min_files: usize) -> Vec<Vec<DataFile>> {
+    files.sort_by(|a, b| a.size_bytes.cmp(&b.size_bytes).then_with(|| a.path.cmp(&b.path)));
+    let mut tiers: Vec<Vec<DataFile>> = Vec::new();
+    for file in files {
+        match tiers.last_mut() {
+            Some(tier) if file.size_bytes <= tier[0].size_bytes.max(1).saturating_mul(COMPACTION_TIER_RATIO) => tier.push(file),
+            _ => tiers.push(vec![file]),
+        }
+    }
+    tiers.retain(|tier| tier.len() >= min_files.max(2));
+    tiers
+}
+
 /// Groups `files` (all smaller than half of `target_bytes`) into bins of about `target_bytes`,
 /// smallest files first; a bin of one file would only copy it and is dropped.
 fn pack_bins(mut files: Vec<DataFile>, target_bytes: u64) -> Vec<Vec<DataFile>> {
@@ -922,6 +1117,23 @@ fn pack_bins(mut files: Vec<DataFile>, target_bytes: u64) -> Vec<Vec<DataFile>> 
     bins.push(current);
     bins.retain(|bin| bin.len() >= 2);
     bins
+}
+
+/// `InvalidOptions` unless the window columns, if any, are timestamp columns of `schema`.
+fn check_window_columns(path: &Path, schema: &SchemaRef, options: &TableOptions) -> SinkResult<()> {
+    let Some(window) = &options.window_columns else { return Ok(()) };
+    for column in [&window.start, &window.end] {
+        match schema.field_with_name(column).map(|f| f.data_type()) {
+            Ok(DataType::Timestamp(TimeUnit::Microsecond, _)) => {}
+            _ => {
+                return Err(DeltaSinkError::InvalidOptions {
+                    path: path.to_path_buf(),
+                    reason: format!("window column `{column}` is not a timestamp column of the table (internal error: the sink plan names the window columns)"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `InvalidOptions` unless the partition columns are distinct columns of `schema` that leave

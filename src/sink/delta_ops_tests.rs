@@ -77,6 +77,7 @@ fn options(partition_by: &[&str], target_file_size_bytes: u64, checkpoint_interv
         target_file_size_bytes,
         checkpoint_interval,
         log_retention: None,
+        window_columns: None,
     }
 }
 
@@ -855,4 +856,397 @@ async fn timestamp_and_date_partitions_read_back_as_their_types() {
         deltalake::arrow::compute::take_record_batch(b, &order).unwrap()
     };
     assert_eq!(sort(&read), batch);
+}
+
+// ---- Windowed views: rows of closed windows are final ----
+
+/// `(window_start, window_end, page, n)`, times in µs.
+type ViewRow = (i64, i64, String, i64);
+
+/// Window length of the view tests.
+const WINDOW: i64 = 10_000_000;
+
+fn view_schema() -> SchemaRef {
+    let time = || DataType::Timestamp(deltalake::arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", time(), false),
+        Field::new("window_end", time(), false),
+        Field::new("page", DataType::Utf8, true),
+        Field::new("n", DataType::Int64, true),
+    ]))
+}
+
+fn view_batch(rows: &[ViewRow]) -> RecordBatch {
+    use deltalake::arrow::array::TimestampMicrosecondArray;
+    RecordBatch::try_new(
+        view_schema(),
+        vec![
+            Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.0)).with_timezone("UTC")),
+            Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1)).with_timezone("UTC")),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+        ],
+    )
+    .unwrap()
+}
+
+/// The row of `page` in window number `window`.
+fn view_row(window: i64, page: &str, n: i64) -> ViewRow {
+    (window * WINDOW, (window + 1) * WINDOW, page.to_owned(), n)
+}
+
+async fn view_rows(path: &Path) -> Vec<ViewRow> {
+    use deltalake::arrow::array::TimestampMicrosecondArray;
+    let mut out = Vec::new();
+    for batch in read_table(path, None).await.unwrap() {
+        let time = |i: usize| batch.column(i).as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().clone();
+        let (starts, ends) = (time(0), time(1));
+        let pages = batch.column(2).as_any().downcast_ref::<StringArray>().unwrap();
+        let ns = batch.column(3).as_any().downcast_ref::<Int64Array>().unwrap();
+        for i in 0..batch.num_rows() {
+            out.push((starts.value(i), ends.value(i), pages.value(i).to_owned(), ns.value(i)));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn view_options(partition_by: &[&str]) -> TableOptions {
+    TableOptions {
+        window_columns: Some(WindowColumns {
+            start: "window_start".into(),
+            end: "window_end".into(),
+        }),
+        ..options(partition_by, 64 * 1024 * 1024, 0)
+    }
+}
+
+fn view_key() -> Vec<String> {
+    strings(&["window_start", "page"])
+}
+
+/// A timestamp of an `add` action's statistics (`2026-11-23T00:00:00.000000Z`) or partition
+/// values (`2026-11-23 00:00:00.000000`) in µs.
+fn log_time(text: &str) -> i64 {
+    chrono::NaiveDateTime::parse_from_str(text.trim_end_matches('Z'), "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f"))
+        .unwrap()
+        .and_utc()
+        .timestamp_micros()
+}
+
+/// What the log says of a data file of a view.
+#[derive(Debug, Clone, Copy)]
+struct ViewFile {
+    rows: u64,
+    first_end: i64,
+    last_end: i64,
+}
+
+/// Every `add` of the log so far: path → rows and window ends, from its statistics (or its
+/// partition value, when partitioned by `window_end`).
+fn added_files(path: &Path) -> BTreeMap<String, ViewFile> {
+    let mut out = BTreeMap::new();
+    let mut version = 0;
+    while path.join(format!("_delta_log/{version:020}.json")).exists() {
+        for (kind, body) in commit_actions(path, version) {
+            if kind == "add" {
+                let stats: serde_json::Value = serde_json::from_str(body["stats"].as_str().unwrap()).unwrap();
+                let (first_end, last_end) = match body["partitionValues"]["window_end"].as_str() {
+                    Some(end) => (log_time(end), log_time(end)),
+                    None => (
+                        log_time(stats["minValues"]["window_end"].as_str().unwrap()),
+                        log_time(stats["maxValues"]["window_end"].as_str().unwrap()),
+                    ),
+                };
+                let file = ViewFile {
+                    rows: stats["numRecords"].as_u64().unwrap(),
+                    first_end,
+                    last_end,
+                };
+                out.insert(body["path"].as_str().unwrap().to_owned(), file);
+            }
+        }
+        version += 1;
+    }
+    out
+}
+
+/// Each epoch updates the current window of 40 pages and, late but within the allowed
+/// lateness, half of the previous window; then the windows ending two windows back close. The
+/// index holds exactly the keys of the two open windows (it held every key of the table), an
+/// epoch rewrites the rows of the open windows only (it rewrote the whole table), and no file
+/// of closed windows is removed by an upsert.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_forgets_closed_windows_and_never_rewrites_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let mut sink = DeltaTableSink::open_or_create(path, view_schema(), &view_options(&[])).await.unwrap();
+    let pages: Vec<String> = (0..40).map(|p| format!("/p{p}")).collect();
+    let mut model: BTreeMap<(i64, String), ViewRow> = BTreeMap::new();
+    for window in 0..16i64 {
+        let epoch = window as u64 + 1;
+        let mut rows: Vec<ViewRow> = pages.iter().map(|p| view_row(window, p, window)).collect();
+        if window > 0 {
+            rows.extend(pages.iter().step_by(2).map(|p| view_row(window - 1, p, 100 + window)));
+        }
+        let closed_before = sink.windows_closed_through();
+        let outcome = sink.upsert_epoch(APP, epoch, &view_key(), vec![view_batch(&rows)], Vec::new()).await.unwrap();
+        let AppendOutcome::Committed { version } = outcome else {
+            panic!("{outcome:?}")
+        };
+        for r in rows {
+            model.insert((r.0, r.2.clone()), r);
+        }
+        assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>(), "window {window}");
+
+        // What the commit rewrote: files of open windows only, and only the open windows' rows.
+        let added = added_files(path);
+        let removed: Vec<&ViewFile> = commit_actions(path, version)
+            .iter()
+            .filter(|(kind, _)| kind == "remove")
+            .map(|(_, body)| &added[body["path"].as_str().unwrap()])
+            .collect();
+        for file in &removed {
+            assert!(
+                closed_before.is_none_or(|c| file.last_end > c),
+                "window {window}: a file of closed windows was rewritten"
+            );
+        }
+        let rows_rewritten: u64 = removed.iter().map(|f| f.rows).sum();
+        assert!(rows_rewritten <= 3 * 40, "window {window}: {rows_rewritten} rows rewritten");
+
+        // Windows up to `window - 2` are closed now.
+        sink.close_windows_through((window - 1) * WINDOW);
+        let open = model.values().filter(|r| r.1 > (window - 1) * WINDOW).count();
+        // The first epoch came before any horizon: its index served that epoch only.
+        let expected = if closed_before.is_some() { open } else { 0 };
+        assert_eq!(sink.indexed_keys(), expected, "window {window}");
+        assert!(open <= 80);
+    }
+    // An epoch changing no open window's rows leaves the closed files alone too.
+    assert!(sink.data_files_read() <= 16 * 2, "{} files read", sink.data_files_read());
+    sink.close_windows_through(i64::MAX / 2);
+    assert_eq!(sink.indexed_keys(), 0);
+}
+
+/// After a restart the index is rebuilt from the files of open windows only (found by the
+/// statistics in the log, without reading the others), and a late row for an open window and
+/// a new window upsert in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_view_reads_only_the_files_of_open_windows() {
+    for partition_by in [&[][..], &["window_end"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let opts = view_options(partition_by);
+        let mut sink = DeltaTableSink::open_or_create(path, view_schema(), &opts).await.unwrap();
+        let mut model: BTreeMap<(i64, String), ViewRow> = BTreeMap::new();
+        for window in 0..10i64 {
+            let mut rows: Vec<ViewRow> = (0..30).map(|p| view_row(window, &format!("/p{p}"), 1)).collect();
+            if window > 0 {
+                rows.push(view_row(window - 1, "/p0", 2));
+            }
+            sink.upsert_epoch(APP, window as u64 + 1, &view_key(), vec![view_batch(&rows)], Vec::new())
+                .await
+                .unwrap();
+            for r in rows {
+                model.insert((r.0, r.2.clone()), r);
+            }
+            sink.close_windows_through((window - 1) * WINDOW);
+            if window == 5 && partition_by.is_empty() {
+                // (By window_end, each closed window is one file in a partition of its own.)
+                assert!(sink.compact(2).await.unwrap().is_some(), "the closed windows' files pack");
+            }
+        }
+        assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>());
+        let active = active_file_count(path);
+        drop(sink);
+
+        // The daemon restarts: windows 8 (late, within lateness) and 9 are open; 10 is new. The
+        // committer tells the sink the stored watermark's horizon before the first epoch.
+        let mut sink = DeltaTableSink::open_or_create(path, view_schema(), &opts).await.unwrap();
+        sink.close_windows_through(8 * WINDOW);
+        let rows = vec![view_row(8, "/p3", 7), view_row(9, "/p4", 7), view_row(10, "/p0", 7)];
+        sink.upsert_epoch(APP, 11, &view_key(), vec![view_batch(&rows)], Vec::new()).await.unwrap();
+        for r in rows {
+            model.insert((r.0, r.2.clone()), r);
+        }
+        assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>(), "{partition_by:?}");
+        // Only files holding windows 8 and 9 are read (twice: keys, then the rewrite), not
+        // the other files of the table.
+        assert!(active >= 4, "{partition_by:?}: {active} active files");
+        assert!(
+            sink.data_files_read() <= 4,
+            "{partition_by:?}: read {} of {active} files",
+            sink.data_files_read()
+        );
+        assert_eq!(sink.indexed_keys(), 30 + 30 + 1, "{partition_by:?}: windows 8, 9 and the new row");
+        sink.close_windows_through(9 * WINDOW);
+        assert_eq!(sink.indexed_keys(), 30 + 1, "{partition_by:?}");
+        // A late update of a closed window would be a broken promise; the sink still writes it
+        // correctly (it reads that window's files again) rather than duplicate the row.
+        sink.upsert_epoch(APP, 12, &view_key(), vec![view_batch(&[view_row(2, "/p5", 9)])], Vec::new())
+            .await
+            .unwrap();
+        model.insert((2 * WINDOW, "/p5".into()), view_row(2, "/p5", 9));
+        assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>(), "{partition_by:?}");
+    }
+}
+
+/// Random upserts and deletes of rows of open windows while the horizon advances, checked
+/// after every epoch against a model; replays, compaction and reopening mixed in. After every
+/// close the index holds exactly the model's rows of open windows.
+async fn view_upserts_match_the_model(partition_by: &[&str], seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let opts = TableOptions {
+        target_file_size_bytes: 16 * 1024,
+        ..view_options(partition_by)
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut sink = DeltaTableSink::open_or_create(path, view_schema(), &opts).await.unwrap();
+    let mut model: BTreeMap<(i64, String), ViewRow> = BTreeMap::new();
+    // Windows ending at or before `closed` are final; a window can be written while open.
+    let mut closed = 0i64;
+    let mut last_committed = None;
+    let mut indexed = false;
+    for epoch in 1..=40u64 {
+        let first_open = closed / WINDOW; // window whose end is the first above `closed`
+        let upserts: Vec<ViewRow> = (0..rng.random_range(0..8))
+            .map(|_| {
+                view_row(
+                    first_open + rng.random_range(0..3),
+                    &format!("/p{}", rng.random_range(0..6)),
+                    rng.random_range(0..100),
+                )
+            })
+            .collect();
+        let open_keys: Vec<(i64, String)> = model.keys().filter(|k| k.0 + WINDOW > closed).cloned().collect();
+        let deletions = if open_keys.is_empty() { 0 } else { rng.random_range(0..3) };
+        let deleted: Vec<(i64, String)> = (0..deletions).map(|_| open_keys[rng.random_range(0..open_keys.len())].clone()).collect();
+        let deletes = {
+            let rows: Vec<ViewRow> = deleted.iter().map(|(s, p)| (*s, *s, p.clone(), 0)).collect();
+            view_batch(&rows)
+        };
+        let half = upserts.len() / 2;
+        let had_horizon = sink.windows_closed_through().is_some();
+        let outcome = sink
+            .upsert_epoch(
+                APP,
+                epoch,
+                &view_key(),
+                vec![view_batch(&upserts[..half]), view_batch(&upserts[half..])],
+                vec![deletes],
+            )
+            .await
+            .unwrap();
+        if upserts.is_empty() && deleted.is_empty() {
+            assert_eq!(outcome, AppendOutcome::Skipped, "epoch {epoch}");
+        } else {
+            assert!(matches!(outcome, AppendOutcome::Committed { .. }), "epoch {epoch}: {outcome:?}");
+            last_committed = Some(epoch);
+            // Without a horizon (after reopening) the index serves one epoch only.
+            indexed |= had_horizon;
+        }
+        for d in &deleted {
+            model.remove(d);
+        }
+        for u in &upserts {
+            model.insert((u.0, u.2.clone()), u.clone());
+        }
+        assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>(), "epoch {epoch}");
+        if !had_horizon {
+            assert_eq!(sink.indexed_keys(), 0, "epoch {epoch}");
+        }
+
+        // The watermark moves on by 0–2 windows, sometimes by part of one.
+        closed += [0, WINDOW / 2, WINDOW, 2 * WINDOW][rng.random_range(0..4)];
+        sink.close_windows_through(closed);
+        if indexed {
+            let open = model.values().filter(|r| r.1 > closed).count();
+            assert_eq!(sink.indexed_keys(), open, "epoch {epoch}");
+        }
+
+        if let Some(replayed) = last_committed.filter(|_| epoch % 5 == 0) {
+            let outcome = sink
+                .upsert_epoch(APP, replayed, &view_key(), vec![view_batch(&[view_row(first_open, "/p0", 999)])], Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(outcome, AppendOutcome::AlreadyCommitted, "epoch {epoch}");
+        }
+        if epoch % 4 == 0 {
+            if let Some(report) = sink.compact(2).await.unwrap() {
+                // A packed file holds closed windows only, or open windows only.
+                let files = added_files(path);
+                for (kind, body) in commit_actions(path, report.version) {
+                    if kind == "add" {
+                        let file = files[body["path"].as_str().unwrap()];
+                        assert!(
+                            file.last_end <= closed || file.first_end > closed,
+                            "epoch {epoch}: {file:?}, closed through {closed}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(view_rows(path).await, model.values().cloned().collect::<Vec<_>>(), "epoch {epoch}: compaction");
+            if indexed {
+                assert_eq!(sink.indexed_keys(), model.values().filter(|r| r.1 > closed).count(), "epoch {epoch}");
+            }
+        }
+        if epoch % 9 == 0 {
+            drop(sink);
+            sink = DeltaTableSink::open_or_create(path, view_schema(), &opts).await.unwrap();
+            indexed = false;
+        }
+    }
+    assert_eq!(sink.committed_epoch(APP).await.unwrap(), last_committed);
+    assert!(model.len() > 10, "the sequence should leave rows: {model:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn view_upserts_match_a_model_as_windows_close() {
+    for seed in [11, 12, 13] {
+        view_upserts_match_the_model(&[], seed).await;
+    }
+    view_upserts_match_the_model(&["window_end"], 14).await;
+}
+
+/// Compaction packs files of similar size: small files written since the last run go
+/// together; a packed file is not packed again with each new small file.
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_packs_files_of_similar_size_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let mut sink = DeltaTableSink::open_or_create(path, schema(), &options(&[], 64 * 1024 * 1024, 0))
+        .await
+        .unwrap();
+    let mut epoch = 0;
+    let mut append = async |sink: &mut DeltaTableSink, rows: usize| {
+        epoch += 1;
+        let rows: Vec<Row> = (0..rows).map(|i| row(&format!("k{epoch}-{i:05}"), "d", i as i64)).collect();
+        sink.append_epoch(APP, epoch, vec![batch(&rows)]).await.unwrap();
+    };
+    for _ in 0..4 {
+        append(&mut sink, 2_000).await;
+    }
+    let first = sink.compact(4).await.unwrap().expect("four similar files");
+    assert_eq!((first.files_removed, first.files_added), (4, 1));
+    // Four more small files: they pack together, the big one stays.
+    for _ in 0..4 {
+        append(&mut sink, 2_000).await;
+    }
+    let second = sink.compact(4).await.unwrap().expect("four new similar files");
+    assert_eq!(second.files_removed, 4, "{second:?}");
+    assert!(second.bytes_removed < first.bytes_added * 2, "{second:?} re-read the packed file: {first:?}");
+    // Each packed file is about four small ones, so four of those pack together again.
+    for _ in 0..2 {
+        for _ in 0..4 {
+            append(&mut sink, 2_000).await;
+        }
+        sink.compact(4).await.unwrap().expect("four new similar files");
+    }
+    assert_eq!(active_file_count(path), 4);
+    let third = sink.compact(4).await.unwrap().expect("four packed files of similar size");
+    assert_eq!((third.files_removed, third.files_added), (4, 1));
+    assert_eq!(table_rows(path, None).await.len(), 16 * 2_000);
 }

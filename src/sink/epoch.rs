@@ -2,13 +2,16 @@
 //! rows, says which epoch it already holds, and skips an epoch it has (Delta: the
 //! `txn(appId, epoch)` action), so a replay after a crash writes nothing twice. How the rows
 //! change the table — append, upsert on the window and group keys, or replace — follows the
-//! sink's plan; table maintenance runs between epochs. Dispatch is by enum on the sink kind:
+//! sink's plan; table maintenance runs between epochs. After each epoch the committer hands
+//! every sink the queries' watermarks ([`EpochSink::close_windows`]): a view's sink learns
+//! which windows closed, so it stops tracking their rows. Dispatch is by enum on the sink kind:
 //! a Delta table, or a Kafka topic written in transactions ([`super::kafka`]).
 
-use super::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions, WriteAttempts};
+use super::delta::{AppendOutcome, DeltaSinkError, DeltaTableSink, TableOptions, WindowColumns, WriteAttempts};
 use super::kafka::{KafkaEpochSink, KafkaSinkError};
 use super::{to_record_batch, SinkPlan, SinkRole, SinkRows};
 use crate::config::OutputMode;
+use crate::types::EventTime;
 
 /// What writing an epoch did.
 pub type WriteOutcome = AppendOutcome;
@@ -47,6 +50,26 @@ pub fn table_options(plan: &SinkPlan) -> TableOptions {
         target_file_size_bytes: plan.config.target_file_size_bytes,
         checkpoint_interval: plan.config.checkpoint_interval,
         log_retention: Some(plan.config.log_retention),
+        window_columns: window_columns(plan),
+    }
+}
+
+/// An update-mode view of windows that close: the columns of each row's window start and end.
+/// Global windows without reset never close; rows of other queries carry no window.
+fn window_columns(plan: &SinkPlan) -> Option<WindowColumns> {
+    match &plan.role {
+        SinkRole::Windows {
+            mode: OutputMode::Update,
+            window_columns,
+            ..
+        } => match window_columns.as_slice() {
+            [start, end, ..] => Some(WindowColumns {
+                start: start.to_string(),
+                end: end.to_string(),
+            }),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -86,6 +109,29 @@ impl EpochSink {
         match self {
             EpochSink::Delta(d) => d.write_epoch(epoch, rows).await,
             EpochSink::Kafka(k) => Ok(k.write_epoch(epoch, rows)?),
+        }
+    }
+
+    /// After an epoch: the queries' watermarks as of that epoch (by query index). A view's sink
+    /// takes the windows its query closed (end + allowed lateness ≤ the query's watermark) as
+    /// final: their keys leave its upsert index.
+    pub fn close_windows(&mut self, query_watermarks: &[EventTime]) {
+        let EpochSink::Delta(d) = self else { return };
+        if let SinkRole::Windows {
+            query, allowed_lateness_us, ..
+        } = &d.plan.role
+        {
+            if let Some(&watermark) = query_watermarks.get(*query).filter(|w| **w > EventTime::MIN / 2) {
+                d.table.close_windows_through(watermark.saturating_sub(*allowed_lateness_us));
+            }
+        }
+    }
+
+    /// Keys the sink's upsert index holds (0 for other sinks), for the metrics.
+    pub fn indexed_keys(&self) -> usize {
+        match self {
+            EpochSink::Delta(d) => d.table.indexed_keys(),
+            EpochSink::Kafka(_) => 0,
         }
     }
 

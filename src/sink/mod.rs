@@ -145,6 +145,9 @@ pub enum SinkRole {
         mode: OutputMode,
         /// Columns identifying a row for upserts: window start (if any) and the group keys.
         merge_keys: Vec<String>,
+        /// The query's `allowed_lateness` (µs): a window closes when the query's watermark
+        /// passes its end plus this.
+        allowed_lateness_us: i64,
     },
     DeadLetters,
 }
@@ -250,6 +253,7 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
                     value_types: shape.value_types.clone(),
                     mode: q.output,
                     merge_keys: merge_keys.clone(),
+                    allowed_lateness_us: i64::try_from(q.allowed_lateness.as_micros()).unwrap_or(i64::MAX),
                 },
             )?;
         }

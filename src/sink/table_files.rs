@@ -2,6 +2,11 @@
 //! back with its partition columns, writing rows as files of about a target size, and the
 //! key → file index that lets an upsert rewrite only the files holding the changed keys.
 //!
+//! In a windowed view a row can change only while its window is open. Each file remembers the
+//! last window end among its rows (from the rows when we write it, from the `add` action's
+//! statistics or partition value when it is read from the log), and the index leaves out the
+//! files whose rows are all final: it holds the keys that can still change, not the table.
+//!
 //! Paths are kept as delta-rs holds them in memory (`Add::path`, `LogicalFileView::path`):
 //! already decoded from the log's URL encoding, i.e. object store paths relative to the table
 //! root. delta-rs encodes them again when it writes the log.
@@ -11,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, UInt32Array};
+use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array};
 use deltalake::arrow::compute::{cast_with_options, concat_batches, take_record_batch, CastOptions};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::arrow::row::{RowConverter, SortField};
@@ -37,6 +42,9 @@ pub(crate) struct DataFile {
     pub size_bytes: i64,
     /// Partition column → value as the `add` action serializes it (`None` for null).
     pub partition_values: HashMap<String, Option<String>>,
+    /// Views: the last window end among the file's rows (µs), when known. Once the view's
+    /// closed horizon reaches it, every row of the file is final.
+    pub last_window_end: Option<i64>,
 }
 
 impl DataFile {
@@ -66,15 +74,23 @@ impl DataFile {
             path: view.path().into_owned(),
             size_bytes: view.size(),
             partition_values,
+            last_window_end: None,
         })
     }
 
-    pub fn from_add(add: &Add) -> Self {
+    /// A file this sink wrote, as its [`NewFile`] describes it.
+    pub fn from_new(file: &NewFile) -> Self {
         Self {
-            path: add.path.clone(),
-            size_bytes: add.size,
-            partition_values: add.partition_values.clone(),
+            path: file.add.path.clone(),
+            size_bytes: file.add.size,
+            partition_values: file.add.partition_values.clone(),
+            last_window_end: file.last_window_end,
         }
+    }
+
+    /// True when every row of the file ends at or before `closed_through` (so none can change).
+    pub fn is_final(&self, closed_through: Option<i64>) -> bool {
+        matches!((self.last_window_end, closed_through), (Some(end), Some(through)) if end <= through)
     }
 
     /// The `remove` action that retires this file, stamped `deletion_timestamp_ms` (vacuum's
@@ -101,12 +117,65 @@ impl DataFile {
     }
 }
 
+/// The largest value of the timestamp column `column` in the file `view` describes: its
+/// partition value, or the maximum its statistics record (delta-rs rounds a maximum that may
+/// have been truncated to milliseconds up). `None` when the log says neither.
+pub(crate) fn max_time_of(view: &LogicalFileView, column: &str) -> Option<i64> {
+    if let Some(values) = view.partition_values() {
+        if let Some((_, value)) = values.fields().iter().zip(values.values()).find(|(f, _)| f.name() == column) {
+            return if value.is_null() { None } else { parse_stats_time(&value.serialize()) };
+        }
+    }
+    let max = view.max_values()?.to_json();
+    max.get(column)?.as_str().and_then(parse_stats_time)
+}
+
+/// A timestamp as delta-rs serializes scalars (`2026-11-23 00:00:00.000000`, UTC) in µs.
+fn parse_stats_time(text: &str) -> Option<i64> {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+        .ok()
+        .map(|t| t.and_utc().timestamp_micros())
+}
+
 /// A data file written but maybe not yet committed, and the keys of its rows when a key index
 /// is kept (so the index can take the file in without reading it back).
 #[derive(Debug, Clone)]
 pub(crate) struct NewFile {
     pub add: Add,
-    pub keys: Option<Vec<Key>>,
+    pub keys: Option<FileKeys>,
+    /// Views: the last window end among its rows.
+    pub last_window_end: Option<i64>,
+}
+
+/// The keys of a file's rows and, in a view, each row's window end (same order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct FileKeys {
+    pub keys: Vec<Key>,
+    pub window_ends: Option<Vec<i64>>,
+}
+
+impl FileKeys {
+    /// The keys of `batch`'s rows, with their window ends when `window_end_column` is given.
+    pub fn of(table_path: &Path, batch: &RecordBatch, encoder: &KeyEncoder, window_end_column: Option<&str>) -> SinkResult<Self> {
+        let keys = encoder.encode(table_path, batch)?;
+        let window_ends = match window_end_column {
+            None => None,
+            Some(column) => Some(time_values(table_path, batch, column)?),
+        };
+        Ok(Self { keys, window_ends })
+    }
+}
+
+/// Every value of the timestamp column `column` of `batch` (a null as the earliest time).
+pub(crate) fn time_values(table_path: &Path, batch: &RecordBatch, column: &str) -> SinkResult<Vec<i64>> {
+    let times = batch
+        .column_by_name(column)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .ok_or_else(|| DeltaSinkError::BatchSchema {
+            path: table_path.to_path_buf(),
+            reason: format!("window column `{column}` is missing from a batch, or not a timestamp"),
+        })?;
+    Ok(times.iter().map(|t| t.unwrap_or(i64::MIN)).collect())
 }
 
 /// Where the table's files live, what they hold, and a count of the data files read (tests
@@ -197,13 +266,25 @@ impl FileReader<'_> {
         Ok(batches)
     }
 
-    /// The keys of every row of `file`, reading only the key columns.
-    pub async fn read_keys(&self, file: &DataFile, encoder: &KeyEncoder) -> SinkResult<Vec<Key>> {
-        let mut keys = Vec::new();
-        for batch in self.read(file, Some(encoder.columns())).await? {
-            keys.extend(encoder.encode(self.table_path, &batch)?);
+    /// The keys of every row of `file` (and their window ends, in a view), reading only those
+    /// columns.
+    pub async fn read_keys(&self, file: &DataFile, encoder: &KeyEncoder, window_end_column: Option<&str>) -> SinkResult<FileKeys> {
+        let mut columns = encoder.columns().to_vec();
+        if let Some(end) = window_end_column.filter(|c| !columns.iter().any(|k| k == c)) {
+            columns.push(end.to_owned());
         }
-        Ok(keys)
+        let mut out = FileKeys {
+            keys: Vec::new(),
+            window_ends: window_end_column.map(|_| Vec::new()),
+        };
+        for batch in self.read(file, Some(&columns)).await? {
+            let part = FileKeys::of(self.table_path, &batch, encoder, window_end_column)?;
+            out.keys.extend(part.keys);
+            if let (Some(all), Some(ends)) = (&mut out.window_ends, part.window_ends) {
+                all.extend(ends);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -297,30 +378,52 @@ impl KeyEncoder {
 }
 
 /// Which active data file holds each key, for one set of key columns, as of one table version.
-/// Built by reading the key columns of every active file (once, on the first upsert after
+/// Built by reading the key columns of the active files (once, on the first upsert after
 /// opening), then kept current from the files each commit adds and removes.
+///
+/// Views: rows whose window ended at or before the index's `closed_through` are final — no
+/// upsert or delete names their keys again — so their keys leave the index, and files holding
+/// only such rows are not indexed at all: the index holds the keys that can still change, not
+/// every key of the table.
 #[derive(Debug)]
 pub(crate) struct KeyIndex {
     pub encoder: Arc<KeyEncoder>,
     /// The table version whose active files the index describes; `None` until built.
     pub version: Option<i64>,
-    files: HashMap<Arc<str>, (DataFile, Vec<Key>)>,
+    /// Rows whose window ends at or before this are left out; `None`: every row is indexed.
+    closed_through: Option<i64>,
+    files: HashMap<Arc<str>, IndexedFile>,
     /// Usually one file per key; more when rows were appended without an upsert.
     key_files: HashMap<Key, Vec<Arc<str>>>,
 }
 
+#[derive(Debug)]
+struct IndexedFile {
+    file: DataFile,
+    /// The keys of the file's rows still indexed, and (views) their window ends.
+    keys: FileKeys,
+    /// The earliest of `keys.window_ends`.
+    first_end: Option<i64>,
+}
+
 impl KeyIndex {
-    pub fn new(encoder: Arc<KeyEncoder>) -> Self {
+    pub fn new(encoder: Arc<KeyEncoder>, closed_through: Option<i64>) -> Self {
         Self {
             encoder,
             version: None,
+            closed_through,
             files: HashMap::new(),
             key_files: HashMap::new(),
         }
     }
 
-    pub fn contains_file(&self, path: &str) -> bool {
-        self.files.contains_key(path)
+    pub fn closed_through(&self) -> Option<i64> {
+        self.closed_through
+    }
+
+    /// True when `file` is indexed, or holds only rows the index leaves out.
+    pub fn knows(&self, file: &DataFile) -> bool {
+        self.files.contains_key(file.path.as_str()) || file.is_final(self.closed_through)
     }
 
     #[cfg(test)]
@@ -328,37 +431,109 @@ impl KeyIndex {
         self.files.len()
     }
 
-    pub fn insert_file(&mut self, file: DataFile, keys: Vec<Key>) {
+    /// Keys held (in a view: of rows that can still change).
+    pub fn key_count(&self) -> usize {
+        self.key_files.len()
+    }
+
+    pub fn insert_file(&mut self, file: DataFile, mut keys: FileKeys) {
         // Files are immutable; announcing one twice replaces the first entry.
         self.remove_file(&file.path);
+        if file.is_final(self.closed_through) {
+            return;
+        }
+        if let (Some(through), Some(ends)) = (self.closed_through, &keys.window_ends) {
+            if ends.iter().any(|e| *e <= through) {
+                let (kept_keys, kept_ends) = keys.keys.iter().zip(ends).filter(|(_, e)| **e > through).map(|(k, e)| (k.clone(), *e)).unzip();
+                keys = FileKeys {
+                    keys: kept_keys,
+                    window_ends: Some(kept_ends),
+                };
+            }
+        }
         let path: Arc<str> = Arc::from(file.path.as_str());
-        for key in &keys {
+        for key in &keys.keys {
             let files = self.key_files.entry(key.clone()).or_default();
             if !files.contains(&path) {
                 files.push(path.clone());
             }
         }
-        self.files.insert(path, (file, keys));
+        let first_end = keys.window_ends.as_ref().and_then(|ends| ends.iter().copied().min());
+        self.files.insert(path, IndexedFile { file, keys, first_end });
     }
 
     pub fn remove_file(&mut self, path: &str) {
-        let Some((_, keys)) = self.files.remove(path) else { return };
-        for key in keys {
-            if let Some(files) = self.key_files.get_mut(&key) {
-                files.retain(|p| p.as_ref() != path);
-                if files.is_empty() {
-                    self.key_files.remove(&key);
-                }
+        let Some(indexed) = self.files.remove(path) else { return };
+        for key in &indexed.keys.keys {
+            self.unlink(key, path);
+        }
+    }
+
+    fn unlink(&mut self, key: &Key, path: &str) {
+        if let Some(files) = self.key_files.get_mut(key) {
+            files.retain(|p| p.as_ref() != path);
+            if files.is_empty() {
+                self.key_files.remove(key);
             }
         }
     }
 
     /// Drops the files `keep` rejects.
-    pub fn retain_files(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        let gone: Vec<Arc<str>> = self.files.keys().filter(|p| !keep(p)).cloned().collect();
+    pub fn retain_files(&mut self, mut keep: impl FnMut(&DataFile) -> bool) {
+        let gone: Vec<Arc<str>> = self.files.iter().filter(|(_, f)| !keep(&f.file)).map(|(p, _)| p.clone()).collect();
         for path in gone {
             self.remove_file(&path);
         }
+    }
+
+    /// Rows whose window ends at or before `through` are final: their keys leave the index,
+    /// and so do files holding nothing else. Costs the files holding such rows, not the index.
+    /// Never moves back (see [`Self::reopen_from`]).
+    pub fn close_through(&mut self, through: i64) {
+        if self.closed_through.is_some_and(|c| c >= through) {
+            return;
+        }
+        self.closed_through = Some(through);
+        let closing: Vec<Arc<str>> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.file.is_final(Some(through)) || f.first_end.is_some_and(|e| e <= through))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in closing {
+            let mut indexed = self.files.remove(&path).expect("listed above");
+            if indexed.file.is_final(Some(through)) {
+                for key in &indexed.keys.keys {
+                    self.unlink(key, &path);
+                }
+                continue;
+            }
+            let ends = indexed.keys.window_ends.take().expect("first_end comes from the ends");
+            let mut kept = FileKeys {
+                keys: Vec::new(),
+                window_ends: Some(Vec::new()),
+            };
+            for (key, end) in indexed.keys.keys.into_iter().zip(ends) {
+                if end <= through {
+                    self.unlink(&key, &path);
+                } else {
+                    kept.keys.push(key);
+                    kept.window_ends.as_mut().expect("set above").push(end);
+                }
+            }
+            indexed.first_end = kept.window_ends.as_ref().and_then(|e| e.iter().copied().min());
+            indexed.keys = kept;
+            self.files.insert(path, indexed);
+        }
+    }
+
+    /// Indexes rows again down to those ending after `through` (`None`: every row): the index
+    /// is emptied and rebuilt from the files at the next sync, which this forces.
+    pub fn reopen_from(&mut self, through: Option<i64>) {
+        self.closed_through = through;
+        self.version = None;
+        self.files.clear();
+        self.key_files.clear();
     }
 
     /// The files holding any of `keys`, each once, in path order.
@@ -366,7 +541,7 @@ impl KeyIndex {
         let mut paths: Vec<&Arc<str>> = keys.into_iter().filter_map(|k| self.key_files.get(k)).flatten().collect();
         paths.sort();
         paths.dedup();
-        paths.into_iter().map(|p| self.files[p].0.clone()).collect()
+        paths.into_iter().map(|p| self.files[p].file.clone()).collect()
     }
 }
 
@@ -384,6 +559,7 @@ pub(crate) async fn write_data_files(
     batches: &[RecordBatch],
     target_size_bytes: u64,
     encoder: Option<&KeyEncoder>,
+    window_end_column: Option<&str>,
 ) -> SinkResult<Vec<NewFile>> {
     let write_err = |source: DeltaTableError| DeltaSinkError::Delta {
         path: table_path.to_path_buf(),
@@ -429,15 +605,27 @@ pub(crate) async fn write_data_files(
                 // One partition per flush gives one file; should the writer ever split it, the
                 // files' keys are unknown and the index re-reads them.
                 let keys = match (encoder, adds.len()) {
-                    (Some(encoder), 1) => Some(encoder.encode(table_path, &file_rows)?),
+                    (Some(encoder), 1) => Some(FileKeys::of(table_path, &file_rows, encoder, window_end_column)?),
                     _ => None,
                 };
-                files.extend(adds.into_iter().map(|add| NewFile { add, keys: keys.clone() }));
+                // Should the writer split a flush, each file gets the bound of all of them.
+                let last_window_end = window_end_column.and_then(|c| max_time(&file_rows, c));
+                files.extend(adds.into_iter().map(|add| NewFile {
+                    add,
+                    keys: keys.clone(),
+                    last_window_end,
+                }));
                 file_start = offset;
             }
         }
     }
     Ok(files)
+}
+
+/// The largest non-null value of the timestamp column `column` of `batch`.
+pub(crate) fn max_time(batch: &RecordBatch, column: &str) -> Option<i64> {
+    let times = batch.column_by_name(column)?.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
+    deltalake::arrow::compute::max(times)
 }
 
 /// Splits `batch` into one batch per distinct combination of partition values (in order of
@@ -625,18 +813,55 @@ mod tests {
             path: path.into(),
             size_bytes: 1,
             partition_values: HashMap::new(),
+            last_window_end: None,
         };
-        let mut index = KeyIndex::new(encoder);
-        index.insert_file(file("f1"), vec![keys[0].clone(), keys[1].clone()]);
-        index.insert_file(file("f2"), vec![keys[1].clone(), keys[2].clone()]);
+        let mut index = KeyIndex::new(encoder, None);
+        let of = |keys: Vec<Key>| FileKeys { keys, window_ends: None };
+        index.insert_file(file("f1"), of(vec![keys[0].clone(), keys[1].clone()]));
+        index.insert_file(file("f2"), of(vec![keys[1].clone(), keys[2].clone()]));
         let paths = |files: Vec<DataFile>| files.into_iter().map(|f| f.path).collect::<Vec<_>>();
         assert_eq!(paths(index.files_holding([&keys[1]])), vec!["f1", "f2"]);
         assert_eq!(paths(index.files_holding([&keys[0], &keys[2]])), vec!["f1", "f2"]);
         index.remove_file("f1");
         assert_eq!(paths(index.files_holding([&keys[0], &keys[1]])), vec!["f2"]);
-        index.retain_files(|p| p != "f2");
+        index.retain_files(|f| f.path != "f2");
         assert!(index.files_holding(&keys).is_empty());
         assert_eq!(index.file_count(), 0);
         assert!(index.key_files.is_empty());
+    }
+
+    #[test]
+    fn closing_windows_drops_their_keys_and_files_holding_only_them() {
+        let encoder = Arc::new(KeyEncoder::new(&schema(), &[], &["id".into()]).unwrap());
+        let keys = encoder
+            .encode(Path::new("/t"), &batch(&[("a", 1, 0), ("a", 2, 0), ("a", 3, 0), ("a", 4, 0)]))
+            .unwrap();
+        let file = |path: &str, last_window_end: i64| DataFile {
+            path: path.into(),
+            size_bytes: 1,
+            partition_values: HashMap::new(),
+            last_window_end: Some(last_window_end),
+        };
+        let with_ends = |keys: &[Key], ends: &[i64]| FileKeys {
+            keys: keys.to_vec(),
+            window_ends: Some(ends.to_vec()),
+        };
+        let mut index = KeyIndex::new(encoder, Some(10));
+        // Rows ending at or before 10 are final already: f0 is not indexed, f1 only in part.
+        index.insert_file(file("f0", 10), with_ends(&keys[..1], &[10]));
+        index.insert_file(file("f1", 30), with_ends(&keys[1..3], &[10, 30]));
+        index.insert_file(file("f2", 40), with_ends(&keys[3..], &[40]));
+        assert_eq!((index.file_count(), index.key_count()), (2, 2));
+        assert!(index.knows(&file("f0", 10)) && !index.knows(&file("f9", 11)));
+        let paths = |files: Vec<DataFile>| files.into_iter().map(|f| f.path).collect::<Vec<_>>();
+        assert_eq!(paths(index.files_holding(&keys)), vec!["f1", "f2"]);
+        index.close_through(30);
+        assert_eq!((index.file_count(), index.key_count()), (1, 1));
+        assert_eq!(paths(index.files_holding(&keys)), vec!["f2"]);
+        index.close_through(20); // never back
+        assert_eq!(index.closed_through(), Some(30));
+        // Reopening empties the index for a rebuild from the files.
+        index.reopen_from(Some(5));
+        assert_eq!((index.file_count(), index.key_count(), index.version), (0, 0, None));
     }
 }
