@@ -384,14 +384,17 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
                 EnvelopeKey::Before | EnvelopeKey::After => {
                     let is_after = matches!(key, EnvelopeKey::After);
                     let slots: &mut [Slot] = if is_after { &mut *after } else { &mut cdc.before };
-                    let row = OptionalRow(RowSeed {
-                        names,
-                        types,
-                        time_format: TimeFormat::Auto,
-                        slots,
-                        scratch,
-                        base,
-                    });
+                    let row = OrNull {
+                        seed: RowSeed {
+                            names,
+                            types,
+                            time_format: TimeFormat::Auto,
+                            slots,
+                            scratch,
+                            base,
+                        },
+                        what: "a row object",
+                    };
                     let present = map.next_value_seed(row)?;
                     if is_after {
                         cdc.has_after = present;
@@ -432,7 +435,10 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
                         cdc: &mut *cdc,
                         wrapped: true,
                     };
-                    if !map.next_value_seed(OptionalPayload(inner))? {
+                    if !map.next_value_seed(OrNull {
+                        seed: inner,
+                        what: "a change event object",
+                    })? {
                         cdc.null_payload = true;
                     }
                 }
@@ -445,20 +451,24 @@ impl<'de> Visitor<'de> for MessageSeed<'_> {
     }
 }
 
-/// A row object, or `null` (returns whether it was an object).
-struct OptionalRow<'a>(RowSeed<'a>);
+/// A value read by `seed` (a row object, the wrapper's payload), or `null`: returns whether it
+/// was there. `what` names the expected value in errors.
+struct OrNull<S> {
+    seed: S,
+    what: &'static str,
+}
 
-impl<'de> DeserializeSeed<'de> for OptionalRow<'_> {
+impl<'de, S: DeserializeSeed<'de, Value = ()>> DeserializeSeed<'de> for OrNull<S> {
     type Value = bool;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_option(self)
     }
 }
 
-impl<'de> Visitor<'de> for OptionalRow<'_> {
+impl<'de, S: DeserializeSeed<'de, Value = ()>> Visitor<'de> for OrNull<S> {
     type Value = bool;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a row object or null")
+        write!(f, "{} or null", self.what)
     }
     fn visit_none<E: de::Error>(self) -> Result<bool, E> {
         Ok(false)
@@ -467,33 +477,7 @@ impl<'de> Visitor<'de> for OptionalRow<'_> {
         Ok(false)
     }
     fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        self.0.deserialize(d).map(|()| true)
-    }
-}
-
-/// The wrapper's `payload`: the envelope, or `null` (returns whether it was an envelope).
-struct OptionalPayload<'a>(MessageSeed<'a>);
-
-impl<'de> DeserializeSeed<'de> for OptionalPayload<'_> {
-    type Value = bool;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_option(self)
-    }
-}
-
-impl<'de> Visitor<'de> for OptionalPayload<'_> {
-    type Value = bool;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a change event object or null")
-    }
-    fn visit_none<E: de::Error>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
-        Ok(false)
-    }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        self.0.deserialize(d).map(|()| true)
+        self.seed.deserialize(d).map(|()| true)
     }
 }
 
