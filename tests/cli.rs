@@ -344,20 +344,7 @@ fn file_drop_source_killed_and_restarted_equals_the_oracle() {
     }
 
     let mut child = run();
-    // One clock for the whole file source: the watermark trails the largest event time of the
-    // events it accepted (malformed ones never move it).
-    let max_t = events
-        .iter()
-        .filter(|s| matches!(s.event.kind, tidemark::source::generator::EventKind::Valid))
-        .map(|s| {
-            let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
-            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
-                .unwrap()
-                .timestamp_micros()
-        })
-        .max()
-        .unwrap();
-    let expected = oracle(&events, max_t - common::DELAY_MS * 1000);
+    let expected = oracle(&events, file_watermark_us(&events));
     let expected_dlq = expected_dead_letters(&events);
     let deadline = Instant::now() + Duration::from_secs(90);
     while as_rows(&read_views(&dir.path().join("views"))) != expected || read_dead_letters(&dir.path().join("dlq")) != expected_dlq {

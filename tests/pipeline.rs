@@ -401,22 +401,6 @@ fn on_apache_kafka_partitions_added_while_running_are_read_and_restored() {
     assert_matches_oracle(dir.path(), &events);
 }
 
-/// The oracle's watermark for a file source: one clock over everything read.
-fn file_watermark_us(events: &[Sent]) -> i64 {
-    let max_t = events
-        .iter()
-        .filter(|s| matches!(s.event.kind, tidemark::source::generator::EventKind::Valid))
-        .map(|s| {
-            let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
-            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
-                .unwrap()
-                .timestamp_micros()
-        })
-        .max()
-        .unwrap();
-    max_t - DELAY_MS * 1000
-}
-
 /// A file source with an unreadable file first in line: the pipeline does not stop, the
 /// files after it are read while it waits for its retries, and the metrics show the source's
 /// progress and the failed reads. Then a finished file is replaced by a new one under the

@@ -159,6 +159,23 @@ pub fn final_watermark_us(events: &[Sent]) -> i64 {
     max.values().min().unwrap() - DELAY_MS * 1000
 }
 
+/// The watermark of a file source once every event is read: one clock over all the events
+/// it accepted (malformed ones never move it).
+pub fn file_watermark_us(events: &[Sent]) -> i64 {
+    let max_t = events
+        .iter()
+        .filter(|s| matches!(s.event.kind, tidemark::source::generator::EventKind::Valid))
+        .map(|s| {
+            let v: serde_json::Value = serde_json::from_slice(&s.event.payload).unwrap();
+            chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_micros()
+        })
+        .max()
+        .unwrap();
+    max_t - DELAY_MS * 1000
+}
+
 /// Expected table: on-time valid events, grouped per 5 s window and page, windows closed by `watermark`.
 pub fn oracle(events: &[Sent], watermark_us: i64) -> Rows {
     let mut rows = Rows::new();
