@@ -159,14 +159,18 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         Bootstrap::Servers(s) => (None, s.clone()),
     };
     let counts = fetch_partition_counts(&config, &bootstrap, Duration::from_secs(15))?;
-    let assignment = assign_partitions(&counts, shards);
+    let assignment = match config.task {
+        // A task of a scaled-out pipeline reads its partition number of every source.
+        Some(task) => crate::source::assign_task_partitions(&counts, shards, task.partition),
+        None => assign_partitions(&counts, shards),
+    };
     let file_assignment = crate::source::assign_file_sources(&config, shards);
     let plan = Arc::new(Plan::new(&config)?);
     let mut plans = plan.sinks.clone();
     for k in plans.iter_mut().filter_map(|p| p.config.kafka.as_mut()) {
         k.bootstrap_servers.get_or_insert_with(|| bootstrap.clone());
     }
-    let store = Arc::new(StateStore::open(&config.pipeline.state_dir, shards, &plan.layout.names)?);
+    let store = Arc::new(open_store(&config, &bootstrap, shards, &plan.layout.names)?);
     let mut recovered = store.recover()?;
     recovered.query_lateness_us = crate::fingerprint::check_and_record(&config, &store, recovered.epoch)?;
     if broker.is_some() && !recovered.positions.is_empty() {
@@ -280,7 +284,8 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Watches the topics for partitions added while running; it stops with the last shard.
-    let partition_watch = kafka_sources.then(|| crate::source::kafka::PartitionWatch::start(&config, &bootstrap, &counts));
+    // (A task keeps to its partition number: a partition added later is a task of its own.)
+    let partition_watch = (kafka_sources && config.task.is_none()).then(|| crate::source::kafka::PartitionWatch::start(&config, &bootstrap, &counts));
     let mut controls = Vec::new();
     let mut shard_threads = Vec::new();
     for (id, (outbound, inbound)) in outbound.into_iter().zip(inbound).enumerate() {
@@ -313,7 +318,13 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             abort: failure.abort.clone(),
         };
         let failure = failure.clone();
-        let builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(id % cpus))
+        // The tasks of a scaled-out pipeline share the cores with each other and other
+        // processes: the scheduler places them.
+        let placement = match config.task {
+            Some(_) => glommio::Placement::Unbound,
+            None => glommio::Placement::Fixed(id % cpus),
+        };
+        let builder = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .io_memory(64 << 10);
         let handle = builder
@@ -436,6 +447,28 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         metrics,
         _broker: broker,
     })
+}
+
+/// Opens the state store. A task of a scaled-out pipeline starts from an empty local store
+/// filled from its changelog (the local copy may be stale: another process may have run the
+/// task since), and mirrors every later write to it.
+fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]) -> Result<StateStore, DaemonError> {
+    let dir = &config.pipeline.state_dir;
+    let Some(task) = config.task else {
+        return Ok(StateStore::open(dir, shards, tables)?);
+    };
+    let scale = |e: crate::scale::ScaleError| DaemonError::Runtime(format!("task {}: {e}", task.partition));
+    // Fence the previous owner first: its open transaction is aborted before we read.
+    let changelog = crate::scale::changelog::Changelog::open(config, bootstrap, task).map_err(scale)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| DaemonError::Runtime(format!("cannot clear the local state copy {}: {e}", dir.display())))?;
+    }
+    let mut store = StateStore::open(dir, shards, tables)?;
+    let started = Instant::now();
+    let records = changelog.restore_into(config, bootstrap, &store).map_err(scale)?;
+    tracing::info!(task = task.partition, records, elapsed_ms = started.elapsed().as_millis() as u64, "restored the task's state from its changelog");
+    store.set_mirror(Box::new(changelog));
+    Ok(store)
 }
 
 /// Issues barriers until shutdown (then one last barrier) or failure.

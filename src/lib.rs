@@ -51,6 +51,7 @@ pub mod join;
 pub mod metrics;
 pub mod operator;
 pub mod plan;
+pub mod scale;
 pub mod shard;
 pub mod sink;
 pub mod source;

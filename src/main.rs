@@ -104,6 +104,23 @@ fn main() -> ExitCode {
                 cfg.kafka.bootstrap_servers = Bootstrap::Servers(b);
             }
             let shutdown = shutdown_flag();
+            if cfg.scale.is_some() {
+                // One member of a scaled-out pipeline: it runs the tasks the group gives it.
+                println!(
+                    "tidemark running as a member of pipeline {} (group {}.members; Ctrl-C to stop)",
+                    cfg.pipeline.name, cfg.kafka.group_id
+                );
+                return match tidemark::scale::run(cfg, shutdown) {
+                    Ok(()) => {
+                        println!("stopped: every task committed its last epoch and left the group");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             let running = match tidemark::daemon::start(cfg, shutdown) {
                 Ok(r) => r,
                 Err(e) => {

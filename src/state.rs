@@ -34,6 +34,8 @@ pub enum StateError {
     Io(#[from] rocksdb::Error),
     #[error("state store holds an unreadable record under key {key:?}: {what} (internal error or a state_dir from an incompatible version)")]
     Corrupt { key: String, what: String },
+    #[error("the changelog did not take epoch {epoch}: {message}")]
+    Mirror { epoch: u64, message: String },
 }
 
 pub type StateResult<T> = Result<T, StateError>;
@@ -138,12 +140,88 @@ pub struct EpochWrite<'a> {
     pub pending: Vec<(&'a str, Vec<u8>)>,
 }
 
+/// One write of the store as its [`Mirror`] receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorOp {
+    /// The column family (`meta`, or `t/<table>`).
+    pub cf: String,
+    pub key: Vec<u8>,
+    /// `None`: the key is deleted.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Makes the store's writes durable somewhere else before they reach RocksDB (the changelog
+/// of a scaled-out task), so the local store is a cache that is never ahead of it. An
+/// epoch's writes are committed all or nothing; writes made between epochs (pending output
+/// confirmed, records) travel with the next epoch.
+pub trait Mirror: Send + Sync {
+    fn commit(&self, epoch: u64, ops: &[MirrorOp]) -> Result<(), String>;
+}
+
 pub struct StateStore {
     db: DB,
     path: PathBuf,
     /// Column family name of each table, by table index.
     tables: Vec<String>,
     key_groups: KeyGroups,
+    mirror: Option<Box<dyn Mirror>>,
+    /// Writes made outside an epoch, for the mirror's next commit.
+    deferred: std::sync::Mutex<Vec<MirrorOp>>,
+}
+
+/// A write batch and, when the store is mirrored, the same writes as [`MirrorOp`]s.
+struct Writes<'a> {
+    db: &'a DB,
+    batch: WriteBatch,
+    ops: Option<Vec<MirrorOp>>,
+}
+
+impl Writes<'_> {
+    fn cf<'d>(db: &'d DB, name: &str) -> &'d rocksdb::ColumnFamily {
+        db.cf_handle(name).expect("the store's column families are created at open")
+    }
+
+    fn put(&mut self, cf: &str, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(Self::cf(self.db, cf), key, value);
+        if let Some(ops) = &mut self.ops {
+            ops.push(MirrorOp {
+                cf: cf.to_string(),
+                key: key.to_vec(),
+                value: Some(value.to_vec()),
+            });
+        }
+    }
+
+    fn delete(&mut self, cf: &str, key: &[u8]) {
+        self.batch.delete_cf(Self::cf(self.db, cf), key);
+        if let Some(ops) = &mut self.ops {
+            ops.push(MirrorOp {
+                cf: cf.to_string(),
+                key: key.to_vec(),
+                value: None,
+            });
+        }
+    }
+
+    /// A mirror keeps no ranges: it gets a delete per key the range holds.
+    fn delete_range(&mut self, cf: &str, from: &[u8], to: &[u8]) -> StateResult<()> {
+        self.batch.delete_range_cf(Self::cf(self.db, cf), from, to);
+        if let Some(ops) = &mut self.ops {
+            let handle = Self::cf(self.db, cf);
+            for item in self.db.iterator_cf(handle, IteratorMode::From(from, rocksdb::Direction::Forward)) {
+                let (k, _) = item?;
+                if &*k >= to {
+                    break;
+                }
+                ops.push(MirrorOp {
+                    cf: cf.to_string(),
+                    key: k.to_vec(),
+                    value: None,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The column family of a state table.
@@ -212,6 +290,8 @@ impl StateStore {
             path: dir.into(),
             tables: table_cfs,
             key_groups: KeyGroups::DEFAULT,
+            mirror: None,
+            deferred: std::sync::Mutex::new(Vec::new()),
         };
         match store.meta_get(K_KEY_GROUPS)? {
             Some(v) => {
@@ -387,17 +467,66 @@ impl StateStore {
     /// Stores the query and source records in one synced write (sources not listed keep
     /// theirs: a removed source's record still spots a later rename onto its topic).
     pub fn put_records(&self, queries: &[(String, Vec<u8>)], sources: &[(String, String)]) -> StateResult<()> {
-        let mut batch = WriteBatch::default();
-        let meta = self.meta();
+        let mut w = self.writes();
         for (name, record) in queries {
-            batch.put_cf(meta, [P_QUERY_RECORD, name.as_bytes()].concat(), record);
+            w.put(META, &[P_QUERY_RECORD, name.as_bytes()].concat(), record);
         }
         for (name, reads) in sources {
-            batch.put_cf(meta, [P_SOURCE_RECORD, name.as_bytes()].concat(), reads.as_bytes());
+            w.put(META, &[P_SOURCE_RECORD, name.as_bytes()].concat(), reads.as_bytes());
+        }
+        self.write_between_epochs(w, true)
+    }
+
+    /// Mirrors every later write to `mirror` (the store holds what it holds, e.g. restored
+    /// from it). The key groups are recorded with the next epoch.
+    pub fn set_mirror(&mut self, mirror: Box<dyn Mirror>) {
+        self.deferred.get_mut().unwrap().push(MirrorOp {
+            cf: META.to_string(),
+            key: K_KEY_GROUPS.to_vec(),
+            value: Some((self.key_groups.count() as u64).to_le_bytes().to_vec()),
+        });
+        self.mirror = Some(mirror);
+    }
+
+    /// Writes what a mirror holds into this (empty) store, synced at the end; returns how many
+    /// writes were applied. Writes to column families this configuration does not have
+    /// (state of a query since removed) are left out.
+    pub fn restore(&self, ops: impl IntoIterator<Item = MirrorOp>) -> StateResult<usize> {
+        let mut batch = WriteBatch::default();
+        let mut applied = 0;
+        for op in ops {
+            let Some(cf) = self.db.cf_handle(&op.cf) else { continue };
+            match &op.value {
+                Some(v) => batch.put_cf(cf, &op.key, v),
+                None => batch.delete_cf(cf, &op.key),
+            }
+            applied += 1;
+            if batch.len() >= 10_000 {
+                self.db.write(std::mem::take(&mut batch))?;
+            }
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
+        Ok(applied)
+    }
+
+    fn writes(&self) -> Writes<'_> {
+        Writes {
+            db: &self.db,
+            batch: WriteBatch::default(),
+            ops: self.mirror.as_ref().map(|_| Vec::new()),
+        }
+    }
+
+    /// Writes outside an epoch reach the mirror with the next one.
+    fn write_between_epochs(&self, w: Writes<'_>, sync: bool) -> StateResult<()> {
+        if let Some(ops) = w.ops {
+            self.deferred.lock().unwrap().extend(ops);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(w.batch, &opts)?;
         Ok(())
     }
 
@@ -441,54 +570,58 @@ impl StateStore {
 
     /// Flushes one epoch atomically and durably (WAL fsync).
     pub fn write_epoch(&self, w: &EpochWrite) -> StateResult<()> {
-        let mut batch = WriteBatch::default();
+        let mut out = self.writes();
         for (table, writes) in &w.changes {
-            let cf = self.db.cf_handle(&self.tables[*table]).expect("table column families are created at open");
+            let cf = &self.tables[*table];
             for (from, to) in &writes.delete_ranges {
-                batch.delete_range_cf(cf, from, to);
+                out.delete_range(cf, from, to)?;
             }
             for key in &writes.deletes {
-                batch.delete_cf(cf, key);
+                out.delete(cf, key);
             }
             for (key, value) in &writes.puts {
-                batch.put_cf(cf, key, value);
+                out.put(cf, key, value);
             }
         }
-        let meta = self.meta();
         for p in &w.positions {
             let mut v = Vec::with_capacity(17);
             v.extend_from_slice(&p.next_offset.to_le_bytes());
             v.push(p.max_event_time.is_some() as u8);
             v.extend_from_slice(&p.max_event_time.unwrap_or(0).to_le_bytes());
-            batch.put_cf(meta, position_key(&p.topic, p.partition), v);
+            out.put(META, &position_key(&p.topic, p.partition), &v);
         }
         for (source, position) in &w.file_positions {
-            batch.put_cf(meta, [P_FILES, source.as_bytes()].concat(), position);
+            out.put(META, &[P_FILES, source.as_bytes()].concat(), position);
         }
         for (sink, rows) in &w.pending {
-            batch.put_cf(meta, pending_key(w.epoch, sink), rows);
+            out.put(META, &pending_key(w.epoch, sink), rows);
         }
-        batch.put_cf(meta, K_WATERMARK, w.watermark.to_le_bytes());
+        out.put(META, K_WATERMARK, &w.watermark.to_le_bytes());
         for (query, watermark) in &w.query_watermarks {
-            batch.put_cf(meta, [P_QUERY_WATERMARK, query.as_bytes()].concat(), watermark.to_le_bytes());
+            out.put(META, &[P_QUERY_WATERMARK, query.as_bytes()].concat(), &watermark.to_le_bytes());
         }
-        batch.put_cf(meta, K_EPOCH, w.epoch.to_le_bytes());
+        out.put(META, K_EPOCH, &w.epoch.to_le_bytes());
+        if let (Some(mirror), Some(ops)) = (&self.mirror, &mut out.ops) {
+            // Writes made since the last epoch go first, so later ones win.
+            let mut all = std::mem::take(&mut *self.deferred.lock().unwrap());
+            all.append(ops);
+            mirror.commit(w.epoch, &all).map_err(|message| StateError::Mirror { epoch: w.epoch, message })?;
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
+        self.db.write_opt(out.batch, &opts)?;
         Ok(())
     }
 
     /// Drops pending output once its sink holds it; `written`: the sink committed it (or
     /// already held it), so the sink must hold at least this epoch from now on.
     pub fn clear_pending(&self, epoch: u64, sink: &str, written: bool) -> StateResult<()> {
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.meta(), pending_key(epoch, sink));
+        let mut w = self.writes();
+        w.delete(META, &pending_key(epoch, sink));
         if written {
-            batch.put_cf(self.meta(), [P_SINK_EPOCH, sink.as_bytes()].concat(), epoch.to_le_bytes());
+            w.put(META, &[P_SINK_EPOCH, sink.as_bytes()].concat(), &epoch.to_le_bytes());
         }
-        self.db.write(batch)?;
-        Ok(())
+        self.write_between_epochs(w, false)
     }
 
     /// The last epoch `sink` confirmed holding, if any.

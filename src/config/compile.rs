@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, Format, GeneratorConfig,
-    GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, SinkConfig, SinkKind,
+    Bootstrap, GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, ScaleConfig, SinkConfig, SinkKind,
     SourceConfig, Sql, WindowConfig,
 };
-use super::raw::{RawAggregate, RawAnomaly, RawApply, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawSink, RawSource, RawWindow};
+use super::raw::{RawAggregate, RawAnomaly, RawApply, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawScale, RawSink, RawSource, RawWindow};
 use super::reader::At;
 use crate::expr::{Expr, ExprError};
 
@@ -37,7 +37,7 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
     };
     let kafka = KafkaConfig {
         bootstrap_servers: raw.kafka.bootstrap_servers,
-        group_id: raw.kafka.group_id.unwrap_or(name),
+        group_id: raw.kafka.group_id.unwrap_or(name.clone()),
         options: raw.kafka.options,
         metadata_refresh: raw.kafka.metadata_refresh,
     };
@@ -57,6 +57,11 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         sources: &source_names,
         sinks: &sink_names,
     };
+    let query_at: Vec<(String, Option<usize>)> = raw
+        .queries
+        .iter()
+        .map(|q| q.name.as_ref().map_or(("queries".to_string(), None), |n| (n.path.clone(), n.line)))
+        .collect();
     let queries: Vec<QueryConfig> = raw
         .queries
         .into_iter()
@@ -79,6 +84,16 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         .collect();
 
     let generator = raw.generator.map(|g| compile_generator(g, &source_names, &sources, diag));
+    let scale = raw.scale.map(|scale| {
+        let shape = ScaleShape {
+            kafka: &kafka,
+            sources: &sources,
+            queries: &queries,
+            generator: generator.is_some(),
+            query_at: &query_at,
+        };
+        compile_scale(scale, &name, &shape, diag)
+    });
 
     Config {
         pipeline,
@@ -89,8 +104,104 @@ pub(crate) fn compile(raw: RawConfig, diag: &Diagnostics) -> Config {
         generator,
         metrics: raw.metrics,
         log: raw.log,
+        scale,
+        task: None,
         warnings,
     }
+}
+
+/// What the `[scale]` checks look at.
+struct ScaleShape<'a> {
+    kafka: &'a KafkaConfig,
+    sources: &'a [SourceConfig],
+    queries: &'a [QueryConfig],
+    generator: bool,
+    /// Per query: where its name is written.
+    query_at: &'a [(String, Option<usize>)],
+}
+
+/// Checks that the pipeline can run as tasks (one per partition number of its sources) on
+/// several processes: every keyed query sees all rows of a key in one task, and nothing
+/// belongs to one process only.
+fn compile_scale(raw: RawScale, pipeline: &str, shape: &ScaleShape, diag: &Diagnostics) -> ScaleConfig {
+    let at = |message: String| diag.report(raw.at.path.clone(), raw.at.line, message);
+    if shape.kafka.bootstrap_servers == Bootstrap::Embedded {
+        at("[scale] needs a Kafka cluster that every process reaches: set [kafka] bootstrap_servers (the embedded broker lives inside one process)".to_string());
+    }
+    if shape.generator {
+        at("[scale] and [generator] do not go together: every process would generate its own events. Remove [generator] and produce the events with `tidemark-tools loadgen`".to_string());
+    }
+    for s in shape.sources.iter().filter(|s| s.files.is_some()) {
+        at(format!(
+            "file source \"{}\" is local to one machine and cannot be shared by a [scale] pipeline; read a Kafka topic instead",
+            s.name
+        ));
+    }
+    let names = |source: &SourceConfig, indexes: &[usize]| -> Vec<String> { indexes.iter().map(|&i| source.schema[i].name.clone()).collect() };
+    for (q, (path, line)) in shape.queries.iter().zip(shape.query_at) {
+        let report = |message: String| diag.report(path.clone(), *line, format!("query \"{}\": {message}", q.name));
+        if q.output == OutputMode::Complete {
+            report("output = \"complete\" rewrites the whole table each epoch, which no one task can do when several share the pipeline; use \"update\" (a view upserted per key) or \"append\"".to_string());
+        }
+        let Some(source) = shape.sources.get(q.source_index) else { continue };
+        let keyed_by: Vec<String> = match &q.kind {
+            QueryKind::Stateless => continue,
+            QueryKind::Aggregate | QueryKind::Anomaly(_) => q.group_by.clone(),
+            QueryKind::Apply(a) => a.primary_key.clone(),
+            QueryKind::Join(j) => {
+                let Some(right) = shape.sources.get(j.source_index) else { continue };
+                let (left_on, right_on) = (names(source, &j.left_keys), names(right, &j.right_keys));
+                // The two topics must be partitioned alike: each side's message key is made of
+                // join-key fields, paired with each other.
+                let paired = source.key.len() == right.key.len()
+                    && source.key.iter().zip(&right.key).all(|(l, r)| {
+                        left_on
+                            .iter()
+                            .position(|f| f == l)
+                            .is_some_and(|i| &right_on[i] == r)
+                    });
+                if !source.key.is_empty() && !paired {
+                    report(format!(
+                        "joins \"{}\" (key = [{}]) with \"{}\" (key = [{}]) on [{}] = [{}]: with [scale] both topics must be keyed by the same join-key fields (key = {} on \"{}\" needs the matching fields on \"{}\"), so matching rows land in the same partition number",
+                        source.name,
+                        source.key.join(", "),
+                        right.name,
+                        right.key.join(", "),
+                        left_on.join(", "),
+                        right_on.join(", "),
+                        quoted_list(&source.key),
+                        source.name,
+                        right.name
+                    ));
+                    continue;
+                }
+                left_on
+            }
+        };
+        if source.key.is_empty() {
+            report(format!(
+                "with [scale] each process sees only some partitions of \"{}\": say which fields its messages are keyed by (key = [\"...\"] on the source) so the tasks can be checked to hold whole keys",
+                source.name
+            ));
+        } else if let Some(missing) = source.key.iter().find(|k| !keyed_by.contains(k)) {
+            report(format!(
+                "keeps state per [{}], but \"{}\" is keyed by [{}] (no \"{missing}\"): one key's rows are spread over partitions, so tasks would each hold part of it. Key by fields the query's key contains, or repartition first: a stateless query writing to a kind = \"kafka\" sink with key = {}, read by a second pipeline",
+                keyed_by.join(", "),
+                source.name,
+                source.key.join(", "),
+                quoted_list(&keyed_by)
+            ));
+        }
+    }
+    ScaleConfig {
+        changelog_topic: raw.changelog_topic.unwrap_or_else(|| format!("{pipeline}-changelog")),
+        changelog_replication: raw.changelog_replication,
+        session_timeout: raw.session_timeout,
+    }
+}
+
+fn quoted_list(items: &[String]) -> String {
+    format!("[{}]", items.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", "))
 }
 
 /// What a query writes into its sink.
@@ -221,6 +332,22 @@ fn compile_source(
             }
         }
     }
+    let key: Vec<String> = s
+        .key
+        .into_iter()
+        .filter(|k| {
+            let known = s.schema.as_ref().is_none_or(|schema| schema.iter().any(|f| f.name == k.value));
+            if !known {
+                diag.report(
+                    k.path.clone(),
+                    k.line,
+                    format!("key field \"{}\" of source \"{source_name}\" is not in its schema; name the schema fields the messages are keyed by", k.value),
+                );
+            }
+            known
+        })
+        .map(|k| k.value)
+        .collect();
     SourceConfig {
         name: s.name.map(|n| n.value).unwrap_or_default(),
         topic: s.topic.map(|t| t.value).unwrap_or_default(),
@@ -236,6 +363,7 @@ fn compile_source(
         starting_offsets: s.starting_offsets,
         on_error: s.on_error.into_iter().map(|e| e.value).collect(),
         on_gap: s.on_gap,
+        key,
     }
 }
 

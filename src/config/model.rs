@@ -73,6 +73,13 @@ pub struct Config {
     pub generator: Option<GeneratorConfig>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// `[scale]`: processes share the pipeline through a Kafka consumer group; `None` when the
+    /// table is absent or `enabled = false`.
+    pub scale: Option<ScaleConfig>,
+    /// Set (never from the file) on the configuration of one task of a scaled-out pipeline:
+    /// the engine then reads only this partition of each source and keeps its state in
+    /// the changelog (see `crate::scale`).
+    pub task: Option<TaskId>,
     /// Problems that do not stop the pipeline but deserve attention (printed by `validate`,
     /// logged by `run`), e.g. a `complete` query whose result grows without bound.
     pub warnings: Vec<String>,
@@ -88,6 +95,28 @@ impl Config {
     pub fn sink(&self, name: &str) -> Option<&SinkConfig> {
         self.sinks.iter().find(|s| s.name == name)
     }
+}
+
+/// `[scale]`: several tidemark processes with the same pipeline file share its work. Each
+/// partition number of the (co-partitioned) sources is a task; a Kafka consumer group hands
+/// the tasks out, and a task's state lives in a compacted changelog topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleConfig {
+    /// The compacted topic holding every task's state, one partition per task. Default
+    /// `<pipeline name>-changelog`; created when missing.
+    pub changelog_topic: String,
+    /// Replication factor of a changelog topic tidemark creates; -1 (the default) = the
+    /// brokers' default.
+    pub changelog_replication: i32,
+    /// A process silent this long loses its tasks to the others. Default 10s.
+    pub session_timeout: Duration,
+}
+
+/// One task of a scaled-out pipeline: partition `partition` of every source, out of `of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskId {
+    pub partition: i32,
+    pub of: i32,
 }
 
 /// `[pipeline]`
@@ -185,6 +214,9 @@ pub struct SourceConfig {
     /// and drop.
     pub on_error: Vec<String>,
     pub on_gap: GapPolicy,
+    /// `key = ["user_id"]`: the fields the producers key (partition) the topic's messages by.
+    /// Required by `[scale]` for sources of keyed queries; unused otherwise.
+    pub key: Vec<String>,
 }
 
 impl SourceConfig {

@@ -56,7 +56,7 @@ pub(crate) enum SourceKind {
 }
 
 /// Keys of a Kafka source that a file source must not have.
-const KAFKA_ONLY_KEYS: [&str; 4] = ["topic", "partitions", "starting_offsets", "on_gap"];
+const KAFKA_ONLY_KEYS: [&str; 5] = ["topic", "partitions", "starting_offsets", "on_gap", "key"];
 /// Keys of a file source that a Kafka source must not have.
 const FILES_ONLY_KEYS: [&str; 2] = ["path", "settle"];
 
@@ -102,6 +102,18 @@ pub(crate) struct RawConfig {
     pub generator: Option<RawGenerator>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// `[scale]`, when present and enabled.
+    pub scale: Option<RawScale>,
+}
+
+/// `[scale]` as written (the changelog topic's default needs the pipeline name).
+#[derive(Debug)]
+pub(crate) struct RawScale {
+    /// The `[scale]` table's path and line, for the checks made when compiling.
+    pub at: At<()>,
+    pub changelog_topic: Option<String>,
+    pub changelog_replication: i32,
+    pub session_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -142,6 +154,8 @@ pub(crate) struct RawSource {
     /// Dead-letter sinks (`on_error = "dlq"` or a list); empty = none.
     pub on_error: Vec<At<String>>,
     pub on_gap: GapPolicy,
+    /// `key = ["user_id"]` (Kafka sources): the fields messages are keyed by.
+    pub key: Vec<At<String>>,
 }
 
 #[derive(Debug)]
@@ -324,6 +338,7 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
     let generator = root.take_table("generator").map(read_generator);
     let metrics = root.take_table("metrics").map(read_metrics).unwrap_or_default();
     let log = root.take_table("log").map(read_log).unwrap_or_default();
+    let scale = root.take_table("scale").and_then(read_scale);
     root.finish();
     RawConfig {
         pipeline,
@@ -334,7 +349,40 @@ pub(crate) fn read_config(mut root: Fields<'_, '_>) -> RawConfig {
         generator,
         metrics,
         log,
+        scale,
     }
+}
+
+/// A process silent this long loses its tasks, unless `[scale] session_timeout` says otherwise.
+const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn read_scale(mut f: Fields<'_, '_>) -> Option<RawScale> {
+    let at = At {
+        value: (),
+        path: f.path().to_string(),
+        line: f.line(),
+    };
+    let enabled = f.take_bool("enabled").is_none_or(|b| b.value);
+    let changelog_topic = f.take_str("changelog_topic").map(|t| t.value);
+    let changelog_replication = f.take_int("changelog_replication", 1, i16::MAX as u64).map_or(-1, |n| n.value as i32);
+    let session_timeout = match f.take_duration("session_timeout") {
+        Some(d) if d.value < Duration::from_secs(1) || d.value > Duration::from_secs(3600) => {
+            f.report_at(
+                f.key_path("session_timeout"),
+                d.line,
+                "must be between 1s and 1h (Kafka brokers bound it further with group.min/max.session.timeout.ms)".to_string(),
+            );
+            DEFAULT_SESSION_TIMEOUT
+        }
+        d => value_or(d, DEFAULT_SESSION_TIMEOUT),
+    };
+    f.finish();
+    enabled.then_some(RawScale {
+        at,
+        changelog_topic,
+        changelog_replication,
+        session_timeout,
+    })
 }
 
 /// Reads a required, non-empty array of tables such as `[[sources]]`.
@@ -501,6 +549,7 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
     let mut partitions = DEFAULT_PARTITIONS;
     let mut starting_offsets = StartingOffsets::Earliest;
     let mut on_gap = GapPolicy::Fail;
+    let mut key = Vec::new();
     let mut files = None;
     if kind != Some(SourceKind::Files) {
         topic = if kind.is_some() {
@@ -520,6 +569,7 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
             f.take_choice("on_gap", &[("fail", GapPolicy::Fail), ("skip", GapPolicy::Skip)]),
             GapPolicy::Fail,
         );
+        key = f.take_str_or_list("key").unwrap_or_default();
     }
     if kind != Some(SourceKind::Kafka) {
         let path = if kind.is_some() {
@@ -608,6 +658,7 @@ fn read_source(mut f: Fields<'_, '_>) -> RawSource {
         starting_offsets,
         on_error,
         on_gap,
+        key,
     }
 }
 

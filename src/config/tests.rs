@@ -199,6 +199,7 @@ fn full_config_parses_into_expected_values() {
             starting_offsets: StartingOffsets::Latest,
             on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Skip,
+            key: Vec::new(),
         }
     );
     assert_eq!(source.event_time_index(), Some(2));
@@ -889,6 +890,7 @@ fn file_source_parses() {
             starting_offsets: StartingOffsets::Earliest,
             on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Fail,
+            key: Vec::new(),
         }
     );
     assert_eq!(config.sources[0].files, None);

@@ -79,7 +79,7 @@ impl EpochSink {
         if plan.config.kind == crate::config::SinkKind::Kafka {
             return Ok(EpochSink::Kafka(Box::new(KafkaEpochSink::open(plan)?)));
         }
-        let lock = super::durable::TableLock::acquire(&plan.path, &format!("pipeline/sink {}", plan.app_id)).map_err(DeltaSinkError::from)?;
+        let lock = super::durable::TableLock::acquire(&plan.path, &plan.lock_file, &format!("pipeline/sink {}", plan.app_id)).map_err(DeltaSinkError::from)?;
         let table = DeltaTableSink::open_or_create(&plan.path, plan.schema.clone(), &table_options(&plan)).await?;
         Ok(EpochSink::Delta(Box::new(DeltaEpochSink {
             _lock: lock,

@@ -158,6 +158,9 @@ pub struct SinkPlan {
     pub path: PathBuf,
     /// Delta `txn` application id: `<pipeline>/<sink>`.
     pub app_id: String,
+    /// The writer lock taken in a Delta table's directory: one per table, or one per task
+    /// when the tasks of a scaled-out pipeline share the table.
+    pub lock_file: String,
     pub schema: SchemaRef,
     pub role: SinkRole,
     /// The sink's table options.
@@ -323,7 +326,15 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
         plans.push(SinkPlan {
             name: sink.name.clone(),
             path: sink.path.clone(),
-            app_id: format!("{}/{}", config.pipeline.name, sink.name),
+            app_id: match config.task {
+                // Each task of a scaled-out pipeline numbers its own epochs.
+                Some(task) => format!("{}/{}/task-{}", config.pipeline.name, sink.name, task.partition),
+                None => format!("{}/{}", config.pipeline.name, sink.name),
+            },
+            lock_file: match config.task {
+                Some(task) => format!("_tidemark.task-{}.lock", task.partition),
+                None => durable::LOCK_FILE.to_string(),
+            },
             schema,
             role,
             config: sink.clone(),

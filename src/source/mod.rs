@@ -352,6 +352,18 @@ pub fn assign_partitions(partition_counts: &[i32], shards: usize) -> Vec<Vec<Sou
     owned
 }
 
+/// Partition `partition` of every source that has it, by owning shard: what one task of a
+/// scaled-out pipeline reads.
+pub fn assign_task_partitions(partition_counts: &[i32], shards: usize, partition: i32) -> Vec<Vec<SourcePartition>> {
+    let mut owned = vec![Vec::new(); shards];
+    for (source, &n) in partition_counts.iter().enumerate() {
+        if partition < n {
+            owned[partition_owner(source, partition, shards)].push(SourcePartition { source, partition });
+        }
+    }
+    owned
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]

@@ -1,0 +1,357 @@
+//! Scale-out: several tidemark processes run one pipeline together, with Kafka as the
+//! distributed engine.
+//!
+//! - **Tasks.** The sources are co-partitioned (the same partition count, keyed alike);
+//!   partition number `p` of every source is task `p`. A task is the whole engine
+//!   ([`crate::daemon::start`]) restricted to those partitions, with its own epochs, its own
+//!   application id on every sink (`<pipeline>/<sink>/task-<p>`) and its own state.
+//! - **Membership.** Each process joins the consumer group `<group_id>.members` on the
+//!   changelog topic (one partition per task, cooperative-sticky assignment): the partitions
+//!   it is assigned are the tasks it runs. A process that leaves, dies or stalls past the
+//!   session timeout loses its tasks to the others.
+//! - **State follows its task.** Every epoch of a task is first committed as a Kafka
+//!   transaction to its changelog partition ([`changelog::Changelog`]), then to the local
+//!   RocksDB, then to the sinks. A process taking a task over fences the previous owner's
+//!   writer, restores the state from the changelog into an empty local store, delivers the
+//!   output of the last epoch (sinks skip what they hold, by the task's application id), and
+//!   reads on from the stored source positions.
+//! - **Zombies.** A stalled owner that wakes up cannot commit another epoch (its changelog
+//!   transaction is fenced); an epoch it had committed is the same epoch the new owner
+//!   delivers, and a sink holding it skips it.
+
+pub mod changelog;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+
+use crate::config::{Bootstrap, Config, TaskId};
+use crate::daemon::{DaemonError, Summary};
+use crate::state::StateError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error("Kafka failed while {what}: {source} (is the broker up and the address right?)")]
+    Kafka { what: String, source: KafkaError },
+    #[error("changelog: {0}")]
+    Changelog(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("[scale] needs co-partitioned sources (the same number of partitions, keyed alike), but {0}; give the topics the same partition count")]
+    NotCoPartitioned(String),
+    #[error("the changelog topic \"{topic}\" has {found} partitions, but the sources have {tasks}: it belongs to another pipeline shape. Point [scale] changelog_topic at a new topic (and start with new state), or give the sources {found} partitions")]
+    ChangelogShape { topic: String, found: i32, tasks: i32 },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// This process's directory under `state_dir`: processes on one machine may share the
+/// pipeline file, and a task moving between them must not meet its old local copy.
+fn process_dir(config: &Config) -> std::path::PathBuf {
+    config.pipeline.state_dir.join(format!("process-{}", std::process::id()))
+}
+
+/// Removes the local state copies of processes of this machine that are gone (their tasks
+/// restore from the changelog wherever they run next).
+fn sweep_dead_processes(config: &Config) {
+    let Ok(entries) = std::fs::read_dir(&config.pipeline.state_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("process-")).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(dir = %entry.path().display(), "removed the local state copy of a process that is gone"),
+                Err(e) => tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove the local state copy of a process that is gone"),
+            }
+        }
+    }
+}
+
+/// The configuration task `task` runs: only its partitions, its own state directory, one
+/// shard (a process runs several tasks), no metrics endpoint of its own.
+pub fn task_config(config: &Config, task: TaskId) -> Config {
+    let mut c = config.clone();
+    c.task = Some(task);
+    c.pipeline.state_dir = process_dir(config).join(format!("task-{}", task.partition));
+    c.pipeline.shards = 1;
+    c.metrics.listen = None;
+    c
+}
+
+/// The number of tasks: the sources' common partition count.
+fn task_count(config: &Config, bootstrap: &str) -> Result<i32, ScaleError> {
+    let counts = crate::source::fetch_partition_counts(config, bootstrap, Duration::from_secs(15))?;
+    let first = counts.first().copied().unwrap_or(0);
+    if counts.iter().any(|&c| c != first) {
+        let listed: Vec<String> = config.sources.iter().zip(&counts).map(|(s, c)| format!("\"{}\" has {c}", s.topic)).collect();
+        return Err(ScaleError::NotCoPartitioned(listed.join(", ")));
+    }
+    Ok(first)
+}
+
+/// Creates the changelog topic (compacted, one partition per task) unless it exists with
+/// that many partitions.
+fn ensure_changelog(config: &Config, bootstrap: &str, tasks: i32) -> Result<(), ScaleError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let scale = config.scale.as_ref().expect("a [scale] pipeline");
+    let topic = &scale.changelog_topic;
+    let kafka = |what: &str| {
+        let what = what.to_string();
+        move |source| ScaleError::Kafka { what, source }
+    };
+    let mut c = ClientConfig::new();
+    for (k, v) in &config.kafka.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", bootstrap);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(kafka("creating an admin client"))?;
+    let new = NewTopic::new(topic, tasks, TopicReplication::Fixed(scale.changelog_replication))
+        .set("cleanup.policy", "compact")
+        // Compaction only cleans closed segments: roll them often, so a restore reads little
+        // more than the live state.
+        .set("segment.ms", "600000")
+        .set("min.cleanable.dirty.ratio", "0.1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ScaleError::Runtime(format!("cannot start a tokio runtime: {e}")))?;
+    let results = rt
+        .block_on(admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))
+        .map_err(kafka("creating the changelog topic"))?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic = %topic, partitions = tasks, "created the changelog topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(ScaleError::Kafka {
+                    what: format!("creating the changelog topic \"{topic}\""),
+                    source: KafkaError::AdminOp(code),
+                })
+            }
+        }
+    }
+    let consumer: BaseConsumer = c.create().map_err(kafka("reading metadata"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(kafka("reading the changelog topic's metadata"))?;
+        let found = md.topics().first().map_or(0, |t| t.partitions().len() as i32);
+        if found == tasks {
+            return Ok(());
+        }
+        if found != 0 || Instant::now() > deadline {
+            return Err(ScaleError::ChangelogShape {
+                topic: topic.clone(),
+                found,
+                tasks,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200)); // just created: metadata catches up
+    }
+}
+
+/// A task this process runs.
+struct Task {
+    shutdown: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Summary, DaemonError>>,
+}
+
+impl Task {
+    fn start(config: &Config, task: TaskId) -> Result<Task, ScaleError> {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let task_config = task_config(config, task);
+        let flag = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("task-{}", task.partition))
+            .spawn(move || {
+                tracing::info!(task = task.partition, "starting task");
+                crate::daemon::start(task_config, flag)?.wait()
+            })
+            .map_err(|e| ScaleError::Runtime(format!("cannot spawn a task thread: {e}")))?;
+        Ok(Task { shutdown, thread })
+    }
+
+    /// Commits the current epoch and stops.
+    fn stop(self, task: i32) {
+        self.shutdown.store(true, Relaxed);
+        match self.thread.join() {
+            Ok(Ok(summary)) => tracing::info!(task, epoch = summary.stats.committed_epoch, "task stopped"),
+            Ok(Err(e)) => tracing::warn!(task, error = %e, "task stopped with an error"),
+            Err(_) => tracing::error!(task, "task thread panicked (internal error)"),
+        }
+    }
+}
+
+/// The tasks this process runs, shared by the rebalance callbacks and the member loop.
+#[derive(Default)]
+struct Tasks {
+    running: HashMap<i32, Task>,
+    /// Assigned, waiting to be started (or restarted after a failure, not before the instant).
+    to_start: HashMap<i32, Instant>,
+    /// Consecutive failures per task, for the restart back-off.
+    failures: HashMap<i32, u32>,
+}
+
+struct MemberContext {
+    topic: String,
+    tasks: Arc<Mutex<Tasks>>,
+}
+
+impl ClientContext for MemberContext {}
+
+fn partitions_of(topic: &str, tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().filter(|e| e.topic() == topic).map(|e| e.partition()).collect()
+}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Tasks leaving this process commit their current epoch before anyone else may take
+        // them (cooperative rebalancing hands them out only after this returns).
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = partitions_of(&self.topic, tpl);
+            let stopping: Vec<(i32, Task)> = {
+                let mut tasks = self.tasks.lock().unwrap();
+                revoked
+                    .iter()
+                    .filter_map(|p| {
+                        tasks.to_start.remove(p);
+                        tasks.running.remove(p).map(|t| (*p, t))
+                    })
+                    .collect()
+            };
+            if !revoked.is_empty() {
+                tracing::info!(tasks = ?revoked, "tasks revoked");
+            }
+            for (_, t) in &stopping {
+                t.shutdown.store(true, Relaxed);
+            }
+            for (p, t) in stopping {
+                t.stop(p);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Membership only: the tasks read the changelog themselves.
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::debug!(error = %e, "pausing the membership consumer's partitions");
+            }
+            let assigned = partitions_of(&self.topic, tpl);
+            if !assigned.is_empty() {
+                tracing::info!(tasks = ?assigned, "tasks assigned");
+            }
+            let mut tasks = self.tasks.lock().unwrap();
+            for p in assigned {
+                tasks.to_start.insert(p, Instant::now());
+            }
+        }
+    }
+}
+
+/// Runs this process's share of a `[scale]` pipeline until `shutdown` is set: joins the
+/// group, runs the tasks it is given, and on shutdown commits and stops them and leaves.
+pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> {
+    let scale = config.scale.clone().expect("a [scale] pipeline");
+    let bootstrap = match &config.kafka.bootstrap_servers {
+        Bootstrap::Servers(s) => s.clone(),
+        Bootstrap::Embedded => return Err(ScaleError::Runtime("[scale] needs [kafka] bootstrap_servers".into())),
+    };
+    sweep_dead_processes(&config);
+    let tasks_total = task_count(&config, &bootstrap)?;
+    ensure_changelog(&config, &bootstrap, tasks_total)?;
+    let tasks = Arc::new(Mutex::new(Tasks::default()));
+    let context = MemberContext {
+        topic: scale.changelog_topic.clone(),
+        tasks: tasks.clone(),
+    };
+    let mut c = ClientConfig::new();
+    for (k, v) in &config.kafka.options {
+        c.set(k, v);
+    }
+    let session_ms = scale.session_timeout.as_millis().to_string();
+    let heartbeat_ms = (scale.session_timeout.as_millis() / 4).max(100).to_string();
+    c.set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("{}.members", config.kafka.group_id))
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", &session_ms)
+        .set("heartbeat.interval.ms", &heartbeat_ms)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer<MemberContext> = c.create_with_context(context).map_err(|source| ScaleError::Kafka {
+        what: "creating the membership consumer".into(),
+        source,
+    })?;
+    consumer.subscribe(&[&scale.changelog_topic]).map_err(|source| ScaleError::Kafka {
+        what: format!("joining the group on {}", scale.changelog_topic),
+        source,
+    })?;
+    tracing::info!(
+        pipeline = %config.pipeline.name,
+        tasks = tasks_total,
+        group = %format!("{}.members", config.kafka.group_id),
+        changelog = %scale.changelog_topic,
+        "joined the pipeline's group; waiting for tasks"
+    );
+    let mut last_log = Instant::now();
+    while !shutdown.load(Relaxed) {
+        if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
+            tracing::warn!(error = %e, "membership consumer");
+        }
+        let mut t = tasks.lock().unwrap();
+        // Tasks that ended on their own (an error; e.g. fenced by a new owner): start again
+        // after a back-off while this process still has them.
+        let ended: Vec<i32> = t.running.iter().filter(|(_, task)| task.thread.is_finished()).map(|(p, _)| *p).collect();
+        for p in ended {
+            let task = t.running.remove(&p).expect("listed above");
+            let failures = t.failures.entry(p).or_insert(0);
+            *failures += 1;
+            let backoff = Duration::from_secs(1 << (*failures).min(5));
+            task.stop(p);
+            tracing::warn!(task = p, retry_in_s = backoff.as_secs(), "task ended; starting it again while this process owns it");
+            t.to_start.insert(p, Instant::now() + backoff);
+        }
+        let due: Vec<i32> = t.to_start.iter().filter(|(_, at)| **at <= Instant::now()).map(|(p, _)| *p).collect();
+        for p in due {
+            t.to_start.remove(&p);
+            match Task::start(&config, TaskId { partition: p, of: tasks_total }) {
+                Ok(task) => {
+                    t.running.insert(p, task);
+                }
+                Err(e) => {
+                    tracing::error!(task = p, error = %e, "cannot start task");
+                    t.to_start.insert(p, Instant::now() + Duration::from_secs(5));
+                }
+            }
+        }
+        if last_log.elapsed() >= config.pipeline.progress_interval {
+            let mut owned: Vec<i32> = t.running.keys().copied().collect();
+            owned.sort_unstable();
+            tracing::info!(tasks = ?owned, "member: running tasks");
+            last_log = Instant::now();
+        }
+    }
+    tracing::info!("shutdown requested: committing and stopping every task, then leaving the group");
+    let running: Vec<(i32, Task)> = tasks.lock().unwrap().running.drain().collect();
+    for (_, t) in &running {
+        t.shutdown.store(true, Relaxed);
+    }
+    for (p, t) in running {
+        t.stop(p);
+    }
+    consumer.unsubscribe();
+    // Nothing here is needed again: a task restores from its changelog wherever it runs.
+    let _ = std::fs::remove_dir_all(process_dir(&config));
+    Ok(())
+}
