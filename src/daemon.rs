@@ -324,9 +324,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
             Some(_) => glommio::Placement::Unbound,
             None => glommio::Placement::Fixed(id % cpus),
         };
-        let builder = glommio::LocalExecutorBuilder::new(placement)
-            .name(&format!("shard-{id}"))
-            .io_memory(64 << 10);
+        let builder = glommio::LocalExecutorBuilder::new(placement).name(&format!("shard-{id}")).io_memory(64 << 10);
         let handle = builder
             .spawn(move || async move {
                 if let Err(e) = run_shard(ctx).await {
@@ -466,7 +464,12 @@ fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]
     let mut store = StateStore::open(dir, shards, tables)?;
     let started = Instant::now();
     let records = changelog.restore_into(config, bootstrap, &store).map_err(scale)?;
-    tracing::info!(task = task.partition, records, elapsed_ms = started.elapsed().as_millis() as u64, "restored the task's state from its changelog");
+    tracing::info!(
+        task = task.partition,
+        records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restored the task's state from its changelog"
+    );
     store.set_mirror(Box::new(changelog));
     Ok(store)
 }

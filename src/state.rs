@@ -663,6 +663,93 @@ mod tests {
         out
     }
 
+    /// Keeps what it is given; refuses epochs from `fail_from` on.
+    #[derive(Default)]
+    struct Recording {
+        ops: std::sync::Arc<std::sync::Mutex<Vec<MirrorOp>>>,
+        fail_from: Option<u64>,
+    }
+
+    impl Mirror for Recording {
+        fn commit(&self, epoch: u64, ops: &[MirrorOp]) -> Result<(), String> {
+            if self.fail_from.is_some_and(|f| epoch >= f) {
+                return Err("fenced".into());
+            }
+            self.ops.lock().unwrap().extend_from_slice(ops);
+            Ok(())
+        }
+    }
+
+    fn everything(store: &StateStore) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for cf in std::iter::once(META.to_string()).chain(store.tables.iter().cloned()) {
+            for item in store.db.iterator_cf(store.db.cf_handle(&cf).unwrap(), IteratorMode::Start) {
+                let (k, v) = item.unwrap();
+                out.push((cf.clone(), k.to_vec(), v.to_vec()));
+            }
+        }
+        out
+    }
+
+    /// What a mirrored store sent, replayed into an empty store, is the same state: puts,
+    /// deletes, ranges (as one delete per key), pending output confirmed between epochs.
+    /// An epoch the mirror refuses never reaches the local store.
+    #[test]
+    fn a_mirror_holds_exactly_the_store_and_is_never_behind_it() {
+        let tables = vec!["q/windows".to_string()];
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = StateStore::open(a_dir.path(), 1, &tables).unwrap();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        a.set_mirror(Box::new(Recording {
+            ops: sent.clone(),
+            fail_from: Some(4),
+        }));
+        let key = |t: EventTime, k: &[u8]| [&encode_time_key(t)[..], k].concat();
+        fn epoch<'w>(n: u64, writes: &'w TableWrites, pending: Vec<(&'static str, Vec<u8>)>) -> EpochWrite<'w> {
+            EpochWrite {
+                epoch: n,
+                watermark: n as i64,
+                query_watermarks: vec![("q", n as i64)],
+                changes: vec![(0, writes)],
+                positions: Vec::new(),
+                file_positions: Vec::new(),
+                pending,
+            }
+        }
+        let first = TableWrites {
+            puts: (0..50).map(|i| (key(i, b"k"), vec![i as u8])).collect(),
+            ..Default::default()
+        };
+        a.write_epoch(&epoch(1, &first, vec![("sink", b"rows-1".to_vec())])).unwrap();
+        a.clear_pending(1, "sink", true).unwrap();
+        a.put_records(&[("q".into(), b"record".to_vec())], &[]).unwrap();
+        let second = TableWrites {
+            delete_ranges: vec![(key(0, b""), key(20, b""))],
+            deletes: vec![key(30, b"k")],
+            puts: vec![(key(10, b"k"), b"back".to_vec()), (key(60, b"k"), b"new".to_vec())],
+        };
+        a.write_epoch(&epoch(2, &second, vec![("sink", b"rows-2".to_vec())])).unwrap();
+        a.write_epoch(&epoch(3, &TableWrites::default(), Vec::new())).unwrap();
+
+        let b = StateStore::open(b_dir.path(), 1, &tables).unwrap();
+        b.restore(sent.lock().unwrap().clone()).unwrap();
+        assert_eq!(everything(&b), everything(&a));
+        let windows: Vec<Vec<u8>> = entries(&b, 0).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(windows.len(), 50 - 20 - 1 + 1 + 1, "ranges and deletes arrive as deletes");
+        assert_eq!(b.pending().unwrap().len(), 1, "epoch 1's pending rows were confirmed; epoch 2's are not");
+        assert_eq!(b.sink_epoch("sink").unwrap(), Some(1));
+        assert_eq!(b.recover().unwrap().epoch, 3);
+
+        let before = everything(&a);
+        let refused = TableWrites {
+            puts: vec![(key(99, b"k"), b"x".to_vec())],
+            ..Default::default()
+        };
+        let err = a.write_epoch(&epoch(4, &refused, Vec::new())).unwrap_err();
+        assert!(err.to_string().contains("did not take epoch 4: fenced"), "{err}");
+        assert_eq!(everything(&a), before, "the local store stays at what the mirror holds");
+    }
+
     #[test]
     fn epoch_write_round_trips_and_any_shard_count_reopens() {
         let dir = tempfile::tempdir().unwrap();

@@ -23,7 +23,9 @@ const SESSION_TIMEOUT_S: u64 = 6;
 /// The partition a producer keying by user would pick (any stable hash will do: the test
 /// only needs every event of a user in one partition).
 fn user_partition(key: &[u8]) -> i32 {
-    let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    let h = key
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
     (h % PARTITIONS as u64) as i32
 }
 
@@ -91,7 +93,9 @@ listen = "off"
 
 fn time_us(payload: &[u8]) -> i64 {
     let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
-    chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap()).unwrap().timestamp_micros()
+    chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+        .unwrap()
+        .timestamp_micros()
 }
 
 /// (window start µs, user) → count: each task closes the windows its own partition's
@@ -136,7 +140,9 @@ fn committed(bootstrap: &str, group: &str, topic: &str) -> Vec<i64> {
         tpl.add_partition(topic, p);
     }
     // The group coordinator may be busy while members come and go: ask again next time.
-    let Ok(got) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else { return Vec::new() };
+    let Ok(got) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return Vec::new();
+    };
     got.elements()
         .iter()
         .map(|e| match e.offset() {
@@ -226,7 +232,9 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     for s in &all {
         ends[s.partition as usize] += 1;
     }
-    common::wait_for("every event committed", Duration::from_secs(240), || committed(&bootstrap, &name, &topic) == ends);
+    common::wait_for("every event committed", Duration::from_secs(240), || {
+        committed(&bootstrap, &name, &topic) == ends
+    });
 
     let expected: Vec<((i64, String), i64)> = oracle(&all).into_iter().collect();
     let mut got = Vec::new();
@@ -250,9 +258,24 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     }
     assert!(expected.len() > 1000, "the oracle has windows to compare ({})", expected.len());
     assert_eq!(common::read_dead_letters(&dir.path().join("dlq")), common::expected_dead_letters(&all));
-    // Every task wrote with its own application id; one of them must have moved.
-    let log_a = std::fs::read_to_string(&a.log).unwrap();
-    assert!(log_a.contains("tasks assigned"), "process a ran tasks before it was killed");
+    // The run did what it claims: a ran tasks before it was killed, state moved to another
+    // process through the changelog, and the stalled b found itself fenced when it woke.
+    let log = |m: &Member| std::fs::read_to_string(&m.log).unwrap();
+    assert!(log(&a).contains("tasks assigned"), "process a ran tasks before it was killed");
+    let restored_state = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("restored the task's state from its changelog"))
+            .any(|l| !l.contains("records=0 "))
+    };
+    assert!(
+        restored_state(&log(&b)) || restored_state(&log(&c)),
+        "a task restored its state from the changelog"
+    );
+    assert!(
+        log(&b).contains("was fenced"),
+        "the stalled process was fenced when it woke; log:\n{}",
+        tail(&b.log)
+    );
     stop(b);
     stop(c);
 }

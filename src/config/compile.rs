@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use super::error::{ConfigError, Diagnostics};
 use super::model::{
-    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, Format, GeneratorConfig,
-    Bootstrap, GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind, ScaleConfig, SinkConfig, SinkKind,
-    SourceConfig, Sql, WindowConfig,
+    AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Bootstrap, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, Format,
+    GeneratorConfig, GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind,
+    ScaleConfig, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
 use super::raw::{RawAggregate, RawAnomaly, RawApply, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawScale, RawSink, RawSource, RawWindow};
 use super::reader::At;
@@ -126,7 +126,10 @@ struct ScaleShape<'a> {
 fn compile_scale(raw: RawScale, pipeline: &str, shape: &ScaleShape, diag: &Diagnostics) -> ScaleConfig {
     let at = |message: String| diag.report(raw.at.path.clone(), raw.at.line, message);
     if shape.kafka.bootstrap_servers == Bootstrap::Embedded {
-        at("[scale] needs a Kafka cluster that every process reaches: set [kafka] bootstrap_servers (the embedded broker lives inside one process)".to_string());
+        at(
+            "[scale] needs a Kafka cluster that every process reaches: set [kafka] bootstrap_servers (the embedded broker lives inside one process)"
+                .to_string(),
+        );
     }
     if shape.generator {
         at("[scale] and [generator] do not go together: every process would generate its own events. Remove [generator] and produce the events with `tidemark-tools loadgen`".to_string());
@@ -154,12 +157,11 @@ fn compile_scale(raw: RawScale, pipeline: &str, shape: &ScaleShape, diag: &Diagn
                 // The two topics must be partitioned alike: each side's message key is made of
                 // join-key fields, paired with each other.
                 let paired = source.key.len() == right.key.len()
-                    && source.key.iter().zip(&right.key).all(|(l, r)| {
-                        left_on
-                            .iter()
-                            .position(|f| f == l)
-                            .is_some_and(|i| &right_on[i] == r)
-                    });
+                    && source
+                        .key
+                        .iter()
+                        .zip(&right.key)
+                        .all(|(l, r)| left_on.iter().position(|f| f == l).is_some_and(|i| &right_on[i] == r));
                 if !source.key.is_empty() && !paired {
                     report(format!(
                         "joins \"{}\" (key = [{}]) with \"{}\" (key = [{}]) on [{}] = [{}]: with [scale] both topics must be keyed by the same join-key fields (key = {} on \"{}\" needs the matching fields on \"{}\"), so matching rows land in the same partition number",
@@ -341,7 +343,10 @@ fn compile_source(
                 diag.report(
                     k.path.clone(),
                     k.line,
-                    format!("key field \"{}\" of source \"{source_name}\" is not in its schema; name the schema fields the messages are keyed by", k.value),
+                    format!(
+                        "key field \"{}\" of source \"{source_name}\" is not in its schema; name the schema fields the messages are keyed by",
+                        k.value
+                    ),
                 );
             }
             known

@@ -2002,3 +2002,116 @@ fn a_metadata_refresh_below_100ms_is_refused() {
     let e = error_at(&errors.0, "kafka.metadata_refresh");
     assert!(e.message.contains("at least 100ms"), "{}", e.message);
 }
+
+/// A pipeline that can run as tasks on several processes: every keyed query's key holds
+/// the sources' message key, the join pairs the two keys, no local-only parts.
+const SCALED: &str = r#"
+[pipeline]
+name = "scaled"
+
+[kafka]
+bootstrap_servers = "kafka:9092"
+
+[scale]
+session_timeout = "8s"
+
+[[sources]]
+name = "clicks"
+topic = "clicks"
+key = ["user_id"]
+schema = { user_id = "string", page = "string", ts = "timestamp" }
+event_time = { field = "ts" }
+
+[[sources]]
+name = "buys"
+topic = "buys"
+key = "buyer"
+schema = { buyer = "string", amount = "float", ts = "timestamp" }
+event_time = { field = "ts" }
+
+[[queries]]
+name = "per_user_page"
+from = "clicks"
+window = { tumbling = "1m" }
+group_by = ["page", "user_id"]
+aggregates = [{ name = "n", fn = "count" }]
+output = "update"
+sink = "per_user_page"
+
+[[queries]]
+name = "attribution"
+from = "clicks"
+join = { source = "buys", on = ["user_id"], right_on = ["buyer"], between = ["0s", "10m"] }
+select = [{ name = "user_id", expr = "clicks.user_id" }, { name = "amount", expr = "buys.amount" }]
+sink = "attribution"
+
+[[queries]]
+name = "raw"
+from = "clicks"
+select = [{ name = "page", expr = "page" }]
+sink = "raw"
+
+[[sinks]]
+name = "per_user_page"
+kind = "delta"
+path = "a"
+
+[[sinks]]
+name = "attribution"
+kind = "delta"
+path = "b"
+
+[[sinks]]
+name = "raw"
+kind = "delta"
+path = "c"
+"#;
+
+#[test]
+fn scale_reads_with_defaults_and_source_keys() {
+    let config = parse_config(SCALED).unwrap_or_else(|e| panic!("{e}"));
+    let scale = config.scale.expect("[scale] is on");
+    assert_eq!(scale.changelog_topic, "scaled-changelog");
+    assert_eq!(scale.changelog_replication, -1);
+    assert_eq!(scale.session_timeout, Duration::from_secs(8));
+    assert_eq!(config.sources[0].key, vec!["user_id".to_string()]);
+    assert_eq!(config.sources[1].key, vec!["buyer".to_string()]);
+    assert_eq!(config.task, None);
+    let off = parse_config(&SCALED.replace("session_timeout = \"8s\"", "enabled = false")).unwrap();
+    assert_eq!(off.scale, None);
+}
+
+#[test]
+fn scale_refuses_what_one_task_cannot_compute() {
+    let by_page = SCALED.replace("group_by = [\"page\", \"user_id\"]", "group_by = [\"page\"]");
+    let errors = errors_of(&by_page);
+    let e = error_at(&errors, "queries[0].name");
+    assert!(
+        e.message.contains("keeps state per [page], but \"clicks\" is keyed by [user_id]"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("key = [\"page\"]"), "the fix names the repartition key: {}", e.message);
+
+    let complete = SCALED.replace("output = \"update\"", "output = \"complete\"");
+    assert!(error_at(&errors_of(&complete), "queries[0].name").message.contains("output = \"complete\""));
+
+    let unkeyed = SCALED.replace("key = \"buyer\"\n", "");
+    let errors = errors_of(&unkeyed);
+    let e = error_at(&errors, "queries[1].name");
+    assert!(e.message.contains("both topics must be keyed by the same join-key fields"), "{}", e.message);
+
+    let embedded = SCALED.replace("bootstrap_servers = \"kafka:9092\"", "bootstrap_servers = \"embedded\"");
+    let errors = errors_of(&embedded);
+    assert!(error_at(&errors, "scale").message.contains("set [kafka] bootstrap_servers"), "{errors:#?}");
+    assert_eq!(error_at(&errors, "scale").line, Some(line_containing(&embedded, "[scale]")));
+
+    let typo = SCALED.replace("key = [\"user_id\"]", "key = [\"user\"]");
+    let errors = errors_of(&typo);
+    assert!(
+        error_at(&errors, "sources[0].key[0]")
+            .message
+            .contains("key field \"user\" of source \"clicks\" is not in its schema"),
+        "{errors:#?}"
+    );
+}

@@ -198,7 +198,10 @@ impl Mirror for Changelog {
                 ));
             }
             if attempt >= MAX_ATTEMPTS {
-                return Err(format!("{attempt} transactions on {}[{}] failed, the last with: {e} (is the broker up?)", self.topic, self.partition));
+                return Err(format!(
+                    "{attempt} transactions on {}[{}] failed, the last with: {e} (is the broker up?)",
+                    self.topic, self.partition
+                ));
             }
             tracing::warn!(epoch, attempt, error = %e, "changelog transaction failed; aborting it and writing the epoch again");
             if abortable {

@@ -319,7 +319,11 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
             *failures += 1;
             let backoff = Duration::from_secs(1 << (*failures).min(5));
             task.stop(p);
-            tracing::warn!(task = p, retry_in_s = backoff.as_secs(), "task ended; starting it again while this process owns it");
+            tracing::warn!(
+                task = p,
+                retry_in_s = backoff.as_secs(),
+                "task ended; starting it again while this process owns it"
+            );
             t.to_start.insert(p, Instant::now() + backoff);
         }
         let due: Vec<i32> = t.to_start.iter().filter(|(_, at)| **at <= Instant::now()).map(|(p, _)| *p).collect();

@@ -99,8 +99,8 @@ pub struct TableLock {
 impl TableLock {
     /// Takes the lock (creating the table directory if needed), writing `owner` into the
     /// lock file for the error another writer would see.
-    pub fn acquire(table: &Path, file: &str, owner: &str) -> Result<TableLock, DurableError> {
-        let path = table.join(file);
+    pub fn acquire(table: &Path, owner: &str) -> Result<TableLock, DurableError> {
+        let path = table.join(LOCK_FILE);
         let lock_err = |source| DurableError::Lock { path: path.clone(), source };
         std::fs::create_dir_all(table).map_err(lock_err)?;
         let mut file = std::fs::OpenOptions::new()
@@ -140,11 +140,11 @@ mod tests {
     fn a_second_writer_is_refused_until_the_first_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let table = dir.path().join("t");
-        let first = TableLock::acquire(&table, LOCK_FILE, "pipeline \"a\"").unwrap();
-        let err = TableLock::acquire(&table, LOCK_FILE, "pipeline \"b\"").unwrap_err().to_string();
+        let first = TableLock::acquire(&table, "pipeline \"a\"").unwrap();
+        let err = TableLock::acquire(&table, "pipeline \"b\"").unwrap_err().to_string();
         assert!(err.contains("is being written by another process (pipeline \"a\", pid"), "{err}");
         drop(first);
-        TableLock::acquire(&table, LOCK_FILE, "pipeline \"b\"").unwrap();
+        TableLock::acquire(&table, "pipeline \"b\"").unwrap();
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub enum EpochSink {
 pub struct DeltaEpochSink {
     plan: SinkPlan,
     /// This process is the table's only writer while it holds this.
-    _lock: super::durable::TableLock,
+    _lock: Option<super::durable::TableLock>,
     table: DeltaTableSink,
     /// Commits since the last compaction.
     since_compaction: u64,
@@ -79,7 +79,10 @@ impl EpochSink {
         if plan.config.kind == crate::config::SinkKind::Kafka {
             return Ok(EpochSink::Kafka(Box::new(KafkaEpochSink::open(plan)?)));
         }
-        let lock = super::durable::TableLock::acquire(&plan.path, &plan.lock_file, &format!("pipeline/sink {}", plan.app_id)).map_err(DeltaSinkError::from)?;
+        let lock = match plan.lock_table {
+            true => Some(super::durable::TableLock::acquire(&plan.path, &format!("pipeline/sink {}", plan.app_id)).map_err(DeltaSinkError::from)?),
+            false => None,
+        };
         let table = DeltaTableSink::open_or_create(&plan.path, plan.schema.clone(), &table_options(&plan)).await?;
         Ok(EpochSink::Delta(Box::new(DeltaEpochSink {
             _lock: lock,

@@ -158,9 +158,9 @@ pub struct SinkPlan {
     pub path: PathBuf,
     /// Delta `txn` application id: `<pipeline>/<sink>`.
     pub app_id: String,
-    /// The writer lock taken in a Delta table's directory: one per table, or one per task
-    /// when the tasks of a scaled-out pipeline share the table.
-    pub lock_file: String,
+    /// Whether the sink holds the writer lock of its Delta table; not for the tasks of a
+    /// scaled-out pipeline, which share their tables.
+    pub lock_table: bool,
     pub schema: SchemaRef,
     pub role: SinkRole,
     /// The sink's table options.
@@ -331,10 +331,11 @@ pub fn plan_sinks(config: &Config, shapes: &[OutputShape]) -> Result<Vec<SinkPla
                 Some(task) => format!("{}/{}/task-{}", config.pipeline.name, sink.name, task.partition),
                 None => format!("{}/{}", config.pipeline.name, sink.name),
             },
-            lock_file: match config.task {
-                Some(task) => format!("_tidemark.task-{}.lock", task.partition),
-                None => durable::LOCK_FILE.to_string(),
-            },
+            // The tasks of a scaled-out pipeline share tables, and a task moved away from a
+            // stalled process must not wait for it: the task's changelog fences the old owner
+            // instead (it cannot commit another epoch, and an epoch it already committed is
+            // skipped by the txn check).
+            lock_table: config.task.is_none(),
             schema,
             role,
             config: sink.clone(),
