@@ -1,7 +1,8 @@
-//! Scale-out: three tidemark processes share one pipeline through a Kafka consumer group,
-//! against a real Apache Kafka broker. One is SIGKILLed, one stalls (SIGSTOP) past the
-//! session timeout and comes back, and one is added mid-run; every table must end equal to an
-//! independent computation, with no row lost or twice.
+//! Scale-out: three tidemark processes share one pipeline (a window per user and a left
+//! interval join of clicks with purchases) through a Kafka consumer group, against a real
+//! Apache Kafka broker. One is SIGKILLed, one stalls (SIGSTOP) past the session timeout and
+//! comes back, and one is added mid-run; every table must end equal to an independent
+//! computation, with no row lost or twice.
 
 mod common;
 
@@ -11,10 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::kafka;
-use common::{Sent, DELAY_MS, WINDOW_MS};
+use common::{Sent, DELAY_MS, T0_MS, WINDOW_MS};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tidemark::source::generator::EventKind;
+use tidemark::source::producer::EventProducer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 const PARTITIONS: i32 = 4;
@@ -39,7 +41,55 @@ fn events(seed: u64, first: i64, count: i64) -> Vec<Sent> {
         .collect()
 }
 
-fn config(name: &str, topic: &str, bootstrap: &str, dir: &Path) -> String {
+/// (ms, user, product) purchases, keyed by user like the clicks.
+type Purchase = (i64, String, String);
+
+fn purchases(from: i64, count: i64) -> Vec<Purchase> {
+    (from..from + count)
+        .map(|i| (T0_MS + i * 50 - (i * 7919) % 1_500, format!("u{}", (i * 7) % 200), format!("p{}", i % 13)))
+        .collect()
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn produce_purchases(bootstrap: &str, topic: &str, purchases: &[Purchase]) {
+    let p = EventProducer::connect(bootstrap).unwrap();
+    for (ms, user, product) in purchases {
+        let json = serde_json::json!({ "user_id": user, "product_id": product, "timestamp": rfc3339(*ms) });
+        p.send(topic, Some(user_partition(user.as_bytes())), user.as_bytes(), json.to_string().as_bytes())
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// The user of partition `partition`'s clock events.
+fn clock_user(partition: i32) -> String {
+    (0..).map(|i| format!("clock{i}")).find(|u| user_partition(u.as_bytes()) == partition).unwrap()
+}
+
+const CLOCK_MS: i64 = T0_MS + 3_600_000;
+
+/// One click and one purchase an hour ahead on every partition, so every task's watermark
+/// passes everything before: all windows close, every unmatched click is emitted. (Each
+/// clock click matches its purchase: one join row per partition.)
+fn clocks(bootstrap: &str, clicks: &str, purchases_topic: &str) {
+    let late = CLOCK_MS;
+    let p = EventProducer::connect(bootstrap).unwrap();
+    for partition in 0..PARTITIONS {
+        let user = clock_user(partition);
+        let click = serde_json::json!({ "user_id": user, "page_url": "/", "action": "view", "timestamp": rfc3339(late) });
+        p.send(clicks, Some(partition), user.as_bytes(), click.to_string().as_bytes()).unwrap();
+        let buy = serde_json::json!({ "user_id": user, "product_id": "p", "timestamp": rfc3339(late) });
+        p.send(purchases_topic, Some(partition), user.as_bytes(), buy.to_string().as_bytes()).unwrap();
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+fn config(name: &str, topic: &str, purchases: &str, bootstrap: &str, dir: &Path) -> String {
     format!(
         r#"
 [pipeline]
@@ -63,6 +113,32 @@ event_time = {{ field = "timestamp" }}
 watermark = {{ delay = "{DELAY_MS}ms", idle_timeout = "1h" }}
 on_error = "dlq"
 schema = {{ user_id = "string", page_url = "string", action = "string", timestamp = "timestamp" }}
+
+[[sources]]
+name = "purchases"
+topic = "{purchases}"
+key = ["user_id"]
+event_time = {{ field = "timestamp" }}
+watermark = {{ delay = "{DELAY_MS}ms", idle_timeout = "1h" }}
+on_error = "dlq"
+schema = {{ user_id = "string", product_id = "string", timestamp = "timestamp" }}
+
+[[queries]]
+name = "attribution"
+from = "clicks"
+join = {{ source = "purchases", type = "left", on = ["user_id"], between = ["0s", "10s"], left_as = "c", right_as = "p" }}
+select = [
+  {{ name = "user_id", expr = "c.user_id" }},
+  {{ name = "click_time", expr = "c.timestamp" }},
+  {{ name = "product_id", expr = "p.product_id" }},
+  {{ name = "purchase_time", expr = "p.timestamp" }},
+]
+sink = "attribution"
+
+[[sinks]]
+name = "attribution"
+kind = "delta"
+path = "{attribution}"
 
 [[queries]]
 name = "user_views"
@@ -88,6 +164,7 @@ listen = "off"
         state = dir.join("state").display(),
         views = dir.join("views").display(),
         dlq = dir.join("dlq").display(),
+        attribution = dir.join("attribution").display(),
     )
 }
 
@@ -98,24 +175,41 @@ fn time_us(payload: &[u8]) -> i64 {
         .timestamp_micros()
 }
 
-/// (window start µs, user) → count: each task closes the windows its own partition's
-/// watermark (max event time there − delay) has passed.
+/// (window start µs, user) → count of the valid clicks (the clock events close every window).
 fn oracle(events: &[Sent]) -> BTreeMap<(i64, String), i64> {
-    let valid: Vec<&Sent> = events.iter().filter(|s| matches!(s.event.kind, EventKind::Valid)).collect();
-    let mut watermark: BTreeMap<i32, i64> = BTreeMap::new();
-    for s in &valid {
-        let w = watermark.entry(s.partition).or_insert(i64::MIN);
-        *w = (*w).max(time_us(&s.event.payload) - DELAY_MS * 1000);
-    }
     let size = WINDOW_MS * 1000;
     let mut rows = BTreeMap::new();
-    for s in valid {
+    for s in events.iter().filter(|s| matches!(s.event.kind, EventKind::Valid)) {
         let start = time_us(&s.event.payload).div_euclid(size) * size;
-        if start + size <= watermark[&s.partition] {
-            *rows.entry((start, String::from_utf8(s.event.key.clone()).unwrap())).or_insert(0) += 1;
-        }
+        *rows.entry((start, String::from_utf8(s.event.key.clone()).unwrap())).or_insert(0) += 1;
     }
     rows
+}
+
+/// The left join of the valid clicks with the purchases: (user, click µs, product, purchase
+/// µs) per match within 10 s after the click, or the click with NULLs.
+fn join_oracle(events: &[Sent], purchases: &[Purchase]) -> Vec<Vec<String>> {
+    let mut by_user: BTreeMap<&str, Vec<&Purchase>> = BTreeMap::new();
+    for p in purchases {
+        by_user.entry(p.1.as_str()).or_default().push(p);
+    }
+    let mut out = Vec::new();
+    for s in events.iter().filter(|s| matches!(s.event.kind, EventKind::Valid)) {
+        let user = std::str::from_utf8(&s.event.key).unwrap();
+        let t = time_us(&s.event.payload) / 1000;
+        let matches: Vec<&&Purchase> = by_user
+            .get(user)
+            .map(|ps| ps.iter().filter(|p| t <= p.0 && p.0 <= t + 10_000).collect())
+            .unwrap_or_default();
+        for p in &matches {
+            out.push(vec![user.to_string(), (t * 1000).to_string(), p.2.clone(), (p.0 * 1000).to_string()]);
+        }
+        if matches.is_empty() {
+            out.push(vec![user.to_string(), (t * 1000).to_string(), "NULL".into(), "NULL".into()]);
+        }
+    }
+    out.sort();
+    out
 }
 
 fn table_rows(dir: &Path) -> Vec<((i64, String), i64)> {
@@ -202,14 +296,17 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     let bootstrap = kafka::bootstrap();
     let name = kafka::unique("scale");
     let topic = kafka::unique("scale-clicks");
-    kafka::create_topics(&bootstrap, &[(&topic, PARTITIONS)]);
+    let purchase_topic = kafka::unique("scale-purchases");
+    kafka::create_topics(&bootstrap, &[(&topic, PARTITIONS), (&purchase_topic, PARTITIONS)]);
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("pipeline.toml");
-    std::fs::write(&config_path, config(&name, &topic, &bootstrap, dir.path())).unwrap();
+    std::fs::write(&config_path, config(&name, &topic, &purchase_topic, &bootstrap, dir.path())).unwrap();
 
     let first = events(11, 0, 60_000);
     let second = events(12, 60_000, 60_000);
+    let (first_buys, second_buys) = (purchases(0, 6_000), purchases(6_000, 6_000));
     common::produce_to(&bootstrap, &topic, &first);
+    produce_purchases(&bootstrap, &purchase_topic, &first_buys);
 
     let a = start(&config_path, dir.path(), "a");
     let b = start(&config_path, dir.path(), "b");
@@ -226,15 +323,33 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     std::thread::sleep(Duration::from_secs(SESSION_TIMEOUT_S + 6));
     signal(&b, "-CONT");
     common::produce_to(&bootstrap, &topic, &second);
+    produce_purchases(&bootstrap, &purchase_topic, &second_buys);
+    clocks(&bootstrap, &topic, &purchase_topic);
 
     let all: Vec<Sent> = first.into_iter().chain(second).collect();
-    let mut ends = vec![0i64; PARTITIONS as usize];
+    let buys: Vec<Purchase> = first_buys.into_iter().chain(second_buys).collect();
+    let mut ends = vec![1i64; PARTITIONS as usize]; // the clock event
     for s in &all {
         ends[s.partition as usize] += 1;
     }
-    common::wait_for("every event committed", Duration::from_secs(240), || {
-        committed(&bootstrap, &name, &topic) == ends
-    });
+    let mut buy_ends = vec![1i64; PARTITIONS as usize];
+    for b in &buys {
+        buy_ends[user_partition(b.1.as_bytes()) as usize] += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (clicks_at, buys_at) = (committed(&bootstrap, &name, &topic), committed(&bootstrap, &name, &purchase_topic));
+        if clicks_at == ends && buys_at == buy_ends {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every event was committed within 240 s: clicks {clicks_at:?} of {ends:?}, purchases {buys_at:?} of {buy_ends:?}\nlog b:\n{}\nlog c:\n{}",
+            tail(&b.log),
+            tail(&c.log)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 
     let expected: Vec<((i64, String), i64)> = oracle(&all).into_iter().collect();
     let mut got = Vec::new();
@@ -257,6 +372,13 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
         );
     }
     assert!(expected.len() > 1000, "the oracle has windows to compare ({})", expected.len());
+    let mut joined = join_oracle(&all, &buys);
+    joined.extend((0..PARTITIONS).map(|p| vec![clock_user(p), (CLOCK_MS * 1000).to_string(), "p".into(), (CLOCK_MS * 1000).to_string()]));
+    joined.sort();
+    assert!(joined.iter().filter(|r| r[2] != "NULL").count() > 1000 && joined.iter().any(|r| r[2] == "NULL"));
+    let got_joined = common::sorted_rows(&dir.path().join("attribution"), &["user_id", "click_time", "product_id", "purchase_time"]);
+    assert_eq!(got_joined.len(), joined.len(), "join rows: got {}, expected {}", got_joined.len(), joined.len());
+    assert!(got_joined == joined, "the join differs from the oracle");
     assert_eq!(common::read_dead_letters(&dir.path().join("dlq")), common::expected_dead_letters(&all));
     // The run did what it claims: a ran tasks before it was killed, state moved to another
     // process through the changelog, and the stalled b found itself fenced when it woke.

@@ -9,13 +9,20 @@
 //!
 //! A record's key is the column family (u16 length, big endian, then its name) followed by
 //! the store key; its value is the stored value, or none (a tombstone) for a delete, so
-//! compaction keeps exactly the live state.
+//! compaction keeps exactly the live state. A value larger than [`CHUNK_BYTES`] (an epoch's
+//! pending output) travels as chunk records (key `0xFFFF`, chunk index, then the record key)
+//! written before its record, which then carries no value and a `chunks` header; deleting or
+//! rewriting it deletes the chunks too.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, Producer};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::ScaleError;
@@ -28,12 +35,32 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_STALL: Duration = Duration::from_secs(120);
 /// Transaction attempts per epoch before the task stops.
 const MAX_ATTEMPTS: u32 = 3;
+/// Values above this are split into chunk records (brokers refuse messages above 1 MB by
+/// default).
+pub const CHUNK_BYTES: usize = 256 << 10;
+/// The header naming how many chunk records hold a record's value.
+const CHUNKS_HEADER: &str = "chunks";
+/// A chunk record's key starts with this, a column-family length no record key has.
+const CHUNK_MARK: [u8; 2] = [0xFF, 0xFF];
 
 pub struct Changelog {
     topic: String,
     partition: i32,
     transactional_id: String,
-    producer: rdkafka::producer::BaseProducer,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// Record key → number of chunk records of its current value, for the values written in
+    /// chunks (restored ones included), so deleting or rewriting one removes its chunks.
+    chunked: Mutex<HashMap<Vec<u8>, u32>>,
+}
+
+fn chunk_key(record_key: &[u8], index: u32) -> Vec<u8> {
+    [&CHUNK_MARK[..], &index.to_be_bytes(), record_key].concat()
+}
+
+/// (chunk index, record key) of a chunk record's key.
+fn parse_chunk_key(key: &[u8]) -> Option<(u32, &[u8])> {
+    let rest = key.strip_prefix(&CHUNK_MARK[..])?;
+    Some((u32::from_be_bytes(rest.get(..4)?.try_into().ok()?), &rest[4..]))
 }
 
 /// The transactional id of a task's changelog producer.
@@ -68,7 +95,7 @@ impl Changelog {
             .set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", "60000");
-        let producer: rdkafka::producer::BaseProducer = c.create().map_err(|source| ScaleError::Kafka {
+        let producer: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|source| ScaleError::Kafka {
             what: format!("creating the changelog producer {transactional_id}"),
             source,
         })?;
@@ -81,6 +108,7 @@ impl Changelog {
             partition: task.partition,
             transactional_id,
             producer,
+            chunked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -107,25 +135,57 @@ impl Changelog {
         consumer.assign(&tpl).map_err(kafka("assigning the changelog partition".into()))?;
         let mut read = 0u64;
         let mut chunk = Vec::new();
+        // Chunks of values whose record has not come yet: record key → index → bytes.
+        let mut parts: HashMap<Vec<u8>, HashMap<u32, Vec<u8>>> = HashMap::new();
+        let mut chunked = self.chunked.lock().unwrap();
         let mut last_progress = Instant::now();
+        let unknown = |offset: i64| {
+            ScaleError::Changelog(format!(
+                "record at offset {offset} of {}[{}] has a key tidemark did not write, or a value whose chunks are missing; the topic is used by something else",
+                self.topic, self.partition
+            ))
+        };
         loop {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
                     read += 1;
-                    let Some((cf, key)) = m.key().and_then(decode_key) else {
-                        return Err(ScaleError::Changelog(format!(
-                            "record at offset {} of {}[{}] has a key tidemark did not write; the topic is used by something else",
-                            m.offset(),
-                            self.topic,
-                            self.partition
-                        )));
+                    let key = m.key().unwrap_or_default();
+                    if let Some((index, record_key)) = parse_chunk_key(key) {
+                        match m.payload() {
+                            Some(bytes) => {
+                                parts.entry(record_key.to_vec()).or_default().insert(index, bytes.to_vec());
+                            }
+                            None => {
+                                if let Some(p) = parts.get_mut(record_key) {
+                                    p.remove(&index);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    let (cf, store_key) = decode_key(key).ok_or_else(|| unknown(m.offset()))?;
+                    let chunks = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == CHUNKS_HEADER).and_then(|h| h.value))
+                        .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                        .map(u32::from_be_bytes);
+                    let value = match (chunks, m.payload()) {
+                        (Some(n), _) => {
+                            let mut got = parts.remove(key).unwrap_or_default();
+                            let mut value = Vec::new();
+                            for i in 0..n {
+                                value.extend(got.remove(&i).ok_or_else(|| unknown(m.offset()))?);
+                            }
+                            chunked.insert(key.to_vec(), n);
+                            Some(value)
+                        }
+                        (None, payload) => {
+                            chunked.remove(key);
+                            payload.map(<[u8]>::to_vec)
+                        }
                     };
-                    chunk.push(MirrorOp {
-                        cf,
-                        key,
-                        value: m.payload().map(<[u8]>::to_vec),
-                    });
+                    chunk.push(MirrorOp { cf, key: store_key, value });
                     if chunk.len() >= 10_000 {
                         store.restore(std::mem::take(&mut chunk))?;
                     }
@@ -158,26 +218,61 @@ impl Changelog {
         Ok(read)
     }
 
-    fn try_commit(&self, ops: &[MirrorOp]) -> Result<(), KafkaError> {
+    fn send(&self, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).partition(self.partition).key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends the records of `ops` in one transaction; returns the chunk counts it leaves.
+    fn try_commit(&self, ops: &[MirrorOp]) -> Result<HashMap<Vec<u8>, Option<u32>>, KafkaError> {
+        let known = self.chunked.lock().unwrap();
+        // Record key → chunks of its new value (None: not chunked), as of this transaction.
+        let mut changed: HashMap<Vec<u8>, Option<u32>> = HashMap::new();
         self.producer.begin_transaction()?;
         for op in ops {
             let key = encode_key(&op.cf, &op.key);
-            let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).partition(self.partition).key(&key);
-            if let Some(v) = &op.value {
-                record = record.payload(v);
-            }
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        self.producer.poll(Duration::from_millis(10));
+            let before = changed.get(&key).copied().unwrap_or_else(|| known.get(&key).copied()).unwrap_or(0);
+            let now = match &op.value {
+                Some(v) if v.len() > CHUNK_BYTES => {
+                    let pieces: Vec<&[u8]> = v.chunks(CHUNK_BYTES).collect();
+                    for (i, piece) in pieces.iter().enumerate() {
+                        self.send(&chunk_key(&key, i as u32), Some(piece), None)?;
                     }
-                    Err((e, _)) => return Err(e),
+                    let n = pieces.len() as u32;
+                    let header = OwnedHeaders::new().insert(Header {
+                        key: CHUNKS_HEADER,
+                        value: Some(&n.to_be_bytes()[..]),
+                    });
+                    self.send(&key, None, Some(header))?;
+                    n
                 }
+                value => {
+                    self.send(&key, value.as_deref(), None)?;
+                    0
+                }
+            };
+            for stale in now..before {
+                self.send(&chunk_key(&key, stale), None, None)?;
             }
+            changed.insert(key, (now > 0).then_some(now));
         }
-        self.producer.commit_transaction(REQUEST_TIMEOUT)
+        self.producer.commit_transaction(REQUEST_TIMEOUT)?;
+        Ok(changed)
     }
 }
 
@@ -186,7 +281,19 @@ impl Mirror for Changelog {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let Err(e) = self.try_commit(ops) else { return Ok(()) };
+            let e = match self.try_commit(ops) {
+                Ok(changed) => {
+                    let mut chunked = self.chunked.lock().unwrap();
+                    for (key, n) in changed {
+                        match n {
+                            Some(n) => chunked.insert(key, n),
+                            None => chunked.remove(&key),
+                        };
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
             let (fatal, abortable) = match &e {
                 KafkaError::Transaction(t) => (t.is_fatal(), t.txn_requires_abort()),
                 _ => (false, true),
@@ -225,5 +332,8 @@ mod tests {
         }
         assert_eq!(decode_key(&[0]), None);
         assert_eq!(decode_key(&[0, 9, b'a']), None);
+        let record = encode_key("meta", b"pending\0");
+        assert_eq!(parse_chunk_key(&chunk_key(&record, 7)), Some((7, &record[..])));
+        assert_eq!(parse_chunk_key(&record), None, "a record key is never a chunk key");
     }
 }

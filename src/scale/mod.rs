@@ -165,6 +165,7 @@ fn ensure_changelog(config: &Config, bootstrap: &str, tasks: i32) -> Result<(), 
 struct Task {
     shutdown: Arc<AtomicBool>,
     thread: JoinHandle<Result<Summary, DaemonError>>,
+    started: Instant,
 }
 
 impl Task {
@@ -179,7 +180,11 @@ impl Task {
                 crate::daemon::start(task_config, flag)?.wait()
             })
             .map_err(|e| ScaleError::Runtime(format!("cannot spawn a task thread: {e}")))?;
-        Ok(Task { shutdown, thread })
+        Ok(Task {
+            shutdown,
+            thread,
+            started: Instant::now(),
+        })
     }
 
     /// Commits the current epoch and stops.
@@ -316,6 +321,10 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         for p in ended {
             let task = t.running.remove(&p).expect("listed above");
             let failures = t.failures.entry(p).or_insert(0);
+            // A task that ran a while before failing starts over with a short back-off.
+            if task.started.elapsed() > Duration::from_secs(60) {
+                *failures = 0;
+            }
             *failures += 1;
             let backoff = Duration::from_secs(1 << (*failures).min(5));
             task.stop(p);
