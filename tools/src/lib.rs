@@ -7,7 +7,10 @@
 //!   the library's one producing loop ([`tidemark::source::producer::produce_events`])
 //! - [`loadtest`] `tidemark-tools loadtest`: the end-to-end load test, with `tidemark run` as a
 //!   child process; its prefill, pipeline file and baseline also serve `benches/throughput.rs`
+//! - [`lag`]      `tidemark-tools lag`: a consumer group's committed offsets against the topics'
+//!   ends (how the scale-out demo times a catch-up)
 
 pub mod families;
+pub mod lag;
 pub mod loadgen;
 pub mod loadtest;

@@ -27,6 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print how far a consumer group's committed offsets are behind the topics' ends; with
+    /// --wait, wait until it catches up and print how long that took.
+    Lag(LagArgs),
     /// Produce one event family into any Kafka broker at a target rate or flat out, and report the rate achieved.
     Loadgen {
         /// Bootstrap servers, e.g. 127.0.0.1:9092.
@@ -100,6 +103,26 @@ enum Command {
     },
 }
 
+/// `lag`: how far a consumer group's committed offsets are behind the topics' ends.
+#[derive(Args)]
+struct LagArgs {
+    /// Bootstrap servers, e.g. 127.0.0.1:9092.
+    #[arg(long)]
+    brokers: String,
+    /// The consumer group (a tidemark pipeline commits its positions to `[kafka] group_id`).
+    #[arg(long)]
+    group: String,
+    /// Topics, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    topics: Vec<String>,
+    /// Wait until the group has caught up (lag 0), then print how long it took.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long, e.g. 10m.
+    #[arg(long, default_value = "30m", value_parser = duration_arg)]
+    timeout: Duration,
+}
+
 /// How events arrive: disorder, very-late and malformed shares.
 #[derive(Args)]
 struct EnvelopeArgs {
@@ -146,6 +169,33 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tidemark::telemetry::init_logging(cli.log_json);
     match cli.command {
+        Command::Lag(args) => {
+            let started = std::time::Instant::now();
+            loop {
+                match tidemark_tools::lag::group_lag(&args.brokers, &args.group, &args.topics) {
+                    Ok((committed, end)) if !args.wait || committed >= end => {
+                        println!(
+                            "group {}: committed {committed} of {end} messages (lag {}){}",
+                            args.group,
+                            end - committed,
+                            if args.wait { format!(", caught up after {:.2} s", started.elapsed().as_secs_f64()) } else { String::new() }
+                        );
+                        return ExitCode::SUCCESS;
+                    }
+                    Ok(_) => {}
+                    Err(e) if !args.wait => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    Err(_) => {} // the coordinator may be busy while members come and go: ask again
+                }
+                if started.elapsed() > args.timeout {
+                    eprintln!("error: group {} did not catch up within {:?}", args.group, args.timeout);
+                    return ExitCode::FAILURE;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         Command::Loadgen {
             brokers,
             family,
