@@ -57,7 +57,8 @@ use url::Url;
 
 pub use super::delta_error::{DeltaSinkError, SinkResult};
 use super::table_files::{
-    conform_batch, keep_mask, last_row_per_key, max_time_of, time_values, write_data_files, DataFile, FileReader, Key, KeyEncoder, KeyIndex, NewFile,
+    conform_batch, keep_mask, last_row_per_key, max_time_of, time_values, write_data_files, DataFile, FileCutter, FileReader, Key, KeyEncoder, KeyIndex,
+    NewFile,
 };
 
 /// Attempts per epoch (the first try plus retries) before an epoch write gives up.
@@ -540,7 +541,8 @@ impl DeltaTableSink {
         let touched = self.index.as_ref().expect("synced above").files_holding(&upsert.changed);
         let mut rows: Vec<RecordBatch> = Vec::new();
         for file in &touched {
-            for batch in self.reader().read(file, None).await? {
+            for batch in self.reader().batches(file, None).await? {
+                let batch = batch?;
                 let keys = upsert.encoder.encode(&self.path, &batch)?;
                 let kept = filter_record_batch(&batch, &keep_mask(&keys, &upsert.changed)).map_err(|source| self.arrow_err("upsert", source))?;
                 rows.push(kept);
@@ -570,6 +572,10 @@ impl DeltaTableSink {
     /// at least `min_files` files of its tier, so it soon outgrows the tier (twice its
     /// smallest); a row is rewritten by compaction about log2(target size / first file size)
     /// times in its life, not once per run.
+    ///
+    /// Memory: a bin is streamed, one read batch at a time, into the new files; what is held
+    /// is one input file's encoded bytes, the batch being copied and the file being written
+    /// (at most about the target size, encoded), however many files the bin packs.
     ///
     /// A concurrent writer removing one of the files fails the commit (retryable); the
     /// files written for it are deleted again.
@@ -648,14 +654,40 @@ impl DeltaTableSink {
         Ok(written)
     }
 
-    /// Reads `files` whole and writes their rows as new files (not committed).
-    /// In a view, rows of closed windows and of open ones go to separate files.
+    /// Writes the rows of `files` (one bin: files of one partition) as new files (not
+    /// committed), streaming: each read batch goes to the writer before the next is decoded,
+    /// so memory holds one input file's bytes and the files being written, not the bin.
+    /// In a view, rows of closed windows and of open ones go to separate files. On failure,
+    /// deletes the files already written.
     async fn rewrite_files(&self, files: &[DataFile], encoder: Option<&KeyEncoder>) -> SinkResult<Vec<NewFile>> {
-        let mut rows = Vec::new();
-        for file in files {
-            rows.extend(self.reader().read(file, None).await?);
+        let mut closed = self.file_cutter(encoder)?;
+        let mut open = self.file_cutter(encoder)?;
+        if let Err(err) = self.copy_rows(files, &mut closed, &mut open).await {
+            self.delete_files(closed.written().iter().chain(open.written()).map(|f| f.add.path.as_str()))
+                .await;
+            return Err(err);
         }
-        self.write_split(rows, encoder).await
+        let mut written = closed.into_written();
+        written.extend(open.into_written());
+        Ok(written)
+    }
+
+    /// Copies every row of `files` into `closed` (rows of closed windows, in a view) or `open`
+    /// (the others), one read batch at a time, and cuts their last files.
+    async fn copy_rows(&self, files: &[DataFile], closed: &mut FileCutter<'_>, open: &mut FileCutter<'_>) -> SinkResult<()> {
+        for file in files {
+            for batch in self.reader().batches(file, None).await? {
+                let (closed_rows, open_rows) = self.split_closed(vec![batch?])?;
+                for rows in &closed_rows {
+                    closed.write(rows).await?;
+                }
+                for rows in &open_rows {
+                    open.write(rows).await?;
+                }
+            }
+        }
+        closed.end_file().await?;
+        open.end_file().await
     }
 
     /// Writes rows as data files (not committed); in a view, rows of closed windows in files of
@@ -924,6 +956,17 @@ impl DeltaTableSink {
             self.options.window_columns.as_ref().map(|w| w.end.as_str()),
         )
         .await
+    }
+
+    /// A writer of data files near the target size, for rows of one partition.
+    fn file_cutter<'a>(&'a self, encoder: Option<&'a KeyEncoder>) -> SinkResult<FileCutter<'a>> {
+        FileCutter::new(
+            &self.table,
+            &self.path,
+            self.options.target_file_size_bytes,
+            encoder,
+            self.options.window_columns.as_ref().map(|w| w.end.as_str()),
+        )
     }
 
     fn reader(&self) -> FileReader<'_> {

@@ -512,6 +512,42 @@ async fn compaction_packs_small_files_without_changing_the_content() {
     );
 }
 
+/// Compaction streams each bin batch by batch into the new files; files of several
+/// thousand rows (several Parquet batches each) come out with exactly the rows they held.
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_streams_many_batches_per_file_and_keeps_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let mut sink = DeltaTableSink::open_or_create(path, schema(), &options(&["day"], 4 << 20, 0)).await.unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut expected = Vec::new();
+    for epoch in 1..=6u64 {
+        // Random keys do not compress; a duplicate row in each epoch must stay two rows.
+        let mut rows: Vec<Row> = (0..5_000)
+            .map(|i| row(&format!("key-{:016x}", rng.random::<u64>()), ["d1", "d2"][i % 2], i as i64))
+            .collect();
+        rows.push(rows[0].clone());
+        sink.append_epoch(APP, epoch, vec![batch(&rows)]).await.unwrap();
+        expected.extend(rows);
+    }
+    expected.sort();
+    let before = sink.version().unwrap();
+    assert_eq!(active_file_count(path), 12);
+
+    let report = sink.compact(DEFAULT_COMPACTION_MIN_FILES).await.unwrap().expect("12 small files");
+    assert_eq!((report.files_removed, report.files_added), (12, 2), "{report:?}");
+    assert_eq!(table_rows(path, None).await, expected);
+    assert_eq!(table_rows(path, Some(before)).await, expected, "time travel to before the compaction");
+    for (_, add) in commit_actions(path, report.version).iter().filter(|(k, _)| k == "add") {
+        let day = add["partitionValues"]["day"].as_str().unwrap();
+        assert!(add["path"].as_str().unwrap().starts_with(&format!("day={day}/")), "{add}");
+        let stats: serde_json::Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+        // Each epoch's first row is in d1, and so is its duplicate.
+        let rows = if day == "d1" { 6 * 2_501 } else { 6 * 2_500 };
+        assert_eq!(stats["numRecords"], serde_json::json!(rows), "{add}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoints_are_written_every_interval() {
     let dir = tempfile::tempdir().unwrap();

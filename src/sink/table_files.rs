@@ -23,7 +23,7 @@ use deltalake::arrow::row::{RowConverter, SortField};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::scalars::ScalarExt;
 use deltalake::kernel::{Add, DataType as DeltaDataType, LogicalFileView, Remove};
-use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError, ObjectStore};
@@ -189,18 +189,16 @@ pub(crate) struct FileReader<'a> {
 }
 
 impl FileReader<'_> {
-    fn read_err(&self, source: DeltaTableError) -> DeltaSinkError {
-        DeltaSinkError::Delta {
-            path: self.table_path.to_path_buf(),
-            operation: "read",
-            source: Box::new(source),
-        }
-    }
-
     /// Reads `file` as batches of the table schema, or only of `columns` (in that order).
     /// Partition columns are not in the Parquet file: they come from the `add` action's
     /// partition values, cast from their serialized form to the column's type.
     pub async fn read(&self, file: &DataFile, columns: Option<&[String]>) -> SinkResult<Vec<RecordBatch>> {
+        self.batches(file, columns).await?.collect()
+    }
+
+    /// Like [`Self::read`], one batch at a time: what is held is the file's encoded bytes and
+    /// the batch being decoded, not the decoded file.
+    pub async fn batches(&self, file: &DataFile, columns: Option<&[String]>) -> SinkResult<FileBatches<'_>> {
         let out_schema: SchemaRef = match columns {
             None => self.schema.clone(),
             Some(names) => Arc::new(Schema::new(
@@ -218,11 +216,12 @@ impl FileReader<'_> {
         let is_partition = |name: &str| self.partition_columns.iter().any(|p| p == name);
 
         let object_path = deltalake::Path::parse(&file.path).unwrap_or_else(|_| deltalake::Path::from(file.path.as_str()));
-        let store_err = |source| self.read_err(DeltaTableError::ObjectStore { source });
+        let store_err = |source| read_error(self.table_path, DeltaTableError::ObjectStore { source });
         let bytes = self.store.get(&object_path).await.map_err(store_err)?.bytes().await.map_err(store_err)?;
         self.files_read.fetch_add(1, Ordering::Relaxed);
 
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|source| self.read_err(DeltaTableError::Parquet { source }))?;
+        let parquet_err = |source| read_error(self.table_path, DeltaTableError::Parquet { source });
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err)?;
         let file_schema = builder.schema().clone();
         let mut roots = Vec::new();
         for field in out_schema.fields().iter().filter(|f| !is_partition(f.name())) {
@@ -237,33 +236,14 @@ impl FileReader<'_> {
             roots.push(0);
         }
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder
-            .with_projection(mask)
-            .build()
-            .map_err(|source| self.read_err(DeltaTableError::Parquet { source }))?;
-
-        let mut batches = Vec::new();
-        for batch in reader {
-            let batch = batch.map_err(|source| self.read_err(DeltaTableError::Arrow { source }))?;
-            let mut fields = Vec::with_capacity(out_schema.fields().len());
-            let mut arrays = Vec::with_capacity(out_schema.fields().len());
-            for field in out_schema.fields() {
-                let array = if is_partition(field.name()) {
-                    let value = file.partition_values.get(field.name()).cloned().flatten();
-                    partition_column(field, value.as_deref(), batch.num_rows()).map_err(|err| DeltaSinkError::UnsupportedTable {
-                        path: self.table_path.to_path_buf(),
-                        reason: format!("partition value {value:?} of column `{}` in data file {}: {err}", field.name(), file.path),
-                    })?
-                } else {
-                    batch.column_by_name(field.name()).cloned().expect("projected above")
-                };
-                fields.push(Field::new(field.name(), array.data_type().clone(), true));
-                arrays.push(array);
-            }
-            let read = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|source| self.read_err(DeltaTableError::Arrow { source }))?;
-            batches.push(conform_batch(self.table_path, &out_schema, &read)?);
-        }
-        Ok(batches)
+        let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
+        Ok(FileBatches {
+            reader,
+            file: file.clone(),
+            out_schema,
+            table_path: self.table_path,
+            partition_columns: self.partition_columns,
+        })
     }
 
     /// The keys of every row of `file` (and their window ends, in a view), reading only those
@@ -285,6 +265,62 @@ impl FileReader<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+fn read_error(table_path: &Path, source: DeltaTableError) -> DeltaSinkError {
+    DeltaSinkError::Delta {
+        path: table_path.to_path_buf(),
+        operation: "read",
+        source: Box::new(source),
+    }
+}
+
+/// The batches of one data file, decoded as they are asked for ([`FileReader::batches`]).
+pub(crate) struct FileBatches<'a> {
+    reader: ParquetRecordBatchReader,
+    file: DataFile,
+    out_schema: SchemaRef,
+    table_path: &'a Path,
+    partition_columns: &'a [String],
+}
+
+impl FileBatches<'_> {
+    /// The Parquet batch `batch` in the output schema: partition columns filled in from the
+    /// file's partition values, the others conformed to the table's types.
+    fn complete(&self, batch: &RecordBatch) -> SinkResult<RecordBatch> {
+        let file = &self.file;
+        let mut fields = Vec::with_capacity(self.out_schema.fields().len());
+        let mut arrays = Vec::with_capacity(self.out_schema.fields().len());
+        for field in self.out_schema.fields() {
+            let array = if self.partition_columns.iter().any(|p| p == field.name()) {
+                let value = file.partition_values.get(field.name()).cloned().flatten();
+                partition_column(field, value.as_deref(), batch.num_rows()).map_err(|err| DeltaSinkError::UnsupportedTable {
+                    path: self.table_path.to_path_buf(),
+                    reason: format!("partition value {value:?} of column `{}` in data file {}: {err}", field.name(), file.path),
+                })?
+            } else {
+                batch.column_by_name(field.name()).cloned().expect("projected when opened")
+            };
+            fields.push(Field::new(field.name(), array.data_type().clone(), true));
+            arrays.push(array);
+        }
+        let read =
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|source| read_error(self.table_path, DeltaTableError::Arrow { source }))?;
+        conform_batch(self.table_path, &self.out_schema, &read)
+    }
+}
+
+impl Iterator for FileBatches<'_> {
+    type Item = SinkResult<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let batch = self.reader.next()?;
+        Some(
+            batch
+                .map_err(|source| read_error(self.table_path, DeltaTableError::Arrow { source }))
+                .and_then(|batch| self.complete(&batch)),
+        )
     }
 }
 
@@ -547,11 +583,6 @@ impl KeyIndex {
 
 /// Writes `batches` (already in the table schema) as Parquet data files of about
 /// `target_size_bytes` each, one or more per partition. Nothing is committed.
-///
-/// `RecordBatchWriter` writes one file per partition per flush and has no size limit, so rows
-/// are fed to it in slices of one partition and it is flushed once its buffer reaches the
-/// target. The writer's buffer size is its estimate of the encoded file, so files land near,
-/// not exactly at, the target.
 pub(crate) async fn write_data_files(
     table: &DeltaTable,
     table_path: &Path,
@@ -561,67 +592,181 @@ pub(crate) async fn write_data_files(
     encoder: Option<&KeyEncoder>,
     window_end_column: Option<&str>,
 ) -> SinkResult<Vec<NewFile>> {
-    let write_err = |source: DeltaTableError| DeltaSinkError::Delta {
+    let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+    let Some(first) = batches.first() else { return Ok(Vec::new()) };
+    let arrow_err = |source| write_error(table_path, DeltaTableError::Arrow { source });
+    let all = concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?;
+    let mut cutter = FileCutter::new(table, table_path, target_size_bytes, encoder, window_end_column)?;
+    for group in split_by_partition(&all, partition_columns).map_err(arrow_err)? {
+        cutter.write(&group).await?;
+        cutter.end_file().await?;
+    }
+    Ok(cutter.into_written())
+}
+
+fn write_error(table_path: &Path, source: DeltaTableError) -> DeltaSinkError {
+    DeltaSinkError::Delta {
         path: table_path.to_path_buf(),
         operation: "write",
         source: Box::new(source),
-    };
-    let arrow_err = |source| write_err(DeltaTableError::Arrow { source });
-    let batches: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
-    let Some(first) = batches.first() else { return Ok(Vec::new()) };
-    let all = concat_batches(&first.schema(), batches.iter().copied()).map_err(arrow_err)?;
-
-    let target = target_size_bytes.max(1) as f64;
-    let mut writer = RecordBatchWriter::for_table(table).map_err(write_err)?;
-    let mut files = Vec::new();
-    // File size / buffer size at the last flush: the buffer counts the open row group at its
-    // estimated, uncompressed size, so files come out smaller than the buffer was.
-    let mut size_per_buffered_byte = 1.0;
-    for group in split_by_partition(&all, partition_columns).map_err(arrow_err)? {
-        let rows = group.num_rows();
-        // Slices of about 1/16 of the target keep the cut close to it. Arrow's in-memory size
-        // overestimates the encoded size, so the first slices are smaller; after the first
-        // file, the real bytes per row of this data set the slice size.
-        let mut bytes_per_row = (group.get_array_memory_size() as f64 / rows as f64).max(1.0);
-        let mut file_start = 0;
-        let mut offset = 0;
-        while offset < rows {
-            let slice_rows = ((target / bytes_per_row / 16.0) as usize).clamp(16, 1 << 16).min(rows - offset);
-            writer.write(group.slice(offset, slice_rows)).await.map_err(write_err)?;
-            offset += slice_rows;
-            let last = offset == rows;
-            // Cut when one more slice would overshoot the target by more than stopping now
-            // falls short of it.
-            let buffered = writer.buffer_len() as f64;
-            if last || buffered * size_per_buffered_byte + slice_rows as f64 * bytes_per_row / 2.0 >= target {
-                let file_rows = group.slice(file_start, offset - file_start);
-                let adds = writer.flush().await.map_err(write_err)?;
-                if let [add] = adds.as_slice() {
-                    bytes_per_row = (add.size as f64 / file_rows.num_rows() as f64).max(1.0);
-                    if !last && buffered > 0.0 {
-                        size_per_buffered_byte = (add.size as f64 / buffered).clamp(0.05, 1.0);
-                    }
-                }
-                // One partition per flush gives one file; should the writer ever split it, the
-                // files' keys are unknown and the index re-reads them.
-                let keys = match (encoder, adds.len()) {
-                    (Some(encoder), 1) => Some(FileKeys::of(table_path, &file_rows, encoder, window_end_column)?),
-                    _ => None,
-                };
-                // Should the writer split a flush, each file gets the bound of all of them.
-                let last_window_end = window_end_column.and_then(|c| max_time(&file_rows, c));
-                files.extend(adds.into_iter().map(|add| NewFile {
-                    add,
-                    keys: keys.clone(),
-                    last_window_end,
-                }));
-                file_start = offset;
-            }
-        }
     }
-    Ok(files)
 }
 
+/// Writes a stream of rows of one partition as Parquet data files of about a target size:
+/// rows go to the writer as they come, and a file is cut as soon as the writer's buffer
+/// reaches the target, so what is held in memory is the file being written, never the rows
+/// given before it (compaction feeds it one read batch at a time). Nothing is committed.
+///
+/// `RecordBatchWriter` writes one file per partition per flush and has no size limit, so rows
+/// are fed to it in slices and it is flushed once its buffer reaches the target. The buffer
+/// size is the writer's estimate of the encoded file, so files land near, not exactly at, the
+/// target. Rows of several partitions still work (the writer splits them), but then the files
+/// of one flush carry no keys (the index reads them back) and share one window bound.
+pub(crate) struct FileCutter<'a> {
+    table_path: &'a Path,
+    writer: RecordBatchWriter,
+    target: f64,
+    encoder: Option<&'a KeyEncoder>,
+    window_end_column: Option<&'a str>,
+    /// Encoded bytes per row: Arrow's in-memory size until the first file is cut (it
+    /// overestimates, so the first slices are smaller), then the real bytes per row of the
+    /// last file.
+    bytes_per_row: Option<f64>,
+    /// File size / buffer size at the last cut: the buffer counts the open row group at its
+    /// estimated, uncompressed size, so files come out smaller than the buffer was.
+    size_per_buffered_byte: f64,
+    /// Rows in the writer's buffer, their keys (when an encoder is given) and last window end.
+    file_rows: usize,
+    file_keys: FileKeys,
+    file_last_window_end: Option<i64>,
+    written: Vec<NewFile>,
+}
+
+impl<'a> FileCutter<'a> {
+    pub fn new(
+        table: &DeltaTable,
+        table_path: &'a Path,
+        target_size_bytes: u64,
+        encoder: Option<&'a KeyEncoder>,
+        window_end_column: Option<&'a str>,
+    ) -> SinkResult<Self> {
+        let writer = RecordBatchWriter::for_table(table).map_err(|source| write_error(table_path, source))?;
+        Ok(Self {
+            table_path,
+            writer,
+            target: target_size_bytes.max(1) as f64,
+            encoder,
+            window_end_column,
+            bytes_per_row: None,
+            size_per_buffered_byte: 1.0,
+            file_rows: 0,
+            file_keys: FileKeys {
+                keys: Vec::new(),
+                window_ends: window_end_column.map(|_| Vec::new()),
+            },
+            file_last_window_end: None,
+            written: Vec::new(),
+        })
+    }
+
+    /// Adds `batch`'s rows (in the table schema), cutting files as the target is reached.
+    pub async fn write(&mut self, batch: &RecordBatch) -> SinkResult<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut bytes_per_row = *self
+            .bytes_per_row
+            .get_or_insert_with(|| (batch.get_array_memory_size() as f64 / rows as f64).max(1.0));
+        let mut offset = 0;
+        while offset < rows {
+            // Slices of about 1/16 of the target keep the cut close to it.
+            let slice_rows = ((self.target / bytes_per_row / 16.0) as usize).clamp(16, 1 << 16).min(rows - offset);
+            let slice = batch.slice(offset, slice_rows);
+            self.add_to_file(&slice)?;
+            self.writer.write(slice).await.map_err(|source| write_error(self.table_path, source))?;
+            offset += slice_rows;
+            // Cut when one more slice would overshoot the target by more than stopping now
+            // falls short of it.
+            let buffered = self.writer.buffer_len() as f64;
+            if buffered * self.size_per_buffered_byte + slice_rows as f64 * bytes_per_row / 2.0 >= self.target {
+                let file_rows = self.file_rows;
+                if let Some(size) = self.cut().await? {
+                    bytes_per_row = (size as f64 / file_rows as f64).max(1.0);
+                    self.bytes_per_row = Some(bytes_per_row);
+                    if buffered > 0.0 {
+                        self.size_per_buffered_byte = (size as f64 / buffered).clamp(0.05, 1.0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the open file, if it has rows; the next rows start a new one, and their size per
+    /// row is estimated afresh (the next rows may be another partition's).
+    pub async fn end_file(&mut self) -> SinkResult<()> {
+        if self.file_rows > 0 {
+            self.cut().await?;
+        }
+        self.bytes_per_row = None;
+        Ok(())
+    }
+
+    /// The files written so far (to delete them when the caller gives up).
+    pub fn written(&self) -> &[NewFile] {
+        &self.written
+    }
+
+    /// Every file written; rows since the last [`Self::end_file`] are dropped.
+    pub fn into_written(self) -> Vec<NewFile> {
+        self.written
+    }
+
+    /// Flushes the open file(s). Returns the file's size when the writer made one file of it.
+    async fn cut(&mut self) -> SinkResult<Option<i64>> {
+        let adds = self.writer.flush().await.map_err(|source| write_error(self.table_path, source))?;
+        let keys = std::mem::replace(
+            &mut self.file_keys,
+            FileKeys {
+                keys: Vec::new(),
+                window_ends: self.window_end_column.map(|_| Vec::new()),
+            },
+        );
+        // One partition per flush gives one file; should the writer ever split it, the files'
+        // keys are unknown and the index re-reads them, and each file gets the window bound of
+        // all of them.
+        let keys = (self.encoder.is_some() && adds.len() == 1).then_some(keys);
+        let last_window_end = self.file_last_window_end.take();
+        self.file_rows = 0;
+        let size = match adds.as_slice() {
+            [add] => Some(add.size),
+            _ => None,
+        };
+        self.written.extend(adds.into_iter().map(|add| NewFile {
+            add,
+            keys: keys.clone(),
+            last_window_end,
+        }));
+        Ok(size)
+    }
+
+    /// Notes the keys and window end of rows going into the open file.
+    fn add_to_file(&mut self, rows: &RecordBatch) -> SinkResult<()> {
+        self.file_rows += rows.num_rows();
+        if let Some(encoder) = self.encoder {
+            let part = FileKeys::of(self.table_path, rows, encoder, self.window_end_column)?;
+            self.file_keys.keys.extend(part.keys);
+            if let (Some(all), Some(ends)) = (&mut self.file_keys.window_ends, part.window_ends) {
+                all.extend(ends);
+            }
+        }
+        if let Some(column) = self.window_end_column {
+            self.file_last_window_end = self.file_last_window_end.into_iter().chain(max_time(rows, column)).max();
+        }
+        Ok(())
+    }
+}
 /// The largest non-null value of the timestamp column `column` of `batch`.
 pub(crate) fn max_time(batch: &RecordBatch, column: &str) -> Option<i64> {
     let times = batch.column_by_name(column)?.as_any().downcast_ref::<TimestampMicrosecondArray>()?;
