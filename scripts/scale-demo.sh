@@ -50,7 +50,6 @@ pipeline() {
     sed -e "s|^name = \"scale-out\"|name = \"$name\"|" \
         -e "s|\./data/state/scale-out|$DIR/$name/state|" \
         -e "s|\./data/scale-out|$DIR/$name|" \
-        -e "s|^session_timeout = .*|session_timeout = \"6s\"|" \
         config/scale_out.toml >"$file"
     echo "$file"
 }
@@ -83,9 +82,9 @@ if [[ "$MODE" == demo ]]; then
     kill -KILL "$a"
     d="$(start_member "$file" "$DIR/member-d.log")"
     sleep 3
-    say "member b stalls (SIGSTOP) for 10 s, past the 6 s session timeout"
+    say "member b stalls (SIGSTOP) for 15 s, past the 10 s session timeout"
     kill -STOP "$b"
-    sleep 10
+    sleep 15
     kill -CONT "$b"
     "$TOOLS" lag --brokers "$ADDR" --group scale-out --topics click-events,purchase-events --wait --timeout 20m
     stop_members

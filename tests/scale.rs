@@ -264,12 +264,21 @@ fn start(config: &Path, dir: &Path, name: &str) -> Member {
     Member { child, log }
 }
 
+/// A member left running when the test fails would run on against a broker that is gone.
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn signal(m: &Member, sig: &str) {
     assert!(Command::new("kill").arg(sig).arg(m.child.id().to_string()).status().unwrap().success());
 }
 
-fn stop(mut m: Member) {
-    signal(&m, "-TERM");
+fn stop(m: &mut Member) {
+    signal(m, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
         if let Some(s) = m.child.try_wait().unwrap() {
@@ -309,7 +318,7 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     produce_purchases(&bootstrap, &purchase_topic, &first_buys);
 
     let a = start(&config_path, dir.path(), "a");
-    let b = start(&config_path, dir.path(), "b");
+    let mut b = start(&config_path, dir.path(), "b");
     let views = dir.path().join("views");
     common::wait_for("the first rows", Duration::from_secs(120), || !table_rows(&views).is_empty());
 
@@ -317,7 +326,7 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     let mut a = a;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
-    let c = start(&config_path, dir.path(), "c");
+    let mut c = start(&config_path, dir.path(), "c");
     std::thread::sleep(Duration::from_secs(2));
     signal(&b, "-STOP");
     std::thread::sleep(Duration::from_secs(SESSION_TIMEOUT_S + 6));
@@ -398,6 +407,6 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
         "the stalled process was fenced when it woke; log:\n{}",
         tail(&b.log)
     );
-    stop(b);
-    stop(c);
+    stop(&mut b);
+    stop(&mut c);
 }

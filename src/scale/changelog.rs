@@ -31,6 +31,9 @@ use crate::state::{Mirror, MirrorOp, StateStore};
 
 /// Kafka requests of the changelog (metadata, init, commit) give up after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a commit or abort that timed out is tried again (librdkafka allows retrying
+/// the same call) before the epoch's transaction counts as failed.
+const CALL_ATTEMPTS: u32 = 5;
 /// A restore that reads nothing new for this long stops with an error.
 const RESTORE_STALL: Duration = Duration::from_secs(120);
 /// Transaction attempts per epoch before the task stops.
@@ -94,7 +97,9 @@ impl Changelog {
         c.set("bootstrap.servers", bootstrap)
             .set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
-            .set("transaction.timeout.ms", "60000");
+            // Longer than a slow commit may take on a loaded machine (CALL_ATTEMPTS ×
+            // REQUEST_TIMEOUT); brokers allow up to 15 minutes by default.
+            .set("transaction.timeout.ms", "300000");
         let producer: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|source| ScaleError::Kafka {
             what: format!("creating the changelog producer {transactional_id}"),
             source,
@@ -271,8 +276,23 @@ impl Changelog {
             }
             changed.insert(key, (now > 0).then_some(now));
         }
-        self.producer.commit_transaction(REQUEST_TIMEOUT)?;
+        retry_call(|| self.producer.commit_transaction(REQUEST_TIMEOUT))?;
         Ok(changed)
+    }
+}
+
+/// Calls a transaction API again while it fails with an error librdkafka says may be
+/// retried (a timeout): the call picks up where the last one stopped.
+fn retry_call(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    let mut attempt = 1;
+    loop {
+        match call() {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < CALL_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "transaction call timed out; calling it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -312,8 +332,11 @@ impl Mirror for Changelog {
             }
             tracing::warn!(epoch, attempt, error = %e, "changelog transaction failed; aborting it and writing the epoch again");
             if abortable {
-                if let Err(abort) = self.producer.abort_transaction(REQUEST_TIMEOUT) {
-                    tracing::warn!(epoch, error = %abort, "aborting the failed changelog transaction failed too");
+                if let Err(abort) = retry_call(|| self.producer.abort_transaction(REQUEST_TIMEOUT)) {
+                    return Err(format!(
+                        "aborting a failed transaction on {}[{}] failed too: {abort} (is the broker up?)",
+                        self.topic, self.partition
+                    ));
                 }
             }
             std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));

@@ -84,6 +84,9 @@ pub fn task_config(config: &Config, task: TaskId) -> Config {
     c.task = Some(task);
     c.pipeline.state_dir = process_dir(config).join(format!("task-{}", task.partition));
     c.pipeline.shards = 1;
+    // The epoch budget is the pipeline's, shared by its tasks: an epoch's changes travel in
+    // one changelog transaction.
+    c.pipeline.max_epoch_bytes = (config.pipeline.max_epoch_bytes / task.of.max(1) as u64).max(1 << 20);
     c.metrics.listen = None;
     c
 }

@@ -178,7 +178,11 @@ fn main() -> ExitCode {
                             "group {}: committed {committed} of {end} messages (lag {}){}",
                             args.group,
                             end - committed,
-                            if args.wait { format!(", caught up after {:.2} s", started.elapsed().as_secs_f64()) } else { String::new() }
+                            if args.wait {
+                                format!(", caught up after {:.2} s", started.elapsed().as_secs_f64())
+                            } else {
+                                String::new()
+                            }
                         );
                         return ExitCode::SUCCESS;
                     }
