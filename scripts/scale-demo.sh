@@ -36,6 +36,7 @@ cleanup() {
     scripts/kafka.sh stop "$DIR/kafka" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 for topic in click-events purchase-events; do
     scripts/kafka.sh tool kafka-topics --bootstrap-server "$ADDR" --create --topic "$topic" --partitions "$PARTITIONS" >/dev/null
@@ -54,11 +55,13 @@ pipeline() {
     echo "$file"
 }
 
+# Starts a member in the background; its pid is left in $STARTED (not echoed: a command
+# substitution would run this in a subshell, and MEMBERS would not learn of it).
 start_member() {
     local file="$1" log="$2"
     "$BIN" run "$file" --brokers "$ADDR" 2>"$log" >/dev/null &
-    MEMBERS+=("$!")
-    echo "$!"
+    STARTED="$!"
+    MEMBERS+=("$STARTED")
 }
 
 cpu_seconds() { # utime + stime of a process, in seconds
@@ -73,14 +76,14 @@ stop_members() {
 
 if [[ "$MODE" == demo ]]; then
     file="$(pipeline scale-out)"
-    a="$(start_member "$file" "$DIR/member-a.log")"
-    b="$(start_member "$file" "$DIR/member-b.log")"
-    c="$(start_member "$file" "$DIR/member-c.log")"
+    start_member "$file" "$DIR/member-a.log"; a="$STARTED"
+    start_member "$file" "$DIR/member-b.log"; b="$STARTED"
+    start_member "$file" "$DIR/member-c.log"; c="$STARTED"
     say "three members running (pids $a $b $c); logs in $DIR/member-*.log"
     sleep 8
     say "SIGKILL member a; member d joins"
     kill -KILL "$a"
-    d="$(start_member "$file" "$DIR/member-d.log")"
+    start_member "$file" "$DIR/member-d.log"
     sleep 3
     say "member b stalls (SIGSTOP) for 15 s, past the 10 s session timeout"
     kill -STOP "$b"
@@ -105,7 +108,10 @@ for n in 1 2 3; do
     broker_before="$(cpu_seconds "$broker_pid")"
     started="$(date +%s.%N)"
     pids=()
-    for i in $(seq "$n"); do pids+=("$(start_member "$file" "$DIR/bench-$n-$i.log")"); done
+    for i in $(seq "$n"); do
+        start_member "$file" "$DIR/bench-$n-$i.log"
+        pids+=("$STARTED")
+    done
     out="$("$TOOLS" lag --brokers "$ADDR" --group "scale-bench-$n" --topics click-events,purchase-events --wait --timeout 30m)"
     elapsed="$(echo "$(date +%s.%N) - $started" | bc -l)"
     cpu=0
