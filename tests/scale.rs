@@ -390,7 +390,7 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     assert!(got_joined == joined, "the join differs from the oracle");
     assert_eq!(common::read_dead_letters(&dir.path().join("dlq")), common::expected_dead_letters(&all));
     // The run did what it claims: a ran tasks before it was killed, state moved to another
-    // process through the changelog, and the stalled b found itself fenced when it woke.
+    // process through the changelog, and the stalled b lost its tasks.
     let log = |m: &Member| std::fs::read_to_string(&m.log).unwrap();
     assert!(log(&a).contains("tasks assigned"), "process a ran tasks before it was killed");
     let restored_state = |text: &str| {

@@ -34,6 +34,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a commit or abort that timed out is tried again (librdkafka allows retrying
 /// the same call) before the epoch's transaction counts as failed.
 const CALL_ATTEMPTS: u32 = 5;
+/// One call committing an epoch's transaction waits this long (it flushes the epoch first).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A restore that reads nothing new for this long stops with an error.
 const RESTORE_STALL: Duration = Duration::from_secs(120);
 /// Transaction attempts per epoch before the task stops.
@@ -98,8 +100,8 @@ impl Changelog {
             .set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             // Longer than a slow commit may take on a loaded machine (CALL_ATTEMPTS ×
-            // REQUEST_TIMEOUT); brokers allow up to 15 minutes by default.
-            .set("transaction.timeout.ms", "300000");
+            // COMMIT_TIMEOUT); brokers allow up to 15 minutes by default.
+            .set("transaction.timeout.ms", "600000");
         let producer: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|source| ScaleError::Kafka {
             what: format!("creating the changelog producer {transactional_id}"),
             source,
@@ -276,7 +278,7 @@ impl Changelog {
             }
             changed.insert(key, (now > 0).then_some(now));
         }
-        retry_call(|| self.producer.commit_transaction(REQUEST_TIMEOUT))?;
+        retry_call(|| self.producer.commit_transaction(COMMIT_TIMEOUT))?;
         Ok(changed)
     }
 }
@@ -289,6 +291,10 @@ fn retry_call(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), Ka
         match call() {
             Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < CALL_ATTEMPTS => {
                 tracing::debug!(attempt, error = %e, "transaction call timed out; calling it again");
+                attempt += 1;
+            }
+            Err(e @ KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if attempt < CALL_ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "flushing the transaction timed out; calling it again");
                 attempt += 1;
             }
             other => return other,
