@@ -455,9 +455,9 @@ fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]
     let Some(task) = config.task else {
         return Ok(StateStore::open(dir, shards, tables)?);
     };
-    let scale = |e: crate::scale::ScaleError| DaemonError::Runtime(format!("task {}: {e}", task.partition));
+    let scale = |e: crate::changelog::ChangelogError| DaemonError::Runtime(format!("task {}: {e}", task.partition));
     // Fence the previous owner first: its open transaction is aborted before we read.
-    let changelog = crate::scale::changelog::Changelog::open(config, bootstrap, task).map_err(scale)?;
+    let changelog = crate::changelog::Changelog::open(config, bootstrap, task).map_err(scale)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| DaemonError::Runtime(format!("cannot clear the local state copy {}: {e}", dir.display())))?;
     }

@@ -30,7 +30,11 @@
 //! - [`sink`]      sink plans, Arrow conversion, the Delta table writer
 //! - [`telemetry`] per-shard counters, progress, logging set-up
 //! - [`metrics`]   the HTTP endpoint: `/metrics` (Prometheus text, merged at scrape), `/healthz`, `/readyz`
+//! - [`changelog`] a scaled-out task's state in its partition of a compacted Kafka topic, one
+//!   transaction per epoch, the previous owner fenced
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
+//! - [`scale`]     scale-out: a process's membership in the pipeline's consumer group and the
+//!   tasks (one engine per partition number) it is given
 //!
 //! Tooling lives in its own crate, `tools/` (`tidemark-tools`, not published): the load
 //! generator's other event families, `loadgen`, and the end-to-end `loadtest`, which drives
@@ -41,6 +45,7 @@ pub mod agg;
 pub mod anomaly;
 pub mod apply;
 pub mod broker;
+pub mod changelog;
 pub mod commit;
 pub mod config;
 pub mod daemon;

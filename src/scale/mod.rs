@@ -10,7 +10,7 @@
 //!   it is assigned are the tasks it runs. A process that leaves, dies or stalls past the
 //!   session timeout loses its tasks to the others.
 //! - **State follows its task.** Every epoch of a task is first committed as a Kafka
-//!   transaction to its changelog partition ([`changelog::Changelog`]), then to the local
+//!   transaction to its changelog partition ([`crate::changelog::Changelog`]), then to the local
 //!   RocksDB, then to the sinks. A process taking a task over fences the previous owner's
 //!   writer, restores the state from the changelog into an empty local store, delivers the
 //!   output of the last epoch (sinks skip what they hold, by the task's application id), and
@@ -18,8 +18,6 @@
 //! - **Zombies.** A stalled owner that wakes up cannot commit another epoch (its changelog
 //!   transaction is fenced); an epoch it had committed is the same epoch the new owner
 //!   delivers, and a sink holding it skips it.
-
-pub mod changelog;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -39,8 +37,6 @@ use crate::state::StateError;
 pub enum ScaleError {
     #[error("Kafka failed while {what}: {source} (is the broker up and the address right?)")]
     Kafka { what: String, source: KafkaError },
-    #[error("changelog: {0}")]
-    Changelog(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]

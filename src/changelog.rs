@@ -1,4 +1,4 @@
-//! A task's changelog: its partition of the compacted changelog topic holds every write the
+//! The changelog of a task of a scaled-out pipeline (see `crate::scale`): its partition of the compacted changelog topic holds every write the
 //! task's state store made, one Kafka transaction per epoch (see [`crate::state::Mirror`]).
 //!
 //! The producer's transactional id names the task, so the process that takes a task over
@@ -25,7 +25,6 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use super::ScaleError;
 use crate::config::{Config, TaskId};
 use crate::state::{Mirror, MirrorOp, StateStore};
 
@@ -47,6 +46,16 @@ pub const CHUNK_BYTES: usize = 256 << 10;
 const CHUNKS_HEADER: &str = "chunks";
 /// A chunk record's key starts with this, a column-family length no record key has.
 const CHUNK_MARK: [u8; 2] = [0xFF, 0xFF];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangelogError {
+    #[error("Kafka failed while {what}: {source} (is the broker up and the address right?)")]
+    Kafka { what: String, source: KafkaError },
+    #[error("changelog: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
 
 pub struct Changelog {
     topic: String,
@@ -89,7 +98,7 @@ pub fn decode_key(record: &[u8]) -> Option<(String, Vec<u8>)> {
 
 impl Changelog {
     /// Connects as the task's writer, fencing any earlier one.
-    pub fn open(config: &Config, bootstrap: &str, task: TaskId) -> Result<Changelog, ScaleError> {
+    pub fn open(config: &Config, bootstrap: &str, task: TaskId) -> Result<Changelog, ChangelogError> {
         let scale = config.scale.as_ref().expect("a task runs a [scale] pipeline");
         let transactional_id = transactional_id(config, task);
         let mut c = ClientConfig::new();
@@ -102,11 +111,11 @@ impl Changelog {
             // Longer than a slow commit may take on a loaded machine (CALL_ATTEMPTS ×
             // COMMIT_TIMEOUT); brokers allow up to 15 minutes by default.
             .set("transaction.timeout.ms", "600000");
-        let producer: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|source| ScaleError::Kafka {
+        let producer: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|source| ChangelogError::Kafka {
             what: format!("creating the changelog producer {transactional_id}"),
             source,
         })?;
-        producer.init_transactions(REQUEST_TIMEOUT).map_err(|source| ScaleError::Kafka {
+        producer.init_transactions(REQUEST_TIMEOUT).map_err(|source| ChangelogError::Kafka {
             what: format!("taking over task {} (init_transactions of {transactional_id})", task.partition),
             source,
         })?;
@@ -121,8 +130,8 @@ impl Changelog {
 
     /// Reads the task's partition, committed records only, to its end into `store` (empty).
     /// Returns the number of records read.
-    pub fn restore_into(&self, config: &Config, bootstrap: &str, store: &StateStore) -> Result<u64, ScaleError> {
-        let kafka = |what: String| move |source| ScaleError::Kafka { what, source };
+    pub fn restore_into(&self, config: &Config, bootstrap: &str, store: &StateStore) -> Result<u64, ChangelogError> {
+        let kafka = |what: String| move |source| ChangelogError::Kafka { what, source };
         let mut c = crate::source::consumer_config(config, bootstrap);
         c.set("group.id", format!("{}.restore", config.kafka.group_id))
             .set("isolation.level", "read_committed")
@@ -147,7 +156,7 @@ impl Changelog {
         let mut chunked = self.chunked.lock().unwrap();
         let mut last_progress = Instant::now();
         let unknown = |offset: i64| {
-            ScaleError::Changelog(format!(
+            ChangelogError::Invalid(format!(
                 "record at offset {offset} of {}[{}] has a key tidemark did not write, or a value whose chunks are missing; the topic is used by something else",
                 self.topic, self.partition
             ))
@@ -198,13 +207,13 @@ impl Changelog {
                     }
                 }
                 Some(Err(e)) => {
-                    return Err(ScaleError::Kafka {
+                    return Err(ChangelogError::Kafka {
                         what: format!("reading {}[{}]", self.topic, self.partition),
                         source: e,
                     })
                 }
                 None if last_progress.elapsed() > RESTORE_STALL => {
-                    return Err(ScaleError::Changelog(format!(
+                    return Err(ChangelogError::Invalid(format!(
                         "restoring from {}[{}] read nothing for {} s before reaching offset {end}; is the broker up?",
                         self.topic,
                         self.partition,
