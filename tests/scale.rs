@@ -327,6 +327,10 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     let mut c = start(&config_path, dir.path(), "c");
+    // b stalls while it runs tasks (the group may have given them all to a at first).
+    common::wait_for("b to run tasks", Duration::from_secs(60), || {
+        std::fs::read_to_string(&b.log).unwrap_or_default().contains("tasks assigned")
+    });
     std::thread::sleep(Duration::from_secs(2));
     signal(&b, "-STOP");
     std::thread::sleep(Duration::from_secs(SESSION_TIMEOUT_S + 6));
