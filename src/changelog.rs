@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::{Config, TaskId};
 use crate::state::{Mirror, MirrorOp, StateStore};
@@ -101,12 +101,8 @@ impl Changelog {
     pub fn open(config: &Config, bootstrap: &str, task: TaskId) -> Result<Changelog, ChangelogError> {
         let scale = config.scale.as_ref().expect("a task runs a [scale] pipeline");
         let transactional_id = transactional_id(config, task);
-        let mut c = ClientConfig::new();
-        for (k, v) in &config.kafka.options {
-            c.set(k, v);
-        }
-        c.set("bootstrap.servers", bootstrap)
-            .set("transactional.id", &transactional_id)
+        let mut c = crate::source::client_config(config, bootstrap);
+        c.set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             // Longer than a slow commit may take on a loaded machine (CALL_ATTEMPTS ×
             // COMMIT_TIMEOUT); brokers allow up to 15 minutes by default.

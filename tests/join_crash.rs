@@ -60,29 +60,31 @@ fn input(from_ms: i64, to_ms: i64) -> (Vec<Click>, Vec<Purchase>, Vec<Reading>) 
     (clicks, purchases, readings)
 }
 
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 fn produce(addr: &str, topics: &Topics, (clicks, purchases, readings): &(Vec<Click>, Vec<Purchase>, Vec<Reading>)) {
     let p = EventProducer::connect(addr).unwrap();
     let [c, pu, r] = &topics.inputs;
     let topics = [c.as_str(), pu.as_str(), r.as_str()];
     let send = |topic: &str, i: usize, json: serde_json::Value| p.send(topic, Some((i % 2) as i32), b"k", json.to_string().as_bytes()).unwrap();
     for (i, c) in clicks.iter().enumerate() {
-        send(topics[0], i, serde_json::json!({ "user_id": c.1, "page_url": c.2, "timestamp": rfc3339(c.0) }));
+        send(
+            topics[0],
+            i,
+            serde_json::json!({ "user_id": c.1, "page_url": c.2, "timestamp": common::rfc3339(c.0) }),
+        );
     }
     for (i, x) in purchases.iter().enumerate() {
         send(
             topics[1],
             i,
-            serde_json::json!({ "user_id": x.1, "product_id": x.2, "price": x.3, "timestamp": rfc3339(x.0) }),
+            serde_json::json!({ "user_id": x.1, "product_id": x.2, "price": x.3, "timestamp": common::rfc3339(x.0) }),
         );
     }
     for (i, r) in readings.iter().enumerate() {
-        send(topics[2], i, serde_json::json!({ "device_id": r.1, "value": r.2, "timestamp": rfc3339(r.0) }));
+        send(
+            topics[2],
+            i,
+            serde_json::json!({ "device_id": r.1, "value": r.2, "timestamp": common::rfc3339(r.0) }),
+        );
     }
     p.flush(Duration::from_secs(30)).unwrap();
 }

@@ -50,16 +50,23 @@ fn purchases(from: i64, count: i64) -> Vec<Purchase> {
         .collect()
 }
 
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// A producer; a broker busy with three members may miss the first metadata request.
+fn producer(bootstrap: &str) -> EventProducer {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match EventProducer::connect(bootstrap) {
+            Ok(p) => return p,
+            Err(e) if attempt < 3 => eprintln!("producer: {e}; connecting again"),
+            Err(e) => panic!("producer: {e}"),
+        }
+    }
 }
 
 fn produce_purchases(bootstrap: &str, topic: &str, purchases: &[Purchase]) {
-    let p = EventProducer::connect(bootstrap).unwrap();
+    let p = producer(bootstrap);
     for (ms, user, product) in purchases {
-        let json = serde_json::json!({ "user_id": user, "product_id": product, "timestamp": rfc3339(*ms) });
+        let json = serde_json::json!({ "user_id": user, "product_id": product, "timestamp": common::rfc3339(*ms) });
         p.send(topic, Some(user_partition(user.as_bytes())), user.as_bytes(), json.to_string().as_bytes())
             .unwrap();
     }
@@ -78,12 +85,12 @@ const CLOCK_MS: i64 = T0_MS + 3_600_000;
 /// clock click matches its purchase: one join row per partition.)
 fn clocks(bootstrap: &str, clicks: &str, purchases_topic: &str) {
     let late = CLOCK_MS;
-    let p = EventProducer::connect(bootstrap).unwrap();
+    let p = producer(bootstrap);
     for partition in 0..PARTITIONS {
         let user = clock_user(partition);
-        let click = serde_json::json!({ "user_id": user, "page_url": "/", "action": "view", "timestamp": rfc3339(late) });
+        let click = serde_json::json!({ "user_id": user, "page_url": "/", "action": "view", "timestamp": common::rfc3339(late) });
         p.send(clicks, Some(partition), user.as_bytes(), click.to_string().as_bytes()).unwrap();
-        let buy = serde_json::json!({ "user_id": user, "product_id": "p", "timestamp": rfc3339(late) });
+        let buy = serde_json::json!({ "user_id": user, "product_id": "p", "timestamp": common::rfc3339(late) });
         p.send(purchases_topic, Some(partition), user.as_bytes(), buy.to_string().as_bytes()).unwrap();
     }
     p.flush(Duration::from_secs(60)).unwrap();

@@ -44,12 +44,6 @@ fn shipped(name: &str, dir: &Path, bootstrap: Option<&str>) -> Config {
     cfg
 }
 
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 fn produce(bootstrap: &str, topic: &str, events: &[serde_json::Value]) {
     let p = EventProducer::connect(bootstrap).unwrap();
     for e in events {
@@ -97,7 +91,7 @@ fn clicks(n: i64, step_ms: i64) -> Vec<(i64, String, String, &'static str)> {
 }
 
 fn click_json(e: &(i64, String, String, &str)) -> serde_json::Value {
-    serde_json::json!({ "user_id": e.1, "page_url": e.2, "action": e.3, "timestamp": rfc3339(e.0) })
+    serde_json::json!({ "user_id": e.1, "page_url": e.2, "action": e.3, "timestamp": common::rfc3339(e.0) })
 }
 
 #[test]
@@ -198,7 +192,7 @@ fn rolling_metrics_and_user_sessions_as_shipped() {
         .collect();
     let json: Vec<_> = events
         .iter()
-        .map(|e| serde_json::json!({ "device_id": e.1, "session_id": e.2, "click_rate": e.3, "ts": rfc3339(e.0) }))
+        .map(|e| serde_json::json!({ "device_id": e.1, "session_id": e.2, "click_rate": e.3, "ts": common::rfc3339(e.0) }))
         .collect();
     produce(broker.bootstrap_servers(), "device-events", &json);
     let watermark = (events.iter().map(|e| e.0).max().unwrap() - 30_000) * 1000;
@@ -357,7 +351,7 @@ fn click_purchase_attribution_as_shipped() {
         .collect();
     let mut all_clicks: Vec<serde_json::Value> = events.iter().map(click_json).collect();
     all_clicks.push(click_json(&(T0 + 3 * 3_600_000, "clock".into(), "/".into(), "view")));
-    let purchase_json = |p: &(i64, String, String, f64)| serde_json::json!({ "order_id": format!("o{}", p.0), "user_id": p.1, "product_id": p.2, "price": p.3, "timestamp": rfc3339(p.0) });
+    let purchase_json = |p: &(i64, String, String, f64)| serde_json::json!({ "order_id": format!("o{}", p.0), "user_id": p.1, "product_id": p.2, "price": p.3, "timestamp": common::rfc3339(p.0) });
     let mut all_purchases: Vec<serde_json::Value> = purchases.iter().map(purchase_json).collect();
     all_purchases.push(purchase_json(&(T0 + 3 * 3_600_000, "clock".into(), "p0".into(), 1.0)));
     produce(broker.bootstrap_servers(), "click-events", &all_clicks);
@@ -423,7 +417,8 @@ fn anomaly_detection_as_shipped() {
             readings.push((T0 + i * 20_000 + d * 1_000, format!("d-{d}"), 20.0 + ((i * 37 + d) % 11) as f64 / 10.0 + spike));
         }
     }
-    let reading_json = |r: &(i64, String, f64)| serde_json::json!({ "device_id": r.1, "sensor_type": "temperature", "value": r.2, "timestamp": rfc3339(r.0) });
+    let reading_json =
+        |r: &(i64, String, f64)| serde_json::json!({ "device_id": r.1, "sensor_type": "temperature", "value": r.2, "timestamp": common::rfc3339(r.0) });
     let mut all: Vec<serde_json::Value> = readings.iter().map(reading_json).collect();
     all.push(reading_json(&(T0 + 3 * 3_600_000, "clock".into(), 0.0)));
     produce(broker.bootstrap_servers(), "sensor-events", &all);
@@ -544,7 +539,7 @@ fn cdc_orders_as_shipped() {
     let dir = tempfile::tempdir().unwrap();
     let topic = "shop.public.orders";
     let broker = EmbeddedBroker::start(&[(topic.to_string(), 1)]).unwrap();
-    let order = |id: i64, status: &str, amount: f64, at_s: i64| serde_json::json!({ "order_id": id, "customer_id": format!("c{}", id % 3), "status": status, "amount": amount, "updated_at": rfc3339(T0 + at_s * 1000) });
+    let order = |id: i64, status: &str, amount: f64, at_s: i64| serde_json::json!({ "order_id": id, "customer_id": format!("c{}", id % 3), "status": status, "amount": amount, "updated_at": common::rfc3339(T0 + at_s * 1000) });
     let change = |op: &str, before: serde_json::Value, after: serde_json::Value, lsn: i64| {
         serde_json::json!({
             "before": before, "after": after, "op": op, "ts_ms": T0 + lsn + 5,
@@ -574,7 +569,7 @@ fn cdc_orders_as_shipped() {
         change(
             "u",
             order(4, "pending", 44.5, 4),
-            serde_json::json!({ "order_id": 4, "customer_id": "c1", "status": "x", "amount": "lots", "updated_at": rfc3339(T0) }),
+            serde_json::json!({ "order_id": 4, "customer_id": "c1", "status": "x", "amount": "lots", "updated_at": common::rfc3339(T0) }),
             160,
         ),
         change("t", null.clone(), null.clone(), 170),

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use crate::config::{Bootstrap, Config, TaskId};
 use crate::daemon::{DaemonError, Summary};
@@ -108,11 +108,7 @@ fn ensure_changelog(config: &Config, bootstrap: &str, tasks: i32) -> Result<(), 
         let what = what.to_string();
         move |source| ScaleError::Kafka { what, source }
     };
-    let mut c = ClientConfig::new();
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", bootstrap);
+    let c = crate::source::client_config(config, bootstrap);
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(kafka("creating an admin client"))?;
     let new = NewTopic::new(topic, tasks, TopicReplication::Fixed(scale.changelog_replication))
         .set("cleanup.policy", "compact")
@@ -197,6 +193,17 @@ impl Task {
     }
 }
 
+/// Stops tasks together: all are asked to commit their current epoch first, then each is
+/// waited for.
+fn stop_all(tasks: Vec<(i32, Task)>) {
+    for (_, t) in &tasks {
+        t.shutdown.store(true, Relaxed);
+    }
+    for (p, t) in tasks {
+        t.stop(p);
+    }
+}
+
 /// The tasks this process runs, shared by the rebalance callbacks and the member loop.
 #[derive(Default)]
 struct Tasks {
@@ -237,12 +244,7 @@ impl ConsumerContext for MemberContext {
             if !revoked.is_empty() {
                 tracing::info!(tasks = ?revoked, "tasks revoked");
             }
-            for (_, t) in &stopping {
-                t.shutdown.store(true, Relaxed);
-            }
-            for (p, t) in stopping {
-                t.stop(p);
-            }
+            stop_all(stopping);
         }
     }
 
@@ -280,14 +282,10 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         topic: scale.changelog_topic.clone(),
         tasks: tasks.clone(),
     };
-    let mut c = ClientConfig::new();
-    for (k, v) in &config.kafka.options {
-        c.set(k, v);
-    }
+    let mut c = crate::source::client_config(&config, &bootstrap);
     let session_ms = scale.session_timeout.as_millis().to_string();
     let heartbeat_ms = (scale.session_timeout.as_millis() / 4).max(100).to_string();
-    c.set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("{}.members", config.kafka.group_id))
+    c.set("group.id", format!("{}.members", config.kafka.group_id))
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", &session_ms)
         .set("heartbeat.interval.ms", &heartbeat_ms)
@@ -356,12 +354,7 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
     }
     tracing::info!("shutdown requested: committing and stopping every task, then leaving the group");
     let running: Vec<(i32, Task)> = tasks.lock().unwrap().running.drain().collect();
-    for (_, t) in &running {
-        t.shutdown.store(true, Relaxed);
-    }
-    for (p, t) in running {
-        t.stop(p);
-    }
+    stop_all(running);
     consumer.unsubscribe();
     // Nothing here is needed again: a task restores from its changelog wherever it runs.
     let _ = std::fs::remove_dir_all(process_dir(&config));

@@ -390,6 +390,16 @@ pub enum SourceError {
     },
 }
 
+/// A client of the pipeline's brokers: the `[kafka.options]` settings, then the brokers.
+pub fn client_config(config: &Config, bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &config.kafka.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
 /// librdkafka settings shared by every tidemark consumer; user options come first so the
 /// settings exactly-once depends on cannot be overridden.
 pub fn consumer_config(config: &Config, bootstrap: &str) -> ClientConfig {

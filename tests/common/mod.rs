@@ -50,6 +50,13 @@ pub fn plan(seed: u64, first_seq: i64, count: i64, late_share: f64, malformed_sh
         .collect()
 }
 
+/// An event time (ms since the epoch) as the generators write it: RFC 3339, UTC, millis.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Logs to stderr when RUST_LOG is set (see them with `cargo test -- --nocapture`).
 pub fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
