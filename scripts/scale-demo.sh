@@ -6,7 +6,8 @@
 #                                         and a twentieth as many purchases: one is SIGKILLed,
 #                                         one stalls (SIGSTOP) past the session timeout, one
 #                                         joins mid-run; prints when every event is committed
-#   scripts/scale-demo.sh bench [EVENTS]  the same input caught up by 1, 2 and 3 processes
+#   scripts/scale-demo.sh bench [EVENTS]  the same input caught up by one process without
+#                                         [scale] (the baseline), then by 1, 2 and 3 processes
 #                                         (fresh state each), with events/s and CPU seconds
 #
 # Everything lives in a new temp dir (TIDEMARK_SCALE_DIR to choose), kept at the end.
@@ -45,12 +46,15 @@ say "producing $EVENTS clicks and $((EVENTS / 20)) purchases (keyed by user) to 
 "$TOOLS" loadgen --brokers "$ADDR" --family click --count "$EVENTS" --keys 10000 --disorder 2s --malformed-share 0.001 --report-every 1h >/dev/null
 "$TOOLS" loadgen --brokers "$ADDR" --family purchase --count "$((EVENTS / 20))" --keys 10000 --report-every 1h >/dev/null
 
-# The shipped pipeline under a name of its own (its group, changelog, state and tables).
+# The shipped pipeline under a name of its own (its group, changelog, state and tables);
+# a second argument "single" turns [scale] off (one process, the engine's own shards).
 pipeline() {
-    local name="$1" file="$DIR/$1.toml"
+    local name="$1" file="$DIR/$1.toml" scale="s|^session_timeout = |session_timeout = |"
+    [[ "${2:-}" == single ]] && scale="s|^session_timeout = .*|enabled = false|"
     sed -e "s|^name = \"scale-out\"|name = \"$name\"|" \
         -e "s|\./data/state/scale-out|$DIR/$name/state|" \
         -e "s|\./data/scale-out|$DIR/$name|" \
+        -e "$scale" \
         config/scale_out.toml >"$file"
     echo "$file"
 }
@@ -100,15 +104,17 @@ fi
 
 total=$((EVENTS + EVENTS / 20))
 echo "scale-out catch-up: $EVENTS clicks + $((EVENTS / 20)) purchases, $PARTITIONS partitions (tasks), $(nproc) cores, Apache Kafka on the same machine"
-echo "processes  seconds  events/s  vs 1  tidemark CPU s  broker CPU s"
+echo "processes  seconds  events/s  vs single  tidemark CPU s  broker CPU s"
 broker_pid="$(cat "$DIR/kafka/pid")"
 base=""
-for n in 1 2 3; do
-    file="$(pipeline "scale-bench-$n")"
+# Row "single": the same pipeline without [scale], one process with a shard per core (the
+# baseline the scaled-out rows compare with, measured in the same run).
+for n in single 1 2 3; do
+    if [[ "$n" == single ]]; then file="$(pipeline "scale-bench-$n" single)"; else file="$(pipeline "scale-bench-$n")"; fi
     broker_before="$(cpu_seconds "$broker_pid")"
     started="$(date +%s.%N)"
     pids=()
-    for i in $(seq "$n"); do
+    for i in $(seq "${n/single/1}"); do
         start_member "$file" "$DIR/bench-$n-$i.log"
         pids+=("$STARTED")
     done
@@ -120,6 +126,6 @@ for n in 1 2 3; do
     stop_members
     rate="$(echo "$total / $elapsed" | bc -l)"
     [[ -z "$base" ]] && base="$rate"
-    printf "%9d  %7.1f  %8.0f  %4.2f  %14.1f  %12.1f\n" "$n" "$elapsed" "$rate" "$(echo "$rate / $base" | bc -l)" "$cpu" "$broker_cpu"
+    printf "%9s  %7.1f  %8.0f  %9.2f  %14.1f  %12.1f\n" "$n" "$elapsed" "$rate" "$(echo "$rate / $base" | bc -l)" "$cpu" "$broker_cpu"
     say "$out"
 done

@@ -290,7 +290,7 @@ impl Changelog {
 
 /// Calls a transaction API again while it fails with an error librdkafka says may be
 /// retried (a timeout): the call picks up where the last one stopped.
-fn retry_call(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+pub(crate) fn retry_call(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
     let mut attempt = 1;
     loop {
         match call() {

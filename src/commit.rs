@@ -102,6 +102,7 @@ impl Committer {
         let Some(consumer) = &self.group else { return };
         let list: Vec<_> = positions
             .iter()
+            .filter(|p| p.next_offset != crate::state::NO_OFFSET)
             .map(|p| (p.topic.clone(), p.partition, rdkafka::Offset::Offset(p.next_offset)))
             .collect();
         if list.is_empty() {

@@ -64,6 +64,7 @@ pub struct RunningPipeline {
     shards: usize,
     /// Dropped (server stopped) when the pipeline has ended.
     metrics: Option<MetricsServer>,
+    observed: MetricsSource,
     _broker: Option<EmbeddedBroker>,
 }
 
@@ -80,6 +81,12 @@ impl RunningPipeline {
     /// "off"` or the address could not be bound.
     pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(MetricsServer::address)
+    }
+
+    /// What a metrics endpoint serves of this pipeline (a scaled-out process serves all its
+    /// tasks' on one endpoint).
+    pub fn metrics_source(&self) -> MetricsSource {
+        self.observed.clone()
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -198,17 +205,13 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
     let failure = Arc::new(Failure::default());
     // Serving starts before recovery's slow part, so /healthz answers and /readyz says 503
     // while the committer delivers pending output.
-    let metrics = config.metrics.listen.and_then(|listen| {
-        MetricsServer::start(
-            listen,
-            MetricsSource {
-                stats: stats.clone(),
-                store: store.clone(),
-                labels: MetricLabels::new(&config, plans.iter().map(|p| p.name.clone()).collect()),
-                failed: failure.abort.clone(),
-            },
-        )
-    });
+    let observed = MetricsSource {
+        stats: stats.clone(),
+        store: store.clone(),
+        labels: MetricLabels::new(&config, plans.iter().map(|p| p.name.clone()).collect()),
+        failed: failure.abort.clone(),
+    };
+    let metrics = config.metrics.listen.and_then(|listen| MetricsServer::start(listen, observed.clone()));
     let (report_tx, report_rx) = flume::bounded(shards * 4);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), CommitError>>();
     let committer = {
@@ -443,6 +446,7 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         bootstrap,
         shards,
         metrics,
+        observed,
         _broker: broker,
     })
 }

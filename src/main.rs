@@ -29,6 +29,10 @@ enum Command {
         /// Use these Kafka bootstrap servers instead of [kafka] bootstrap_servers.
         #[arg(long)]
         brokers: Option<String>,
+        /// Serve /metrics, /healthz and /readyz on this address instead of [metrics] listen
+        /// (e.g. 127.0.0.1:9101 for a second process on one machine; "off" for none).
+        #[arg(long)]
+        metrics: Option<String>,
     },
     /// Check a pipeline file; exit 0 if valid, else exit 1 listing every error with its TOML path and line.
     Validate {
@@ -123,13 +127,24 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run { pipeline, brokers } => {
+        Command::Run { pipeline, brokers, metrics } => {
             let Some(mut cfg) = load_or_report(&pipeline) else { return ExitCode::FAILURE };
             if let Some(level) = &cfg.log.level {
                 tidemark::telemetry::apply_config_log_level(level);
             }
             if let Some(b) = brokers {
                 cfg.kafka.bootstrap_servers = Bootstrap::Servers(b);
+            }
+            match metrics.as_deref() {
+                None => {}
+                Some("off") => cfg.metrics.listen = None,
+                Some(address) => match address.parse() {
+                    Ok(a) => cfg.metrics.listen = Some(a),
+                    Err(_) => {
+                        eprintln!("error: --metrics {address:?} is not an address like 127.0.0.1:9101 (or \"off\")");
+                        return ExitCode::FAILURE;
+                    }
+                },
             }
             let shutdown = shutdown_flag();
             if cfg.scale.is_some() {

@@ -38,7 +38,15 @@ pub const LATENCY_BUCKETS: [f64; 37] = [
     10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
-/// What the endpoint reads from.
+/// What the endpoint serves: the metrics text, and whether the process is healthy and ready.
+pub trait Observed: Send + Sync + 'static {
+    fn metrics(&self) -> String;
+    fn healthy(&self) -> bool;
+    fn ready(&self) -> bool;
+}
+
+/// What the endpoint reads from: one running pipeline.
+#[derive(Clone)]
 pub struct MetricsSource {
     pub stats: Arc<PipelineStats>,
     pub store: Arc<StateStore>,
@@ -58,7 +66,7 @@ impl MetricsServer {
     /// Binds `listen` and serves on a new thread. A failure to bind (typically the address
     /// being in use by another daemon) is logged and leaves metrics off: the pipeline runs
     /// without them rather than not at all.
-    pub fn start(listen: SocketAddr, source: MetricsSource) -> Option<MetricsServer> {
+    pub fn start(listen: SocketAddr, source: impl Observed) -> Option<MetricsServer> {
         let bound = TcpListener::bind(listen).and_then(|l| {
             l.set_nonblocking(true)?;
             Ok((l.local_addr()?, l))
@@ -113,7 +121,7 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(listener: TcpListener, source: &MetricsSource, stop: &AtomicBool) {
+fn serve(listener: TcpListener, source: &dyn Observed, stop: &AtomicBool) {
     while !stop.load(Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -131,7 +139,7 @@ fn serve(listener: TcpListener, source: &MetricsSource, stop: &AtomicBool) {
 }
 
 /// Reads one request, writes one response, closes.
-fn answer(mut stream: TcpStream, source: &MetricsSource) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, source: &dyn Observed) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
     stream.set_write_timeout(Some(CONNECTION_TIMEOUT))?;
@@ -164,26 +172,75 @@ fn answer(mut stream: TcpStream, source: &MetricsSource) -> std::io::Result<()> 
     stream.flush()
 }
 
-fn route(path: &str, source: &MetricsSource) -> (&'static str, &'static str, String) {
+fn route(path: &str, source: &dyn Observed) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", scrape(source)),
-        "/healthz" if source.failed.load(Relaxed) => ("503 Service Unavailable", TEXT, "failed\n".into()),
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", source.metrics()),
+        "/healthz" if !source.healthy() => ("503 Service Unavailable", TEXT, "failed\n".into()),
         "/healthz" => ("200 OK", TEXT, "ok\n".into()),
-        "/readyz" if source.stats.ready.load(Relaxed) && !source.failed.load(Relaxed) => ("200 OK", TEXT, "ready\n".into()),
+        "/readyz" if source.ready() => ("200 OK", TEXT, "ready\n".into()),
         "/readyz" => ("503 Service Unavailable", TEXT, "not ready\n".into()),
         _ => ("404 Not Found", TEXT, "not found; try /metrics, /healthz or /readyz\n".into()),
     }
 }
 
-fn scrape(source: &MetricsSource) -> String {
-    let scrape = Scrape {
-        failed: source.failed.load(Relaxed),
-        state_size_bytes: Some(source.store.size_on_disk_bytes()),
-        now_micros: crate::time::now_micros(),
-        process: ProcStats::read(std::process::id()),
-    };
-    render(&source.stats, &source.labels, &scrape)
+impl MetricsSource {
+    fn scrape(&self, process: Option<ProcStats>) -> Scrape {
+        Scrape {
+            failed: self.failed.load(Relaxed),
+            state_size_bytes: Some(self.store.size_on_disk_bytes()),
+            now_micros: crate::time::now_micros(),
+            process,
+        }
+    }
+}
+
+impl Observed for MetricsSource {
+    fn metrics(&self) -> String {
+        render(&self.stats, &self.labels, &self.scrape(ProcStats::read(std::process::id())))
+    }
+
+    fn healthy(&self) -> bool {
+        !self.failed.load(Relaxed)
+    }
+
+    fn ready(&self) -> bool {
+        self.stats.ready.load(Relaxed) && !self.failed.load(Relaxed)
+    }
+}
+
+/// The tasks a scaled-out process runs, by task number, each registered while it runs.
+#[derive(Clone, Default)]
+pub struct TaskMetrics {
+    pub tasks: Arc<std::sync::Mutex<std::collections::BTreeMap<i32, MetricsSource>>>,
+}
+
+impl Observed for TaskMetrics {
+    /// Every running task's metrics with a `task` label, and the process's own once.
+    fn metrics(&self) -> String {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Exposition::default();
+        out.family("tidemark_tasks_running", "gauge", "Tasks of the scaled-out pipeline this process runs.");
+        out.sample("tidemark_tasks_running", &[], tasks.len() as f64);
+        for (task, source) in tasks.iter() {
+            out.task = Some(task.to_string());
+            render_into(&mut out, &source.stats, &source.labels, &source.scrape(None));
+        }
+        out.task = None;
+        process_metrics(&mut out, ProcStats::read(std::process::id()));
+        out.finish()
+    }
+
+    /// The process runs; a failed task is started again while the process owns it.
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Every task it runs is ready (none while it waits for tasks).
+    fn ready(&self) -> bool {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        !tasks.is_empty() && tasks.values().all(|t| t.ready())
+    }
 }
 
 /// Values read at scrape time from outside [`PipelineStats`].
@@ -226,6 +283,22 @@ type CounterFamily<T> = (&'static str, &'static str, fn(&T) -> &AtomicU64);
 /// Renders every metric in the Prometheus text format 0.0.4.
 pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> String {
     let mut out = Exposition::default();
+    render_into(&mut out, stats, labels, scrape);
+    process_metrics(&mut out, scrape.process);
+    out.finish()
+}
+
+fn process_metrics(out: &mut Exposition, process: Option<ProcStats>) {
+    if let Some(p) = process {
+        out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+        out.sample("process_resident_memory_bytes", &[], p.rss_bytes as f64);
+        out.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+        out.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
+    }
+}
+
+/// The pipeline's metrics, into `out`.
+fn render_into(out: &mut Exposition, stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) {
     let shard_label: Vec<String> = (0..stats.shards.len()).map(|i| i.to_string()).collect();
     let counter = |c: &AtomicU64| c.load(Relaxed) as f64;
     let total = |f: &dyn Fn(&ShardStats) -> f64| stats.shards.iter().map(f).sum::<f64>();
@@ -555,41 +628,49 @@ pub fn render(stats: &PipelineStats, labels: &MetricLabels, scrape: &Scrape) -> 
         &latency.event_time_to_commit,
         &LATENCY_BUCKETS,
     );
-
-    if let Some(p) = scrape.process {
-        out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
-        out.sample("process_resident_memory_bytes", &[], p.rss_bytes as f64);
-        out.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
-        out.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
-    }
-    out.text
 }
 
-/// A Prometheus text exposition being written.
+/// A Prometheus text exposition being written: families in the order first declared, each
+/// with its samples. With `task` set, samples carry a `task` label, so the pipelines of every
+/// task of a scaled-out process share the families.
 #[derive(Default)]
 struct Exposition {
-    text: String,
+    /// (name, HELP and TYPE lines, sample lines)
+    families: Vec<(String, String, String)>,
+    current: usize,
+    task: Option<String>,
 }
 
 impl Exposition {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+        if let Some(i) = self.families.iter().position(|f| f.0 == name) {
+            self.current = i;
+            return;
+        }
+        let header = format!("# HELP {name} {}\n# TYPE {name} {kind}\n", escape_help(help));
+        self.families.push((name.to_string(), header, String::new()));
+        self.current = self.families.len() - 1;
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
+        let task = self.task.as_deref().map(|t| ("task", t));
+        let text = &mut self.families[self.current].2;
+        text.push_str(name);
+        if task.is_some() || !labels.is_empty() {
+            text.push('{');
+            for (i, (k, v)) in task.iter().chain(labels).enumerate() {
                 if i > 0 {
-                    self.text.push(',');
+                    text.push(',');
                 }
-                let _ = write!(self.text, "{k}=\"{}\"", escape_label_value(v));
+                let _ = write!(text, "{k}=\"{}\"", escape_label_value(v));
             }
-            self.text.push('}');
+            text.push('}');
         }
-        let _ = writeln!(self.text, " {}", format_value(value));
+        let _ = writeln!(text, " {}", format_value(value));
+    }
+
+    fn finish(self) -> String {
+        self.families.into_iter().flat_map(|(_, header, samples)| [header, samples]).collect()
     }
 
     /// A histogram kept in microseconds, exposed in seconds with buckets at `bounds`.

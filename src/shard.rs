@@ -189,6 +189,10 @@ struct Input {
     /// The topic or source name dead letters carry.
     label: Rc<str>,
     clock: PartitionClock,
+    /// Read through a repartition topic: its clock follows what the repartitioner carries,
+    /// and it is idle when the repartitioner last said so.
+    carried: bool,
+    upstream_idle: bool,
     tally: Tally,
     /// Its published counters.
     stats: Arc<PartitionStats>,
@@ -202,6 +206,8 @@ impl Input {
             partition: info.partition,
             label: info.label,
             clock: PartitionClock::new(w.delay, w.idle_timeout, info.restored_max_event_time, now),
+            carried: info.carried,
+            upstream_idle: false,
             tally: Tally::default(),
             stats: Arc::new(PartitionStats::new(info.source, info.partition)),
         }
@@ -476,7 +482,11 @@ impl Shard {
         for (source, &first) in self.sources.iter().zip(&self.first_input) {
             for local in 0..source.input_count() {
                 let input = &self.inputs[first + local];
-                let wm = input.clock.watermark(now, source.progress(local, now));
+                let wm = match (input.carried, input.upstream_idle) {
+                    (false, _) => input.clock.watermark(now, source.progress(local, now)),
+                    (true, true) => IDLE,
+                    (true, false) => input.clock.own_watermark(),
+                };
                 wms[input.source] = wms[input.source].min(wm);
             }
         }
@@ -611,6 +621,18 @@ impl Shard {
             let mut received = 0u64;
             let polled = source.poll(POLL_ROUND, |rec| {
                 let input = first + rec.input;
+                if let Some(carried) = rec.carried {
+                    let state = &mut self.inputs[input];
+                    if let Some(max) = carried.max_before {
+                        if state.clock.max_event_time.is_none_or(|m| max > m) {
+                            state.clock.max_event_time = Some(max);
+                        }
+                    }
+                    state.upstream_idle = carried.mark == Some(true);
+                    if carried.mark.is_some() {
+                        return; // a marker: no record
+                    }
+                }
                 if rec.is_record {
                     let tally = &mut self.inputs[input].tally;
                     tally.received += 1;

@@ -63,10 +63,14 @@ const P_SINK_EPOCH: &[u8] = b"sinkep\0";
 pub struct PartitionPosition {
     pub topic: String,
     pub partition: i32,
-    /// The next offset to read.
+    /// The next offset to read; [`NO_OFFSET`] for a source partition read through a
+    /// repartition topic (only its clock is kept here).
     pub next_offset: i64,
     pub max_event_time: Option<EventTime>,
 }
+
+/// The `next_offset` of a position that keeps only a clock.
+pub const NO_OFFSET: i64 = -1;
 
 /// What recovery finds in the store.
 #[derive(Debug, Clone, Default)]

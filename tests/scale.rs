@@ -31,11 +31,35 @@ fn user_partition(key: &[u8]) -> i32 {
     (h % PARTITIONS as u64) as i32
 }
 
-fn events(seed: u64, first: i64, count: i64) -> Vec<Sent> {
-    common::plan(seed, first, count, 0.0, 0.005)
+/// How the producers spread events over partitions.
+#[derive(Clone, Copy, PartialEq)]
+enum Keying {
+    /// By user: the pipeline reads the topics as they are.
+    ByUser,
+    /// Round robin: a user's events are in every partition, so the pipeline repartitions.
+    RoundRobin,
+}
+
+impl Keying {
+    fn partition(self, user: &[u8], index: usize) -> i32 {
+        match self {
+            Keying::ByUser => user_partition(user),
+            Keying::RoundRobin => (index % PARTITIONS as usize) as i32,
+        }
+    }
+}
+
+fn events(seed: u64, first: i64, count: i64, keying: Keying) -> Vec<Sent> {
+    events_with_late(seed, first, count, keying, 0.0)
+}
+
+/// With a share of events an hour late (dead letters, unless first in their partition).
+fn events_with_late(seed: u64, first: i64, count: i64, keying: Keying, late_share: f64) -> Vec<Sent> {
+    common::plan(seed, first, count, late_share, 0.005)
         .into_iter()
-        .map(|mut s| {
-            s.partition = user_partition(&s.event.key);
+        .enumerate()
+        .map(|(i, mut s)| {
+            s.partition = keying.partition(&s.event.key, i);
             s
         })
         .collect()
@@ -63,14 +87,17 @@ fn producer(bootstrap: &str) -> EventProducer {
     }
 }
 
-fn produce_purchases(bootstrap: &str, topic: &str, purchases: &[Purchase]) {
+fn produce_purchases(bootstrap: &str, topic: &str, purchases: &[Purchase], keying: Keying) -> Vec<i32> {
     let p = producer(bootstrap);
-    for (ms, user, product) in purchases {
+    let mut partitions = Vec::new();
+    for (i, (ms, user, product)) in purchases.iter().enumerate() {
         let json = serde_json::json!({ "user_id": user, "product_id": product, "timestamp": common::rfc3339(*ms) });
-        p.send(topic, Some(user_partition(user.as_bytes())), user.as_bytes(), json.to_string().as_bytes())
-            .unwrap();
+        let partition = keying.partition(user.as_bytes(), i);
+        p.send(topic, Some(partition), user.as_bytes(), json.to_string().as_bytes()).unwrap();
+        partitions.push(partition);
     }
     p.flush(Duration::from_secs(60)).unwrap();
+    partitions
 }
 
 /// The user of partition `partition`'s clock events.
@@ -96,8 +123,8 @@ fn clocks(bootstrap: &str, clicks: &str, purchases_topic: &str) {
     p.flush(Duration::from_secs(60)).unwrap();
 }
 
-fn config(name: &str, topic: &str, purchases: &str, bootstrap: &str, dir: &Path) -> String {
-    format!(
+fn config(name: &str, topic: &str, purchases: &str, bootstrap: &str, dir: &Path, keying: Keying) -> String {
+    let text = format!(
         r#"
 [pipeline]
 name = "{name}"
@@ -172,7 +199,12 @@ listen = "off"
         views = dir.join("views").display(),
         dlq = dir.join("dlq").display(),
         attribution = dir.join("attribution").display(),
-    )
+    );
+    match keying {
+        Keying::ByUser => text,
+        // Not keyed by user: the pipeline repartitions both topics by user.
+        Keying::RoundRobin => text.replace("key = [\"user_id\"]\n", ""),
+    }
 }
 
 fn time_us(payload: &[u8]) -> i64 {
@@ -259,10 +291,15 @@ struct Member {
 }
 
 fn start(config: &Path, dir: &Path, name: &str) -> Member {
+    start_with(config, dir, name, &[])
+}
+
+fn start_with(config: &Path, dir: &Path, name: &str, args: &[&str]) -> Member {
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(BIN)
         .arg("run")
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -274,7 +311,11 @@ fn start(config: &Path, dir: &Path, name: &str) -> Member {
 /// A member left running when the test fails would run on against a broker that is gone.
 impl Drop for Member {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -300,6 +341,17 @@ fn stop(m: &mut Member) {
     assert!(status.success(), "member exited with {status}; log:\n{}", tail(&m.log));
 }
 
+/// GET /metrics from `address`.
+fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -308,6 +360,17 @@ fn tail(log: &Path) -> String {
 
 #[test]
 fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
+    kill_stall_and_add(Keying::ByUser);
+}
+
+/// The same with topics not keyed by user: each task repartitions its share of both topics
+/// by user, and reads its partition of the repartition topics.
+#[test]
+fn unkeyed_topics_are_repartitioned_and_equal_the_oracle_through_a_kill_a_stall_and_a_newcomer() {
+    kill_stall_and_add(Keying::RoundRobin);
+}
+
+fn kill_stall_and_add(keying: Keying) {
     common::init_logs();
     let bootstrap = kafka::bootstrap();
     let name = kafka::unique("scale");
@@ -316,34 +379,38 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     kafka::create_topics(&bootstrap, &[(&topic, PARTITIONS), (&purchase_topic, PARTITIONS)]);
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("pipeline.toml");
-    std::fs::write(&config_path, config(&name, &topic, &purchase_topic, &bootstrap, dir.path())).unwrap();
+    std::fs::write(&config_path, config(&name, &topic, &purchase_topic, &bootstrap, dir.path(), keying)).unwrap();
 
-    let first = events(11, 0, 60_000);
-    let second = events(12, 60_000, 60_000);
+    let first = events(11, 0, 60_000, keying);
+    let second = events(12, 60_000, 60_000, keying);
     let (first_buys, second_buys) = (purchases(0, 6_000), purchases(6_000, 6_000));
     common::produce_to(&bootstrap, &topic, &first);
-    produce_purchases(&bootstrap, &purchase_topic, &first_buys);
+    let mut buy_partitions = produce_purchases(&bootstrap, &purchase_topic, &first_buys, keying);
 
     let a = start(&config_path, dir.path(), "a");
     let mut b = start(&config_path, dir.path(), "b");
     let views = dir.path().join("views");
     common::wait_for("the first rows", Duration::from_secs(120), || !table_rows(&views).is_empty());
+    // Both run tasks before one dies (a late joiner gets its share in a second rebalance).
+    let runs_tasks = |m: &Member| std::fs::read_to_string(&m.log).unwrap_or_default().contains("tasks assigned");
+    common::wait_for("a and b to run tasks", Duration::from_secs(60), || runs_tasks(&a) && runs_tasks(&b));
 
     // A dies without a word; C joins; B stalls past the session timeout, then wakes up.
     let mut a = a;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
-    let mut c = start(&config_path, dir.path(), "c");
-    // b stalls while it runs tasks (the group may have given them all to a at first).
-    common::wait_for("b to run tasks", Duration::from_secs(60), || {
-        std::fs::read_to_string(&b.log).unwrap_or_default().contains("tasks assigned")
-    });
+    let metrics_address = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let mut c = start_with(&config_path, dir.path(), "c", &["--metrics", &metrics_address]);
+    // b stalls while it runs tasks.
     std::thread::sleep(Duration::from_secs(2));
     signal(&b, "-STOP");
     std::thread::sleep(Duration::from_secs(SESSION_TIMEOUT_S + 6));
     signal(&b, "-CONT");
     common::produce_to(&bootstrap, &topic, &second);
-    produce_purchases(&bootstrap, &purchase_topic, &second_buys);
+    buy_partitions.extend(produce_purchases(&bootstrap, &purchase_topic, &second_buys, keying));
     clocks(&bootstrap, &topic, &purchase_topic);
 
     let all: Vec<Sent> = first.into_iter().chain(second).collect();
@@ -353,8 +420,8 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
         ends[s.partition as usize] += 1;
     }
     let mut buy_ends = vec![1i64; PARTITIONS as usize];
-    for b in &buys {
-        buy_ends[user_partition(b.1.as_bytes()) as usize] += 1;
+    for p in &buy_partitions {
+        buy_ends[*p as usize] += 1;
     }
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -373,7 +440,7 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
 
     let expected: Vec<((i64, String), i64)> = oracle(&all).into_iter().collect();
     let mut got = Vec::new();
-    let done = (0..100).any(|_| {
+    let done = (0..200).any(|_| {
         got = table_rows(&views);
         got == expected || {
             std::thread::sleep(Duration::from_millis(300));
@@ -396,10 +463,26 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
     joined.extend((0..PARTITIONS).map(|p| vec![clock_user(p), (CLOCK_MS * 1000).to_string(), "p".into(), (CLOCK_MS * 1000).to_string()]));
     joined.sort();
     assert!(joined.iter().filter(|r| r[2] != "NULL").count() > 1000 && joined.iter().any(|r| r[2] == "NULL"));
-    let got_joined = common::sorted_rows(&dir.path().join("attribution"), &["user_id", "click_time", "product_id", "purchase_time"]);
+    let mut got_joined = Vec::new();
+    let _ = (0..100).any(|_| {
+        got_joined = common::sorted_rows(&dir.path().join("attribution"), &["user_id", "click_time", "product_id", "purchase_time"]);
+        got_joined == joined || {
+            std::thread::sleep(Duration::from_millis(300));
+            false
+        }
+    });
     assert_eq!(got_joined.len(), joined.len(), "join rows: got {}, expected {}", got_joined.len(), joined.len());
     assert!(got_joined == joined, "the join differs from the oracle");
     assert_eq!(common::read_dead_letters(&dir.path().join("dlq")), common::expected_dead_letters(&all));
+    // Dead letters name where the record was produced, also when it was read through a
+    // repartition topic.
+    let mut origins: Vec<Vec<String>> = all
+        .iter()
+        .filter(|s| !matches!(s.event.kind, EventKind::Valid))
+        .map(|s| vec![s.partition.to_string(), topic.clone()])
+        .collect();
+    origins.sort();
+    assert_eq!(common::sorted_rows(&dir.path().join("dlq"), &["partition", "topic"]), origins);
     // The run did what it claims: a ran tasks before it was killed, state moved to another
     // process through the changelog, and the stalled b lost its tasks.
     let log = |m: &Member| std::fs::read_to_string(&m.log).unwrap();
@@ -414,6 +497,105 @@ fn three_processes_with_a_kill_a_stall_and_a_newcomer_equal_the_oracle() {
         "a task restored its state from the changelog"
     );
     assert!(log(&b).contains("tasks revoked"), "the stalled process lost its tasks; log:\n{}", tail(&b.log));
+    let repartitioned = [&a, &b, &c].iter().any(|m| log(m).contains("repartitioning"));
+    assert_eq!(
+        repartitioned,
+        keying == Keying::RoundRobin,
+        "topics not keyed by user, and only they, are repartitioned"
+    );
+    // c serves one endpoint for all its tasks: each family once, each task's series labelled.
+    let text = scrape(&metrics_address);
+    let running: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tidemark_tasks_running "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tidemark_tasks_running in:\n{text}"));
+    assert!(running >= 1.0, "c runs tasks");
+    let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+    let unique: std::collections::BTreeSet<&&str> = helps.iter().collect();
+    assert_eq!(helps.len(), unique.len(), "a family is declared twice");
+    assert!(text.lines().any(|l| l.starts_with("tidemark_events_received_total{task=\"")), "{text}");
     stop(&mut b);
     stop(&mut c);
+}
+
+/// Every table, dead letters included, of one process without [scale] and of two processes
+/// repartitioning the same unkeyed topics: repartitioned tasks judge each event late or not
+/// as one process reading its source partition does, and dead letters name the same origin.
+#[test]
+fn repartitioned_tasks_decide_as_one_process_does() {
+    common::init_logs();
+    let bootstrap = kafka::bootstrap();
+    let (topic, purchase_topic) = (kafka::unique("same-clicks"), kafka::unique("same-purchases"));
+    kafka::create_topics(&bootstrap, &[(&topic, PARTITIONS), (&purchase_topic, PARTITIONS)]);
+    let sent = events_with_late(31, 0, 40_000, Keying::RoundRobin, 0.003);
+    assert!(sent.iter().filter(|s| matches!(s.event.kind, EventKind::VeryLate)).count() > 50);
+    common::produce_to(&bootstrap, &topic, &sent);
+    let buy_partitions = produce_purchases(&bootstrap, &purchase_topic, &purchases(0, 4_000), Keying::RoundRobin);
+    clocks(&bootstrap, &topic, &purchase_topic);
+    let mut ends = vec![1i64; PARTITIONS as usize];
+    for s in &sent {
+        ends[s.partition as usize] += 1;
+    }
+    let mut buy_ends = vec![1i64; PARTITIONS as usize];
+    for p in &buy_partitions {
+        buy_ends[*p as usize] += 1;
+    }
+
+    let tables = |dir: &Path| -> Vec<Vec<Vec<String>>> {
+        vec![
+            common::sorted_rows(&dir.join("views"), &["window_start", "user_id", "view_count"]),
+            common::sorted_rows(&dir.join("attribution"), &["user_id", "click_time", "product_id", "purchase_time"]),
+            common::sorted_rows(&dir.join("dlq"), &["reason", "topic", "partition", "offset", "payload"]),
+        ]
+    };
+    let run = |name: &str, processes: usize, scale: bool| -> Vec<Vec<Vec<String>>> {
+        let dir = tempfile::tempdir().unwrap();
+        // A delay shorter than the events' disorder: whether a disordered event is late
+        // depends on exactly which events of its partition came before it.
+        let mut text = config(name, &topic, &purchase_topic, &bootstrap, dir.path(), Keying::RoundRobin)
+            .replace(&format!("delay = \"{DELAY_MS}ms\""), "delay = \"300ms\"");
+        if !scale {
+            text = text.replace(&format!("session_timeout = \"{SESSION_TIMEOUT_S}s\""), "enabled = false");
+        }
+        let path = dir.path().join("pipeline.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut members: Vec<Member> = (0..processes).map(|i| start(&path, dir.path(), &format!("{name}-{i}"))).collect();
+        common::wait_for("every event committed", Duration::from_secs(180), || {
+            committed(&bootstrap, name, &topic) == ends && committed(&bootstrap, name, &purchase_topic) == buy_ends
+        });
+        // The last events committed upstream reach the tables within a few epochs.
+        let mut last = tables(dir.path());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_secs(3));
+            let now = tables(dir.path());
+            if now == last && !now[0].is_empty() || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        for m in &mut members {
+            stop(m);
+        }
+        tables(dir.path())
+    };
+    let single = run(&kafka::unique("same-single"), 1, false);
+    let scaled = run(&kafka::unique("same-scaled"), 2, true);
+    let late = single[2].iter().filter(|r| r[0] == "late").count();
+    let very_late = sent.iter().filter(|s| matches!(s.event.kind, EventKind::VeryLate)).count();
+    assert!(
+        late > very_late * 2,
+        "disordered events were dead-lettered too ({late} late, {very_late} an hour late)"
+    );
+    for (what, (one, two)) in ["views", "join", "dead letters"].iter().zip(single.iter().zip(&scaled)) {
+        assert_eq!(
+            one.len(),
+            two.len(),
+            "{what}: {} rows by one process, {} by two repartitioning",
+            one.len(),
+            two.len()
+        );
+        assert!(one == two, "{what} differ: first difference {:?}", one.iter().zip(two).find(|(a, b)| a != b));
+    }
 }

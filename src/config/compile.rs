@@ -12,7 +12,7 @@ use super::error::{ConfigError, Diagnostics};
 use super::model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Bootstrap, Config, DerivedColumn, EventTimeConfig, FieldDef, FieldType, Format,
     GeneratorConfig, GeneratorFamily, JoinConfig, KafkaConfig, KafkaSinkConfig, OutputMode, PipelineConfig, PurchasesConfig, QueryConfig, QueryKind,
-    ScaleConfig, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
+    Repartition, ScaleConfig, SinkConfig, SinkKind, SourceConfig, Sql, WindowConfig,
 };
 use super::raw::{RawAggregate, RawAnomaly, RawApply, RawConfig, RawDerived, RawGenerator, RawJoin, RawQuery, RawScale, RawSink, RawSource, RawWindow};
 use super::reader::At;
@@ -141,69 +141,110 @@ fn compile_scale(raw: RawScale, pipeline: &str, shape: &ScaleShape, diag: &Diagn
         ));
     }
     let names = |source: &SourceConfig, indexes: &[usize]| -> Vec<String> { indexes.iter().map(|&i| source.schema[i].name.clone()).collect() };
+    // Per source: the fields a join partitions it by; the keys of its other stateful queries;
+    // whether its messages are keyed so that one task holds whole keys (if not, it is
+    // repartitioned).
+    let count = shape.sources.len();
+    let mut joined_on: Vec<Option<Vec<String>>> = vec![None; count];
+    let mut keyed_by: Vec<Vec<Vec<String>>> = vec![Vec::new(); count];
+    let mut repartition = vec![false; count];
+    let mut join_sides: Vec<(usize, usize)> = Vec::new();
     for (q, (path, line)) in shape.queries.iter().zip(shape.query_at) {
         let report = |message: String| diag.report(path.clone(), *line, format!("query \"{}\": {message}", q.name));
         if q.output == OutputMode::Complete {
             report("output = \"complete\" rewrites the whole table each epoch, which no one task can do when several share the pipeline; use \"update\" (a view upserted per key) or \"append\"".to_string());
         }
         let Some(source) = shape.sources.get(q.source_index) else { continue };
-        let keyed_by: Vec<String> = match &q.kind {
+        let key = match &q.kind {
             QueryKind::Stateless => continue,
             QueryKind::Aggregate | QueryKind::Anomaly(_) => q.group_by.clone(),
             QueryKind::Apply(a) => a.primary_key.clone(),
             QueryKind::Join(j) => {
                 let Some(right) = shape.sources.get(j.source_index) else { continue };
                 let (left_on, right_on) = (names(source, &j.left_keys), names(right, &j.right_keys));
-                // The two topics must be partitioned alike: each side's message key is made of
-                // join-key fields, paired with each other.
-                let paired = source.key.len() == right.key.len()
+                for (side, on) in [(q.source_index, &left_on), (j.source_index, &right_on)] {
+                    match &joined_on[side] {
+                        Some(other) if other != on => report(format!(
+                            "joins \"{}\" on [{}], but another join uses [{}]: a [scale] pipeline partitions each source one way; join it on the same fields everywhere",
+                            shape.sources[side].name,
+                            on.join(", "),
+                            other.join(", ")
+                        )),
+                        _ => joined_on[side] = Some(on.clone()),
+                    }
+                }
+                // The two topics are partitioned alike when each side's message key is made of
+                // join-key fields paired with each other; otherwise both are repartitioned.
+                let paired = !source.key.is_empty()
+                    && source.key.len() == right.key.len()
                     && source
                         .key
                         .iter()
                         .zip(&right.key)
                         .all(|(l, r)| left_on.iter().position(|f| f == l).is_some_and(|i| &right_on[i] == r));
-                if !source.key.is_empty() && !paired {
-                    report(format!(
-                        "joins \"{}\" (key = [{}]) with \"{}\" (key = [{}]) on [{}] = [{}]: with [scale] both topics must be keyed by the same join-key fields (key = {} on \"{}\" needs the matching fields on \"{}\"), so matching rows land in the same partition number",
-                        source.name,
-                        source.key.join(", "),
-                        right.name,
-                        right.key.join(", "),
-                        left_on.join(", "),
-                        right_on.join(", "),
-                        quoted_list(&source.key),
-                        source.name,
-                        right.name
-                    ));
-                    continue;
+                if !paired {
+                    repartition[q.source_index] = true;
+                    repartition[j.source_index] = true;
                 }
-                left_on
+                join_sides.push((q.source_index, j.source_index));
+                continue;
             }
         };
-        if source.key.is_empty() {
-            report(format!(
-                "with [scale] each process sees only some partitions of \"{}\": say which fields its messages are keyed by (key = [\"...\"] on the source) so the tasks can be checked to hold whole keys",
-                source.name
-            ));
-        } else if let Some(missing) = source.key.iter().find(|k| !keyed_by.contains(k)) {
-            report(format!(
-                "keeps state per [{}], but \"{}\" is keyed by [{}] (no \"{missing}\"): one key's rows are spread over partitions, so tasks would each hold part of it. Key by fields the query's key contains, or repartition first: a stateless query writing to a kind = \"kafka\" sink with key = {}, read by a second pipeline",
-                keyed_by.join(", "),
-                source.name,
-                source.key.join(", "),
-                quoted_list(&keyed_by)
-            ));
+        if source.key.is_empty() || source.key.iter().any(|k| !key.contains(k)) {
+            repartition[q.source_index] = true;
         }
+        keyed_by[q.source_index].push(key);
+    }
+    // Both sides of a join are partitioned by the same rule: one repartitioned, both are.
+    while let Some(&(l, r)) = join_sides.iter().find(|(l, r)| repartition[*l] != repartition[*r]) {
+        repartition[l] = true;
+        repartition[r] = true;
+    }
+    let mut plans = Vec::new();
+    for (si, source) in shape.sources.iter().enumerate().filter(|(si, s)| repartition[*si] && s.files.is_none()) {
+        let key: Vec<String> = match &joined_on[si] {
+            Some(on) => {
+                if let Some(other) = keyed_by[si].iter().find(|k| on.iter().any(|f| !k.contains(f))) {
+                    at(format!(
+                        "\"{}\" is joined on [{}] but also keeps state by [{}]: a [scale] pipeline partitions each source one way, by fields every stateful query on it keeps state by",
+                        source.name,
+                        on.join(", "),
+                        other.join(", ")
+                    ));
+                }
+                on.clone()
+            }
+            None => {
+                let first = keyed_by[si].first().cloned().unwrap_or_default();
+                first.into_iter().filter(|f| keyed_by[si].iter().all(|k| k.contains(f))).collect()
+            }
+        };
+        if key.is_empty() {
+            let keys: Vec<String> = keyed_by[si].iter().map(|k| format!("[{}]", k.join(", "))).collect();
+            at(format!(
+                "the queries on \"{}\" keep state by {} with no field in common: a [scale] pipeline partitions each source by fields every stateful query on it keeps state by. Split the pipeline",
+                source.name,
+                keys.join(" and ")
+            ));
+            continue;
+        }
+        let topic_name: String = source
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+            .collect();
+        plans.push(Repartition {
+            source: si,
+            topic: format!("{pipeline}-repartition-{topic_name}"),
+            key: key.iter().filter_map(|f| source.field_index(f)).collect(),
+        });
     }
     ScaleConfig {
         changelog_topic: raw.changelog_topic.unwrap_or_else(|| format!("{pipeline}-changelog")),
         changelog_replication: raw.changelog_replication,
         session_timeout: raw.session_timeout,
+        repartition: plans,
     }
-}
-
-fn quoted_list(items: &[String]) -> String {
-    format!("[{}]", items.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", "))
 }
 
 /// What a query writes into its sink.
@@ -369,6 +410,7 @@ fn compile_source(
         on_error: s.on_error.into_iter().map(|e| e.value).collect(),
         on_gap: s.on_gap,
         key,
+        repartitioned: None,
     }
 }
 

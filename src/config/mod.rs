@@ -30,8 +30,8 @@ pub use model::DEFAULT_METRICS_LISTEN;
 pub use model::{
     AggFn, AggregateConfig, AnomalyConfig, AnomalyJudge, ApplyConfig, Bootstrap, CalendarUnit, Config, DebeziumFormat, DerivedColumn, EventTimeConfig,
     FieldDef, FieldType, FileSourceConfig, Format, GapPolicy, GeneratorConfig, GeneratorFamily, JoinConfig, JoinType, KafkaConfig, KafkaSinkConfig, LogConfig,
-    MetricsConfig, OrdersGeneratorConfig, OutputMode, PipelineConfig, PositionField, QueryConfig, QueryKind, ScaleConfig, SinkConfig, SinkKind, SourceConfig,
-    Sql, StartingOffsets, TaskId, TimeFormat, WatermarkConfig, WindowConfig,
+    MetricsConfig, OrdersGeneratorConfig, OutputMode, PipelineConfig, PositionField, QueryConfig, QueryKind, Repartition, Repartitioned, ScaleConfig,
+    SinkConfig, SinkKind, SourceConfig, Sql, StartingOffsets, TaskId, TimeFormat, WatermarkConfig, WindowConfig,
 };
 
 use error::Diagnostics;

@@ -110,6 +110,31 @@ pub struct ScaleConfig {
     pub changelog_replication: i32,
     /// A process silent this long loses its tasks to the others. Default 10s.
     pub session_timeout: Duration,
+    /// The sources whose messages are not keyed by what their queries keep state by: each is
+    /// read by the tasks' repartitioners and written again, keyed right, to a topic of its
+    /// own that the tasks then read instead.
+    pub repartition: Vec<Repartition>,
+}
+
+/// One source repartitioned by a `[scale]` pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repartition {
+    /// Index of the source in [`Config::sources`].
+    pub source: usize,
+    /// `<pipeline>-repartition-<source>`: one partition per task, created when missing.
+    pub topic: String,
+    /// Schema indexes of the fields the rows are keyed by, in order (a join's two sides list
+    /// paired fields in the same order, so matching rows meet in one task).
+    pub key: Vec<usize>,
+}
+
+/// What a task reads in place of a repartitioned source: partition `task` of its
+/// repartition topic, whose records come from `upstream_partitions` partitions of `topic`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repartitioned {
+    /// The source's own topic (dead letters and per-partition clocks name it).
+    pub topic: String,
+    pub upstream_partitions: i32,
 }
 
 /// One task of a scaled-out pipeline: partition `partition` of every source, out of `of`.
@@ -215,8 +240,12 @@ pub struct SourceConfig {
     pub on_error: Vec<String>,
     pub on_gap: GapPolicy,
     /// `key = ["user_id"]`: the fields the producers key (partition) the topic's messages by.
-    /// Required by `[scale]` for sources of keyed queries; unused otherwise.
+    /// Used by `[scale]` only: a source without it, or keyed by fields a query does not keep
+    /// state by, is repartitioned.
     pub key: Vec<String>,
+    /// Set by `[scale]` in a task's configuration when `topic` is this source's repartition
+    /// topic.
+    pub repartitioned: Option<Repartitioned>,
 }
 
 impl SourceConfig {

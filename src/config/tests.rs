@@ -200,6 +200,7 @@ fn full_config_parses_into_expected_values() {
             on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Skip,
             key: Vec::new(),
+            repartitioned: None,
         }
     );
     assert_eq!(source.event_time_index(), Some(2));
@@ -891,6 +892,7 @@ fn file_source_parses() {
             on_error: vec!["dead_letters".into()],
             on_gap: GapPolicy::Fail,
             key: Vec::new(),
+            repartitioned: None,
         }
     );
     assert_eq!(config.sources[0].files, None);
@@ -2082,24 +2084,55 @@ fn scale_reads_with_defaults_and_source_keys() {
 }
 
 #[test]
-fn scale_refuses_what_one_task_cannot_compute() {
-    let by_page = SCALED.replace("group_by = [\"page\", \"user_id\"]", "group_by = [\"page\"]");
-    let errors = errors_of(&by_page);
-    let e = error_at(&errors, "queries[0].name");
+fn scale_repartitions_sources_not_keyed_by_what_their_queries_keep_state_by() {
+    let keyed = parse_config(SCALED).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        keyed.scale.unwrap().repartition,
+        vec![],
+        "both topics are keyed by the join key: read as they are"
+    );
+
+    // Unkeyed purchases: the join needs both sides partitioned alike, so both are rewritten,
+    // each by its own join-key field.
+    let unkeyed = parse_config(&SCALED.replace("key = \"buyer\"\n", "")).unwrap_or_else(|e| panic!("{e}"));
+    let plans = unkeyed.scale.unwrap().repartition;
+    assert_eq!(
+        plans,
+        vec![
+            Repartition {
+                source: 0,
+                topic: "scaled-repartition-clicks".into(),
+                key: vec![0]
+            },
+            Repartition {
+                source: 1,
+                topic: "scaled-repartition-buys".into(),
+                key: vec![0]
+            },
+        ]
+    );
+
+    // Clicks keyed by page: per_user_page could use them as they are, the join cannot.
+    let by_page = parse_config(&SCALED.replace("key = [\"user_id\"]", "key = [\"page\"]")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        by_page.scale.unwrap().repartition.iter().map(|r| r.key.clone()).collect::<Vec<_>>(),
+        vec![vec![0], vec![0]]
+    );
+
+    // A stateful query whose key lacks the join key: no one partitioning serves both.
+    let errors = errors_of(&SCALED.replace("group_by = [\"page\", \"user_id\"]", "group_by = [\"page\"]"));
+    let e = error_at(&errors, "scale");
     assert!(
-        e.message.contains("keeps state per [page], but \"clicks\" is keyed by [user_id]"),
+        e.message.contains("\"clicks\" is joined on [user_id] but also keeps state by [page]"),
         "{}",
         e.message
     );
-    assert!(e.message.contains("key = [\"page\"]"), "the fix names the repartition key: {}", e.message);
+}
 
+#[test]
+fn scale_refuses_what_one_task_cannot_compute() {
     let complete = SCALED.replace("output = \"update\"", "output = \"complete\"");
     assert!(error_at(&errors_of(&complete), "queries[0].name").message.contains("output = \"complete\""));
-
-    let unkeyed = SCALED.replace("key = \"buyer\"\n", "");
-    let errors = errors_of(&unkeyed);
-    let e = error_at(&errors, "queries[1].name");
-    assert!(e.message.contains("both topics must be keyed by the same join-key fields"), "{}", e.message);
 
     let embedded = SCALED.replace("bootstrap_servers = \"kafka:9092\"", "bootstrap_servers = \"embedded\"");
     let errors = errors_of(&embedded);

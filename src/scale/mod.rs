@@ -1,8 +1,8 @@
 //! Scale-out: several tidemark processes run one pipeline together, with Kafka as the
 //! distributed engine.
 //!
-//! - **Tasks.** The sources are co-partitioned (the same partition count, keyed alike);
-//!   partition number `p` of every source is task `p`. A task is the whole engine
+//! - **Tasks.** The sources read as they are are co-partitioned (the same partition count,
+//!   keyed alike); partition number `p` of every source is task `p`. A task is the whole engine
 //!   ([`crate::daemon::start`]) restricted to those partitions, with its own epochs, its own
 //!   application id on every sink (`<pipeline>/<sink>/task-<p>`) and its own state.
 //! - **Membership.** Each process joins the consumer group `<group_id>.members` on the
@@ -15,6 +15,9 @@
 //!   writer, restores the state from the changelog into an empty local store, delivers the
 //!   output of the last epoch (sinks skip what they hold, by the task's application id), and
 //!   reads on from the stored source positions.
+//! - **Repartitioning.** A source whose messages are not keyed by what its queries keep state
+//!   by is rewritten, keyed right, to a topic with one partition per task by the tasks'
+//!   repartitioners ([`repartition`]), and the tasks read that topic in its place.
 //! - **Zombies.** A stalled owner that wakes up cannot commit another epoch (its changelog
 //!   transaction is fenced); an epoch it had committed is the same epoch the new owner
 //!   delivers, and a sink holding it skips it.
@@ -29,9 +32,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, TopicPartitionList};
 
-use crate::config::{Bootstrap, Config, TaskId};
+use crate::config::{Bootstrap, Config, Repartitioned, StartingOffsets, TaskId};
 use crate::daemon::{DaemonError, Summary};
+use crate::metrics::{MetricsServer, TaskMetrics};
 use crate::state::StateError;
+
+pub mod repartition;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
@@ -43,8 +49,8 @@ pub enum ScaleError {
     Source(#[from] crate::source::SourceError),
     #[error("[scale] needs co-partitioned sources (the same number of partitions, keyed alike), but {0}; give the topics the same partition count")]
     NotCoPartitioned(String),
-    #[error("the changelog topic \"{topic}\" has {found} partitions, but the sources have {tasks}: it belongs to another pipeline shape. Point [scale] changelog_topic at a new topic (and start with new state), or give the sources {found} partitions")]
-    ChangelogShape { topic: String, found: i32, tasks: i32 },
+    #[error("topic \"{topic}\" has {found} partitions, but the pipeline has {tasks} tasks (its sources' partition count): it belongs to another pipeline shape. Delete it or point [scale] changelog_topic at a new topic (and start with new state), or give the sources {found} partitions")]
+    TopicShape { topic: String, found: i32, tasks: i32 },
     #[error("{0}")]
     Runtime(String),
 }
@@ -74,8 +80,9 @@ fn sweep_dead_processes(config: &Config) {
 }
 
 /// The configuration task `task` runs: only its partitions, its own state directory, one
-/// shard (a process runs several tasks), no metrics endpoint of its own.
-pub fn task_config(config: &Config, task: TaskId) -> Config {
+/// shard (a process runs several tasks), no metrics endpoint of its own. A repartitioned
+/// source is read from its repartition topic (`counts`: the sources' partition counts).
+pub fn task_config(config: &Config, task: TaskId, counts: &[i32]) -> Config {
     let mut c = config.clone();
     c.task = Some(task);
     c.pipeline.state_dir = process_dir(config).join(format!("task-{}", task.partition));
@@ -84,107 +91,163 @@ pub fn task_config(config: &Config, task: TaskId) -> Config {
     // one changelog transaction.
     c.pipeline.max_epoch_bytes = (config.pipeline.max_epoch_bytes / task.of.max(1) as u64).max(1 << 20);
     c.metrics.listen = None;
+    for r in config.scale.iter().flat_map(|s| &s.repartition) {
+        let source = &mut c.sources[r.source];
+        source.repartitioned = Some(Repartitioned {
+            topic: std::mem::replace(&mut source.topic, r.topic.clone()),
+            upstream_partitions: counts[r.source],
+        });
+        // Everything in a repartition topic was written for the tasks: read it all.
+        source.starting_offsets = StartingOffsets::Earliest;
+    }
     c
 }
 
-/// The number of tasks: the sources' common partition count.
-fn task_count(config: &Config, bootstrap: &str) -> Result<i32, ScaleError> {
+/// The sources' partition counts, and the number of tasks: the common partition count of
+/// the sources read as they are (the largest count when every source is repartitioned).
+fn task_count(config: &Config, bootstrap: &str) -> Result<(i32, Vec<i32>), ScaleError> {
     let counts = crate::source::fetch_partition_counts(config, bootstrap, Duration::from_secs(15))?;
-    let first = counts.first().copied().unwrap_or(0);
-    if counts.iter().any(|&c| c != first) {
-        let listed: Vec<String> = config.sources.iter().zip(&counts).map(|(s, c)| format!("\"{}\" has {c}", s.topic)).collect();
+    let repartitioned = |si: usize| config.scale.iter().flat_map(|s| &s.repartition).any(|r| r.source == si);
+    let direct: Vec<usize> = (0..counts.len()).filter(|&si| !repartitioned(si)).collect();
+    let Some(&first) = direct.first() else {
+        return Ok((counts.iter().copied().max().unwrap_or(0), counts));
+    };
+    if direct.iter().any(|&si| counts[si] != counts[first]) {
+        let listed: Vec<String> = direct
+            .iter()
+            .map(|&si| format!("\"{}\" has {}", config.sources[si].topic, counts[si]))
+            .collect();
         return Err(ScaleError::NotCoPartitioned(listed.join(", ")));
     }
-    Ok(first)
+    Ok((counts[first], counts))
 }
 
-/// Creates the changelog topic (compacted, one partition per task) unless it exists with
-/// that many partitions.
-fn ensure_changelog(config: &Config, bootstrap: &str, tasks: i32) -> Result<(), ScaleError> {
+/// Creates a topic with `partitions` partitions unless it exists with that many.
+fn ensure_topic(config: &Config, bootstrap: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<(), ScaleError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let scale = config.scale.as_ref().expect("a [scale] pipeline");
-    let topic = &scale.changelog_topic;
-    let kafka = |what: &str| {
-        let what = what.to_string();
-        move |source| ScaleError::Kafka { what, source }
-    };
+    let kafka = |what: String| move |source| ScaleError::Kafka { what, source };
     let c = crate::source::client_config(config, bootstrap);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(kafka("creating an admin client"))?;
-    let new = NewTopic::new(topic, tasks, TopicReplication::Fixed(scale.changelog_replication))
-        .set("cleanup.policy", "compact")
-        // Compaction only cleans closed segments: roll them often, so a restore reads little
-        // more than the live state.
-        .set("segment.ms", "600000")
-        .set("min.cleanable.dirty.ratio", "0.1");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = c.create().map_err(kafka("creating an admin client".into()))?;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(scale.changelog_replication));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| ScaleError::Runtime(format!("cannot start a tokio runtime: {e}")))?;
     let results = rt
         .block_on(admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))
-        .map_err(kafka("creating the changelog topic"))?;
+        .map_err(kafka(format!("creating topic \"{topic}\"")))?;
     for r in results {
         match r {
-            Ok(_) => tracing::info!(topic = %topic, partitions = tasks, "created the changelog topic"),
+            Ok(_) => tracing::info!(topic = %topic, partitions, "created topic"),
             Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 return Err(ScaleError::Kafka {
-                    what: format!("creating the changelog topic \"{topic}\""),
+                    what: format!("creating topic \"{topic}\""),
                     source: KafkaError::AdminOp(code),
                 })
             }
         }
     }
-    let consumer: BaseConsumer = c.create().map_err(kafka("reading metadata"))?;
+    let consumer: BaseConsumer = c.create().map_err(kafka("reading metadata".into()))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(kafka("reading the changelog topic's metadata"))?;
+            .map_err(kafka(format!("reading the metadata of topic \"{topic}\"")))?;
         let found = md.topics().first().map_or(0, |t| t.partitions().len() as i32);
-        if found == tasks {
+        if found == partitions {
             return Ok(());
         }
         if found != 0 || Instant::now() > deadline {
-            return Err(ScaleError::ChangelogShape {
-                topic: topic.clone(),
+            return Err(ScaleError::TopicShape {
+                topic: topic.to_string(),
                 found,
-                tasks,
+                tasks: partitions,
             });
         }
         std::thread::sleep(Duration::from_millis(200)); // just created: metadata catches up
     }
 }
 
-/// A task this process runs.
+/// Creates the changelog topic (compacted) and the repartition topics, one partition per
+/// task each, unless they exist.
+fn ensure_topics(config: &Config, bootstrap: &str, tasks: i32) -> Result<(), ScaleError> {
+    let scale = config.scale.as_ref().expect("a [scale] pipeline");
+    // Compaction only cleans closed segments: roll them often, so a restore reads little
+    // more than the live state.
+    let compacted = [("cleanup.policy", "compact"), ("segment.ms", "600000"), ("min.cleanable.dirty.ratio", "0.1")];
+    ensure_topic(config, bootstrap, &scale.changelog_topic, tasks, &compacted)?;
+    for r in &scale.repartition {
+        ensure_topic(config, bootstrap, &r.topic, tasks, &[])?;
+    }
+    Ok(())
+}
+
+/// A task this process runs: the engine on its partitions, and the repartitioner of its
+/// share of the repartitioned sources' partitions when there are any.
 struct Task {
     shutdown: Arc<AtomicBool>,
     thread: JoinHandle<Result<Summary, DaemonError>>,
+    repartitioner: Option<JoinHandle<Result<(), repartition::RepartitionError>>>,
     started: Instant,
 }
 
 impl Task {
-    fn start(config: &Config, task: TaskId) -> Result<Task, ScaleError> {
+    fn start(config: &Config, bootstrap: &str, task: TaskId, counts: &[i32], metrics: &TaskMetrics) -> Result<Task, ScaleError> {
         let shutdown = Arc::new(AtomicBool::new(false));
-        let task_config = task_config(config, task);
-        let flag = shutdown.clone();
+        let task_config = task_config(config, task, counts);
+        let (flag, metrics) = (shutdown.clone(), metrics.clone());
+        let spawn_error = |e: std::io::Error| ScaleError::Runtime(format!("cannot spawn a task thread: {e}"));
         let thread = std::thread::Builder::new()
             .name(format!("task-{}", task.partition))
             .spawn(move || {
                 tracing::info!(task = task.partition, "starting task");
-                crate::daemon::start(task_config, flag)?.wait()
+                let running = crate::daemon::start(task_config, flag)?;
+                let served = || metrics.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                served().insert(task.partition, running.metrics_source());
+                let result = running.wait();
+                served().remove(&task.partition);
+                result
             })
-            .map_err(|e| ScaleError::Runtime(format!("cannot spawn a task thread: {e}")))?;
+            .map_err(spawn_error)?;
+        let repartitioner = match repartition::Repartitioner::plan(config, task, counts) {
+            None => None,
+            Some(plan) => {
+                let (config, bootstrap, flag) = (config.clone(), bootstrap.to_string(), shutdown.clone());
+                let handle = std::thread::Builder::new()
+                    .name(format!("repartition-{}", task.partition))
+                    .spawn(move || repartition::Repartitioner::run(&config, &bootstrap, plan, &flag))
+                    .map_err(spawn_error)?;
+                Some(handle)
+            }
+        };
         Ok(Task {
             shutdown,
             thread,
+            repartitioner,
             started: Instant::now(),
         })
     }
 
-    /// Commits the current epoch and stops.
+    /// Whether the engine or the repartitioner has ended (on its own: an error).
+    fn ended(&self) -> bool {
+        self.thread.is_finished() || self.repartitioner.as_ref().is_some_and(|r| r.is_finished())
+    }
+
+    /// Commits the current epoch (and the repartitioner's current transaction) and stops.
     fn stop(self, task: i32) {
         self.shutdown.store(true, Relaxed);
+        if let Some(r) = self.repartitioner {
+            match r.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(task, error = %e, "repartitioner stopped with an error"),
+                Err(_) => tracing::error!(task, "repartitioner thread panicked (internal error)"),
+            }
+        }
         match self.thread.join() {
             Ok(Ok(summary)) => tracing::info!(task, epoch = summary.stats.committed_epoch, "task stopped"),
             Ok(Err(e)) => tracing::warn!(task, error = %e, "task stopped with an error"),
@@ -275,9 +338,12 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         Bootstrap::Embedded => return Err(ScaleError::Runtime("[scale] needs [kafka] bootstrap_servers".into())),
     };
     sweep_dead_processes(&config);
-    let tasks_total = task_count(&config, &bootstrap)?;
-    ensure_changelog(&config, &bootstrap, tasks_total)?;
+    let (tasks_total, counts) = task_count(&config, &bootstrap)?;
+    ensure_topics(&config, &bootstrap, tasks_total)?;
     let tasks = Arc::new(Mutex::new(Tasks::default()));
+    // One endpoint for every task this process runs (each task's series carry its number).
+    let metrics = TaskMetrics::default();
+    let _server = config.metrics.listen.and_then(|listen| MetricsServer::start(listen, metrics.clone()));
     let context = MemberContext {
         topic: scale.changelog_topic.clone(),
         tasks: tasks.clone(),
@@ -314,7 +380,7 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         let mut t = tasks.lock().unwrap();
         // Tasks that ended on their own (an error; e.g. fenced by a new owner): start again
         // after a back-off while this process still has them.
-        let ended: Vec<i32> = t.running.iter().filter(|(_, task)| task.thread.is_finished()).map(|(p, _)| *p).collect();
+        let ended: Vec<i32> = t.running.iter().filter(|(_, task)| task.ended()).map(|(p, _)| *p).collect();
         for p in ended {
             let task = t.running.remove(&p).expect("listed above");
             let failures = t.failures.entry(p).or_insert(0);
@@ -335,7 +401,7 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         let due: Vec<i32> = t.to_start.iter().filter(|(_, at)| **at <= Instant::now()).map(|(p, _)| *p).collect();
         for p in due {
             t.to_start.remove(&p);
-            match Task::start(&config, TaskId { partition: p, of: tasks_total }) {
+            match Task::start(&config, &bootstrap, TaskId { partition: p, of: tasks_total }, &counts, &metrics) {
                 Ok(task) => {
                     t.running.insert(p, task);
                 }

@@ -34,7 +34,7 @@ use serde::Deserialize;
 
 use super::{assignment_list, consumer_config, partition_owner, resolve_start, InputInfo, Polled, SourceError, SourcePartition};
 use crate::config::{Config, GapPolicy};
-use crate::state::{PartitionPosition, Recovered};
+use crate::state::{PartitionPosition, Recovered, NO_OFFSET};
 use crate::telemetry::ShardStats;
 use crate::types::EventTime;
 use crate::watermark::Progress;
@@ -58,6 +58,19 @@ struct OwnedPartition {
     next_offset: Option<i64>,
     /// The topic as a C string, for asking librdkafka the partition's high watermark.
     topic_c: CString,
+    /// Its first input in [`KafkaSource::slots`]; a partition of a repartition topic has one
+    /// input per partition of the source it repartitions, any other has one.
+    first_slot: usize,
+    /// For a partition of a repartition topic: the source's own topic, and its partition count.
+    upstream: Option<(Rc<str>, i32)>,
+}
+
+/// One input of the shard: a partition, or a source partition read through a repartition
+/// topic.
+struct Slot {
+    part: usize,
+    /// The source partition, when read through a repartition topic.
+    upstream: Option<i32>,
     restored_max_event_time: Option<EventTime>,
 }
 
@@ -294,6 +307,7 @@ pub struct KafkaSource {
     config: Arc<Config>,
     bootstrap: String,
     parts: Vec<OwnedPartition>,
+    slots: Vec<Slot>,
     /// (topic, partition → index into `parts`)
     topics: Vec<(Rc<str>, Vec<Option<usize>>)>,
     stats: Arc<crate::telemetry::PipelineStats>,
@@ -316,7 +330,7 @@ fn client_error(bootstrap: &str) -> impl Fn(KafkaError) -> SourceError + '_ {
 
 /// librdkafka's last known (low, high) watermarks of a partition (the high one updated with
 /// every fetch; no request made), or `None` before the first fetch.
-fn known_watermarks<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &CStr, partition: i32) -> Option<(i64, i64)> {
+pub(crate) fn known_watermarks<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &CStr, partition: i32) -> Option<(i64, i64)> {
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` lives; `topic` is NUL-terminated
     // and outlives the call; librdkafka only reads it and writes the two out-parameters, and
@@ -372,6 +386,7 @@ impl KafkaSource {
             config,
             bootstrap: bootstrap.to_string(),
             parts: Vec::new(),
+            slots: Vec::new(),
             topics: Vec::new(),
             stats,
             shard,
@@ -397,7 +412,11 @@ impl KafkaSource {
                 record_skipped_gap(&source.stats.shards[shard], &src.topic, sp.partition, from, to);
             }
             assignment.push((src.topic.clone(), sp.partition, offset));
-            source.add_part(*sp, known_offset(offset), stored.and_then(|p| p.max_event_time))?;
+            let restored = |topic: &str, partition: i32| recovered.positions.get(&(topic.to_string(), partition)).and_then(|p| p.max_event_time);
+            source.add_part(*sp, known_offset(offset), |upstream| match upstream {
+                Some((topic, u)) => restored(topic, u),
+                None => stored.and_then(|p| p.max_event_time),
+            })?;
         }
         // librdkafka resolves a logical start (earliest/latest) once it has the topic's
         // metadata; a consumer without it waits for a 500 ms retry before its first fetch.
@@ -412,9 +431,18 @@ impl KafkaSource {
         Ok(source)
     }
 
-    /// Adds a partition to `parts` (not yet to the consumer's assignment).
-    fn add_part(&mut self, sp: SourcePartition, next_offset: Option<i64>, restored_max_event_time: Option<EventTime>) -> Result<(), SourceError> {
-        let topic = self.config.sources[sp.source].topic.clone();
+    /// Adds a partition to `parts` and its inputs to `slots` (not yet to the consumer's
+    /// assignment); `restored(upstream)`: an input's largest event time as of the last flushed
+    /// epoch.
+    fn add_part(
+        &mut self,
+        sp: SourcePartition,
+        next_offset: Option<i64>,
+        restored: impl Fn(Option<(&str, i32)>) -> Option<EventTime>,
+    ) -> Result<(), SourceError> {
+        let source = &self.config.sources[sp.source];
+        let topic = source.topic.clone();
+        let upstream: Option<(Rc<str>, i32)> = source.repartitioned.as_ref().map(|r| (r.topic.as_str().into(), r.upstream_partitions));
         let ti = match self.topics.iter().position(|t| *t.0 == *topic) {
             Some(ti) => ti,
             None => {
@@ -429,15 +457,33 @@ impl KafkaSource {
         by_partition[sp.partition as usize] = Some(self.parts.len());
         let topic_c = CString::new(topic.as_str())
             .map_err(|_| client_error(&self.bootstrap)(KafkaError::ClientCreation(format!("topic name {topic:?} contains a NUL byte"))))?;
+        let first_slot = self.slots.len();
+        match &upstream {
+            None => self.slots.push(Slot {
+                part: self.parts.len(),
+                upstream: None,
+                restored_max_event_time: restored(None),
+            }),
+            Some((from, count)) => {
+                for u in 0..*count {
+                    self.slots.push(Slot {
+                        part: self.parts.len(),
+                        upstream: Some(u),
+                        restored_max_event_time: restored(Some((&**from, u))),
+                    });
+                }
+            }
+        }
+        self.added += self.slots.len() - first_slot;
         self.parts.push(OwnedPartition {
             source: sp.source,
             partition: sp.partition,
             topic: self.topics[ti].0.clone(),
             next_offset,
             topic_c,
-            restored_max_event_time,
+            first_slot,
+            upstream,
         });
-        self.added += 1;
         Ok(())
     }
 
@@ -452,6 +498,7 @@ impl KafkaSource {
         }
         self.next_discovery = now + DISCOVERY_CHECK;
         let before = self.parts.len();
+        let slots_before = self.slots.len();
         for si in 0..self.known_counts.len() {
             let count = watch.count(si);
             let known = self.known_counts[si];
@@ -462,7 +509,7 @@ impl KafkaSource {
                 if partition_owner(si, partition, self.shards) == self.shard {
                     let sp = SourcePartition { source: si, partition };
                     tracing::info!(shard = self.shard, topic = %self.config.sources[si].topic, partition, "reading a partition added to the topic, from its earliest offset");
-                    self.add_part(sp, None, None)?;
+                    self.add_part(sp, None, |_| None)?;
                 }
             }
             self.known_counts[si] = count;
@@ -477,7 +524,7 @@ impl KafkaSource {
             let tpl = assignment_list(&new).map_err(client_error(&self.bootstrap))?;
             self.consumer.incremental_assign(&tpl).map_err(client_error(&self.bootstrap))?;
         }
-        Ok(self.parts.len() - before)
+        Ok(self.slots.len() - slots_before)
     }
 
     /// Inputs added by [`Self::discover`] since the last call.
@@ -498,19 +545,23 @@ impl KafkaSource {
     }
 
     pub fn inputs(&self) -> Vec<InputInfo> {
-        self.parts
+        self.slots
             .iter()
-            .map(|p| InputInfo {
-                source: p.source,
-                partition: p.partition,
-                label: p.topic.clone(),
-                restored_max_event_time: p.restored_max_event_time,
+            .map(|slot| {
+                let p = &self.parts[slot.part];
+                InputInfo {
+                    source: p.source,
+                    partition: slot.upstream.unwrap_or(p.partition),
+                    label: p.upstream.as_ref().map_or(&p.topic, |(from, _)| from).clone(),
+                    restored_max_event_time: slot.restored_max_event_time,
+                    carried: slot.upstream.is_some(),
+                }
             })
             .collect()
     }
 
     pub fn input_count(&self) -> usize {
-        self.parts.len()
+        self.slots.len()
     }
 
     fn part_index(&self, topic: &str, partition: i32) -> Option<usize> {
@@ -536,17 +587,50 @@ impl KafkaSource {
             };
             polled += 1;
             let Some(pi) = self.part_index(msg.topic(), msg.partition()) else { continue };
-            self.parts[pi].next_offset = Some(msg.offset() + 1);
+            let part = &mut self.parts[pi];
+            part.next_offset = Some(msg.offset() + 1);
             let payload = msg.payload().unwrap_or(&[]);
-            on(Polled {
-                input: pi,
-                offset: msg.offset(),
-                payload,
-                file: "",
-                is_record: true,
-                bytes: payload.len() as u64,
-                problem: None,
-            });
+            let Some((_, upstream_count)) = &part.upstream else {
+                on(Polled {
+                    input: part.first_slot,
+                    offset: msg.offset(),
+                    payload,
+                    file: "",
+                    is_record: true,
+                    bytes: payload.len() as u64,
+                    problem: None,
+                    carried: None,
+                });
+                continue;
+            };
+            let record = match crate::scale::repartition::read_headers(msg.headers()) {
+                Some((u, offset, carried)) if (0..*upstream_count).contains(&u) => Polled {
+                    input: part.first_slot + u as usize,
+                    offset: offset.unwrap_or(-1),
+                    payload,
+                    file: "",
+                    is_record: carried.mark.is_none(),
+                    bytes: payload.len() as u64,
+                    problem: None,
+                    carried: Some(carried),
+                },
+                _ => Polled {
+                    input: part.first_slot,
+                    offset: msg.offset(),
+                    payload,
+                    file: "",
+                    is_record: true,
+                    bytes: payload.len() as u64,
+                    problem: Some(format!(
+                        "record at offset {} of repartition topic {}[{}] was not written by tidemark's repartitioner (its headers name no source partition)",
+                        msg.offset(),
+                        part.topic,
+                        part.partition
+                    )),
+                    carried: None,
+                },
+            };
+            on(record);
         }
         Ok(polled)
     }
@@ -575,13 +659,13 @@ impl KafkaSource {
     /// Messages behind the partition's end (-1 while unknown). Before the first record, the
     /// position is the start of the retained log.
     pub fn lag(&self, input: usize) -> i64 {
-        let p = &self.parts[input];
+        let p = &self.parts[self.slots[input].part];
         known_watermarks(&self.consumer, &p.topic_c, p.partition).map_or(-1, |(low, high)| (high - p.next_offset.unwrap_or(low)).max(0))
     }
 
     /// Whether the partition is caught up and its fetches work (see the module doc).
     pub fn progress(&self, input: usize, now: Instant) -> Progress {
-        let p = &self.parts[input];
+        let p = &self.parts[self.slots[input].part];
         let high = known_watermarks(&self.consumer, &p.topic_c, p.partition).map_or(-1, |(_, high)| high);
         partition_progress(self.lag(input), high, self.consumer.context().partition(&p.topic, p.partition, now))
     }
@@ -589,14 +673,34 @@ impl KafkaSource {
     /// Where each partition stands, for the epoch's write batch (`max_event_time(input)`: the
     /// largest event time the shard saw on it).
     pub fn positions(&self, max_event_time: impl Fn(usize) -> Option<EventTime>, out: &mut Vec<PartitionPosition>) {
-        out.extend(self.parts.iter().enumerate().filter_map(|(i, p)| {
-            p.next_offset.map(|next_offset| PartitionPosition {
+        for p in &self.parts {
+            let Some(next_offset) = p.next_offset else { continue };
+            let Some((from, count)) = &p.upstream else {
+                out.push(PartitionPosition {
+                    topic: p.topic.to_string(),
+                    partition: p.partition,
+                    next_offset,
+                    max_event_time: max_event_time(p.first_slot),
+                });
+                continue;
+            };
+            out.push(PartitionPosition {
                 topic: p.topic.to_string(),
                 partition: p.partition,
                 next_offset,
-                max_event_time: max_event_time(i),
-            })
-        }));
+                max_event_time: None,
+            });
+            // The clocks of the source partitions it carries, by their own names; no offset
+            // (those are the repartitioner's).
+            out.extend((0..*count).filter_map(|u| {
+                max_event_time(p.first_slot + u as usize).map(|max| PartitionPosition {
+                    topic: from.to_string(),
+                    partition: u,
+                    next_offset: NO_OFFSET,
+                    max_event_time: Some(max),
+                })
+            }));
+        }
     }
 }
 

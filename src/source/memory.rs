@@ -50,6 +50,7 @@ impl MemorySource {
                 partition: p as i32,
                 label: label.clone(),
                 restored_max_event_time: self.restored_max_event_time[p],
+                carried: false,
             })
             .collect()
     }
@@ -69,6 +70,7 @@ impl MemorySource {
                     is_record: true,
                     bytes: payload.len() as u64,
                     problem: None,
+                    carried: None,
                 });
                 self.next[p] += 1;
                 n += 1;

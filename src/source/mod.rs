@@ -61,6 +61,19 @@ pub struct InputInfo {
     pub label: Rc<str>,
     /// The largest event time seen on it as of the last flushed epoch.
     pub restored_max_event_time: Option<EventTime>,
+    /// A partition of a repartitioned source, read through the source's repartition topic:
+    /// its clock follows what the repartitioner says of it ([`Carried`]), idleness included.
+    pub carried: bool,
+}
+
+/// What a repartitioner wrote with a record about its source partition (see
+/// `crate::scale::repartition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Carried {
+    /// The partition's largest event time before this record (or as of this marker).
+    pub max_before: Option<EventTime>,
+    /// `Some(idle)` for a marker: no record, only the partition's standing.
+    pub mark: Option<bool>,
 }
 
 /// One record a source read.
@@ -78,6 +91,8 @@ pub struct Polled<'a> {
     pub bytes: u64,
     /// Set when it cannot be read: it becomes a `decode` dead letter with this message.
     pub problem: Option<String>,
+    /// Read from a repartition topic: what came with it.
+    pub carried: Option<Carried>,
 }
 
 /// Where a shard's sources stand at the end of an epoch.
@@ -211,6 +226,7 @@ impl ShardSource {
                 partition: -1,
                 label: f.name.clone(),
                 restored_max_event_time: None,
+                carried: false,
             }],
             ShardSource::Memory(m) => m.inputs(),
         }
@@ -241,6 +257,7 @@ impl ShardSource {
                             .problem
                             .as_ref()
                             .map(|problem| format!("line {} bytes into {}: {problem}", line.offset, line.file)),
+                        carried: None,
                     })
                 });
                 // Files skipped as corrupt, truncated or vanished are dead letters too: nothing
@@ -254,6 +271,7 @@ impl ShardSource {
                         is_record: false,
                         bytes: 0,
                         problem: Some(event.to_string()),
+                        carried: None,
                     });
                 }
                 f.publish();
