@@ -12,7 +12,8 @@
 //! - [`broker`]    the embedded Kafka-protocol broker for demos and tests
 //! - [`source`]    partition ownership, Kafka consumer set-up and gap checks; the file-drop
 //!   source; the click generator of the `[generator]` section, the event envelope every
-//!   generated family shares, and the producer with the one paced producing loop
+//!   generated family shares, the producer with the one paced producing loop, and the record
+//!   format of repartition topics
 //! - [`time`]      event-time parsing (RFC 3339, epoch numbers)
 //! - [`decode`]    bytes → typed row (JSON rows, Debezium change events); bad records become
 //!   dead letters
@@ -33,8 +34,8 @@
 //! - [`changelog`] a scaled-out task's state in its partition of a compacted Kafka topic, one
 //!   transaction per epoch, the previous owner fenced
 //! - [`daemon`]    `start(config, shutdown)`: used by `main.rs` and by the tests
-//! - [`scale`]     scale-out: a process's membership in the pipeline's consumer group and the
-//!   tasks (one engine per partition number) it is given
+//! - [`scale`]     scale-out: a process's membership in the pipeline's consumer group, the
+//!   tasks (one engine per partition number) it is given, and their repartitioners
 //!
 //! Tooling lives in its own crate, `tools/` (`tidemark-tools`, not published): the load
 //! generator's other event families, `loadgen`, and the end-to-end `loadtest`, which drives

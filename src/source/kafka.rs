@@ -603,7 +603,7 @@ impl KafkaSource {
                 });
                 continue;
             };
-            let record = match crate::scale::repartition::read_headers(msg.headers()) {
+            let record = match super::carried::read_headers(msg.headers()) {
                 Some((u, offset, carried)) if (0..*upstream_count).contains(&u) => Polled {
                     input: part.first_slot + u as usize,
                     offset: offset.unwrap_or(-1),

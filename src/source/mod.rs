@@ -8,6 +8,7 @@
 //! flushed epoch; Kafka's group offsets are not the truth. A stored offset the broker no
 //! longer has is a *gap*: reported with the lost range, and fatal unless `on_gap = "skip"`.
 
+pub mod carried;
 pub mod cdc_generator;
 pub mod envelope;
 pub mod generator;
