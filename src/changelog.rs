@@ -96,6 +96,168 @@ pub fn decode_key(record: &[u8]) -> Option<(String, Vec<u8>)> {
     Some((cf.to_string(), record[2 + len..].to_vec()))
 }
 
+/// A standby copy of a task's state, ready for the task: its store's directory (closed), and
+/// where its reader stands.
+pub struct Warm {
+    pub dir: std::path::PathBuf,
+    pub restorer: Restorer,
+}
+
+/// Standby copies handed over to the tasks about to start in this process, by the task's
+/// transactional id.
+static WARM: Mutex<Option<HashMap<String, Warm>>> = Mutex::new(None);
+
+/// Leaves a standby copy for the task with this transactional id.
+pub fn offer_warm(transactional_id: String, warm: Warm) {
+    WARM.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(transactional_id, warm);
+}
+
+/// The standby copy left for the task with this transactional id, if any.
+pub fn take_warm(transactional_id: &str) -> Option<Warm> {
+    WARM.lock().unwrap_or_else(|e| e.into_inner()).as_mut()?.remove(transactional_id)
+}
+
+fn kafka(what: String) -> impl FnOnce(KafkaError) -> ChangelogError {
+    move |source| ChangelogError::Kafka { what, source }
+}
+
+/// Reads a task's changelog partition (committed records only) into a store, from the
+/// beginning: to its end when a task starts, or continuously for a standby copy, which the
+/// task then finishes ([`Changelog::restore_rest`]).
+pub struct Restorer {
+    topic: String,
+    partition: i32,
+    consumer: BaseConsumer,
+    /// Records read so far.
+    read: u64,
+    replay: Replay,
+}
+
+/// What a [`Restorer`] has read and not yet written, and what it knows of chunked values.
+#[derive(Default)]
+struct Replay {
+    /// Read, not yet written to the store.
+    ops: Vec<MirrorOp>,
+    /// Chunks of values whose record has not come yet: record key → index → bytes.
+    parts: HashMap<Vec<u8>, HashMap<u32, Vec<u8>>>,
+    /// Record key → chunk count of the values held in chunks (see [`Changelog`]).
+    chunked: HashMap<Vec<u8>, u32>,
+}
+
+impl Restorer {
+    pub fn start(config: &Config, bootstrap: &str, topic: &str, partition: i32) -> Result<Restorer, ChangelogError> {
+        let mut c = crate::source::consumer_config(config, bootstrap);
+        c.set("group.id", format!("{}.restore", config.kafka.group_id))
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = c.create().map_err(kafka("creating the changelog reader".into()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(kafka("assigning the changelog partition".into()))?;
+        consumer.assign(&tpl).map_err(kafka("assigning the changelog partition".into()))?;
+        Ok(Restorer {
+            topic: topic.to_string(),
+            partition,
+            consumer,
+            read: 0,
+            replay: Replay::default(),
+        })
+    }
+
+    /// The next offset the reader fetches (past control records too), once known.
+    fn position(&self) -> Option<i64> {
+        let position = self.consumer.position().ok()?;
+        let offset = position.find_partition(&self.topic, self.partition)?.offset().to_raw();
+        offset.filter(|o| *o >= 0)
+    }
+
+    /// Reads what arrives within `wait` (and what is already there, up to a batch), writing to
+    /// `store` in batches. Returns the number of records read.
+    pub fn poll_into(&mut self, store: &StateStore, wait: Duration) -> Result<usize, ChangelogError> {
+        let mut n = 0;
+        let mut timeout = wait;
+        while n < 10_000 {
+            let m = match self.consumer.poll(timeout) {
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(kafka(format!("reading {}[{}]", self.topic, self.partition))(e)),
+            };
+            timeout = Duration::ZERO;
+            n += 1;
+            self.read += 1;
+            self.replay.apply(&m).map_err(|()| {
+                ChangelogError::Invalid(format!(
+                    "record at offset {} of {}[{}] has a key tidemark did not write, or a value whose chunks are missing; the topic is used by something else",
+                    m.offset(),
+                    self.topic,
+                    self.partition
+                ))
+            })?;
+            if self.replay.ops.len() >= 10_000 {
+                store.restore(std::mem::take(&mut self.replay.ops))?;
+            }
+        }
+        if n == 0 || self.replay.ops.len() >= 1_000 {
+            self.flush(store)?;
+        }
+        Ok(n)
+    }
+
+    pub fn flush(&mut self, store: &StateStore) -> Result<(), ChangelogError> {
+        if !self.replay.ops.is_empty() {
+            store.restore(std::mem::take(&mut self.replay.ops))?;
+        }
+        Ok(())
+    }
+}
+
+impl Replay {
+    /// Takes one changelog record; `Err` when it is not one tidemark wrote.
+    fn apply(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ()> {
+        let unknown = || ();
+        let key = m.key().unwrap_or_default();
+        if let Some((index, record_key)) = parse_chunk_key(key) {
+            match m.payload() {
+                Some(bytes) => {
+                    self.parts.entry(record_key.to_vec()).or_default().insert(index, bytes.to_vec());
+                }
+                None => {
+                    if let Some(p) = self.parts.get_mut(record_key) {
+                        p.remove(&index);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let (cf, store_key) = decode_key(key).ok_or_else(unknown)?;
+        let chunks = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == CHUNKS_HEADER).and_then(|h| h.value))
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map(u32::from_be_bytes);
+        let value = match (chunks, m.payload()) {
+            (Some(n), _) => {
+                let mut got = self.parts.remove(key).unwrap_or_default();
+                let mut value = Vec::new();
+                for i in 0..n {
+                    value.extend(got.remove(&i).ok_or_else(unknown)?);
+                }
+                self.chunked.insert(key.to_vec(), n);
+                Some(value)
+            }
+            (None, payload) => {
+                self.chunked.remove(key);
+                payload.map(<[u8]>::to_vec)
+            }
+        };
+        self.ops.push(MirrorOp { cf, key: store_key, value });
+        Ok(())
+    }
+}
+
 impl Changelog {
     /// Connects as the task's writer, fencing any earlier one.
     pub fn open(config: &Config, bootstrap: &str, task: TaskId) -> Result<Changelog, ChangelogError> {
@@ -127,107 +289,36 @@ impl Changelog {
     /// Reads the task's partition, committed records only, to its end into `store` (empty).
     /// Returns the number of records read.
     pub fn restore_into(&self, config: &Config, bootstrap: &str, store: &StateStore) -> Result<u64, ChangelogError> {
-        let kafka = |what: String| move |source| ChangelogError::Kafka { what, source };
-        let mut c = crate::source::consumer_config(config, bootstrap);
-        c.set("group.id", format!("{}.restore", config.kafka.group_id))
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = c.create().map_err(kafka("creating the changelog reader".into()))?;
+        let restorer = Restorer::start(config, bootstrap, &self.topic, self.partition)?;
+        self.restore_rest(restorer, store)
+    }
+
+    /// Reads from where `restorer` stands (a standby copy, `store`) to the partition's end.
+    /// Returns the number of records read.
+    pub fn restore_rest(&self, mut restorer: Restorer, store: &StateStore) -> Result<u64, ChangelogError> {
         // Read-committed: the end is the last stable offset; the open transaction of a fenced
         // writer was aborted by `open`, so nothing is left undecided below it.
-        let (low, end) = consumer
+        let (low, end) = restorer
+            .consumer
             .fetch_watermarks(&self.topic, self.partition, REQUEST_TIMEOUT)
             .map_err(kafka(format!("reading the end of {}[{}]", self.topic, self.partition)))?;
-        if end <= low {
-            return Ok(0);
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, self.partition, Offset::Beginning)
-            .map_err(kafka("assigning the changelog partition".into()))?;
-        consumer.assign(&tpl).map_err(kafka("assigning the changelog partition".into()))?;
-        let mut read = 0u64;
-        let mut chunk = Vec::new();
-        // Chunks of values whose record has not come yet: record key → index → bytes.
-        let mut parts: HashMap<Vec<u8>, HashMap<u32, Vec<u8>>> = HashMap::new();
-        let mut chunked = self.chunked.lock().unwrap();
+        let read_before = restorer.read;
         let mut last_progress = Instant::now();
-        let unknown = |offset: i64| {
-            ChangelogError::Invalid(format!(
-                "record at offset {offset} of {}[{}] has a key tidemark did not write, or a value whose chunks are missing; the topic is used by something else",
-                self.topic, self.partition
-            ))
-        };
-        loop {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    last_progress = Instant::now();
-                    read += 1;
-                    let key = m.key().unwrap_or_default();
-                    if let Some((index, record_key)) = parse_chunk_key(key) {
-                        match m.payload() {
-                            Some(bytes) => {
-                                parts.entry(record_key.to_vec()).or_default().insert(index, bytes.to_vec());
-                            }
-                            None => {
-                                if let Some(p) = parts.get_mut(record_key) {
-                                    p.remove(&index);
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    let (cf, store_key) = decode_key(key).ok_or_else(|| unknown(m.offset()))?;
-                    let chunks = m
-                        .headers()
-                        .and_then(|h| h.iter().find(|h| h.key == CHUNKS_HEADER).and_then(|h| h.value))
-                        .and_then(|v| <[u8; 4]>::try_from(v).ok())
-                        .map(u32::from_be_bytes);
-                    let value = match (chunks, m.payload()) {
-                        (Some(n), _) => {
-                            let mut got = parts.remove(key).unwrap_or_default();
-                            let mut value = Vec::new();
-                            for i in 0..n {
-                                value.extend(got.remove(&i).ok_or_else(|| unknown(m.offset()))?);
-                            }
-                            chunked.insert(key.to_vec(), n);
-                            Some(value)
-                        }
-                        (None, payload) => {
-                            chunked.remove(key);
-                            payload.map(<[u8]>::to_vec)
-                        }
-                    };
-                    chunk.push(MirrorOp { cf, key: store_key, value });
-                    if chunk.len() >= 10_000 {
-                        store.restore(std::mem::take(&mut chunk))?;
-                    }
-                }
-                Some(Err(e)) => {
-                    return Err(ChangelogError::Kafka {
-                        what: format!("reading {}[{}]", self.topic, self.partition),
-                        source: e,
-                    })
-                }
-                None if last_progress.elapsed() > RESTORE_STALL => {
-                    return Err(ChangelogError::Invalid(format!(
-                        "restoring from {}[{}] read nothing for {} s before reaching offset {end}; is the broker up?",
-                        self.topic,
-                        self.partition,
-                        RESTORE_STALL.as_secs()
-                    )))
-                }
-                None => {}
-            }
-            let position = consumer
-                .position()
-                .ok()
-                .and_then(|p| p.find_partition(&self.topic, self.partition).and_then(|e| e.offset().to_raw()));
-            if position.is_some_and(|p| p >= end) {
-                break;
+        while end > low && restorer.position().is_none_or(|p| p < end) {
+            if restorer.poll_into(store, Duration::from_millis(200))? > 0 {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > RESTORE_STALL {
+                return Err(ChangelogError::Invalid(format!(
+                    "restoring from {}[{}] read nothing for {} s before reaching offset {end}; is the broker up?",
+                    self.topic,
+                    self.partition,
+                    RESTORE_STALL.as_secs()
+                )));
             }
         }
-        store.restore(chunk)?;
-        Ok(read)
+        restorer.flush(store)?;
+        *self.chunked.lock().unwrap() = std::mem::take(&mut restorer.replay.chunked);
+        Ok(restorer.read - read_before)
     }
 
     fn send(&self, key: &[u8], value: Option<&[u8]>, headers: Option<OwnedHeaders>) -> Result<(), KafkaError> {

@@ -462,15 +462,32 @@ fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]
     let scale = |e: crate::changelog::ChangelogError| DaemonError::Runtime(format!("task {}: {e}", task.partition));
     // Fence the previous owner first: its open transaction is aborted before we read.
     let changelog = crate::changelog::Changelog::open(config, bootstrap, task).map_err(scale)?;
+    // A standby copy this process kept of the task becomes the local store; otherwise it
+    // starts empty.
+    let warm = crate::changelog::take_warm(&crate::changelog::transactional_id(config, task));
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| DaemonError::Runtime(format!("cannot clear the local state copy {}: {e}", dir.display())))?;
     }
-    let mut store = StateStore::open(dir, shards, tables)?;
+    let standby = warm.is_some();
     let started = Instant::now();
-    let records = changelog.restore_into(config, bootstrap, &store).map_err(scale)?;
+    let (mut store, records) = match warm {
+        Some(warm) => {
+            std::fs::rename(&warm.dir, dir)
+                .map_err(|e| DaemonError::Runtime(format!("cannot move the standby copy {} to {}: {e}", warm.dir.display(), dir.display())))?;
+            let store = StateStore::open(dir, shards, tables)?;
+            let records = changelog.restore_rest(warm.restorer, &store).map_err(scale)?;
+            (store, records)
+        }
+        None => {
+            let store = StateStore::open(dir, shards, tables)?;
+            let records = changelog.restore_into(config, bootstrap, &store).map_err(scale)?;
+            (store, records)
+        }
+    };
     tracing::info!(
         task = task.partition,
         records,
+        standby,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "restored the task's state from its changelog"
     );

@@ -243,6 +243,7 @@ fn compile_scale(raw: RawScale, pipeline: &str, shape: &ScaleShape, diag: &Diagn
         changelog_topic: raw.changelog_topic.unwrap_or_else(|| format!("{pipeline}-changelog")),
         changelog_replication: raw.changelog_replication,
         session_timeout: raw.session_timeout,
+        standby: raw.standby,
         repartition: plans,
     }
 }

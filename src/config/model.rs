@@ -110,6 +110,10 @@ pub struct ScaleConfig {
     pub changelog_replication: i32,
     /// A process silent this long loses its tasks to the others. Default 10s.
     pub session_timeout: Duration,
+    /// Every process keeps a warm copy of each task it does not run (it reads the task's
+    /// changelog as it is written), so a task moving to it reads only the newest records.
+    /// Default false.
+    pub standby: bool,
     /// The sources whose messages are not keyed by what their queries keep state by: each is
     /// read by the tasks' repartitioners and written again, keyed right, to a topic of its
     /// own that the tasks then read instead.

@@ -114,6 +114,7 @@ pub(crate) struct RawScale {
     pub changelog_topic: Option<String>,
     pub changelog_replication: i32,
     pub session_timeout: Duration,
+    pub standby: bool,
 }
 
 #[derive(Debug)]
@@ -365,6 +366,7 @@ fn read_scale(mut f: Fields<'_, '_>) -> Option<RawScale> {
     let enabled = f.take_bool("enabled").is_none_or(|b| b.value);
     let changelog_topic = f.take_str("changelog_topic").map(|t| t.value);
     let changelog_replication = f.take_int("changelog_replication", 1, i16::MAX as u64).map_or(-1, |n| n.value as i32);
+    let standby = f.take_bool("standby").is_some_and(|b| b.value);
     let session_timeout = match f.take_duration("session_timeout") {
         Some(d) if d.value < Duration::from_secs(1) || d.value > Duration::from_secs(3600) => {
             f.report_at(
@@ -382,6 +384,7 @@ fn read_scale(mut f: Fields<'_, '_>) -> Option<RawScale> {
         changelog_topic,
         changelog_replication,
         session_timeout,
+        standby,
     })
 }
 

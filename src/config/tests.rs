@@ -2076,6 +2076,9 @@ fn scale_reads_with_defaults_and_source_keys() {
     assert_eq!(scale.changelog_topic, "scaled-changelog");
     assert_eq!(scale.changelog_replication, -1);
     assert_eq!(scale.session_timeout, Duration::from_secs(8));
+    assert!(!scale.standby, "no standby copies unless asked");
+    let warm = parse_config(&SCALED.replace("session_timeout = \"8s\"", "standby = true")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(warm.scale.unwrap().standby);
     assert_eq!(config.sources[0].key, vec!["user_id".to_string()]);
     assert_eq!(config.sources[1].key, vec!["buyer".to_string()]);
     assert_eq!(config.task, None);

@@ -38,6 +38,7 @@ use crate::metrics::{MetricsServer, TaskMetrics};
 use crate::state::StateError;
 
 pub mod repartition;
+pub mod standby;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
@@ -275,6 +276,10 @@ struct Tasks {
     to_start: HashMap<i32, Instant>,
     /// Consecutive failures per task, for the restart back-off.
     failures: HashMap<i32, u32>,
+    /// Standby copies of the tasks this process does not run (`[scale] standby`), and when a
+    /// failed one may start again.
+    standbys: HashMap<i32, standby::Standby>,
+    standby_retry: HashMap<i32, Instant>,
 }
 
 struct MemberContext {
@@ -324,6 +329,35 @@ impl ConsumerContext for MemberContext {
             let mut tasks = self.tasks.lock().unwrap();
             for p in assigned {
                 tasks.to_start.insert(p, Instant::now());
+            }
+        }
+    }
+}
+
+/// Keeps a standby copy of every task this process does not run; one that failed starts
+/// again after a while.
+fn keep_standbys(config: &Config, bootstrap: &str, counts: &[i32], tasks_total: i32, t: &mut Tasks) {
+    let failed: Vec<i32> = t.standbys.iter().filter(|(_, s)| s.ended()).map(|(p, _)| *p).collect();
+    for p in failed {
+        if let Some(s) = t.standbys.remove(&p) {
+            s.discard(p);
+        }
+        t.standby_retry.insert(p, Instant::now() + Duration::from_secs(10));
+    }
+    for p in 0..tasks_total {
+        let wanted = !t.running.contains_key(&p) && !t.to_start.contains_key(&p);
+        if !wanted || t.standbys.contains_key(&p) || t.standby_retry.get(&p).is_some_and(|at| *at > Instant::now()) {
+            continue;
+        }
+        let task = TaskId { partition: p, of: tasks_total };
+        let dir = process_dir(config).join(format!("standby-{p}"));
+        match standby::Standby::start(task_config(config, task, counts), bootstrap, task, dir) {
+            Ok(s) => {
+                t.standbys.insert(p, s);
+            }
+            Err(e) => {
+                tracing::warn!(task = p, error = %e, "cannot keep a standby copy");
+                t.standby_retry.insert(p, Instant::now() + Duration::from_secs(10));
             }
         }
     }
@@ -401,6 +435,10 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         let due: Vec<i32> = t.to_start.iter().filter(|(_, at)| **at <= Instant::now()).map(|(p, _)| *p).collect();
         for p in due {
             t.to_start.remove(&p);
+            // A standby copy of the task becomes its store.
+            if let Some(warm) = t.standbys.remove(&p).and_then(|s| s.finish(p)) {
+                crate::changelog::offer_warm(crate::changelog::transactional_id(&config, TaskId { partition: p, of: tasks_total }), warm);
+            }
             match Task::start(&config, &bootstrap, TaskId { partition: p, of: tasks_total }, &counts, &metrics) {
                 Ok(task) => {
                     t.running.insert(p, task);
@@ -411,6 +449,9 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
                 }
             }
         }
+        if scale.standby {
+            keep_standbys(&config, &bootstrap, &counts, tasks_total, &mut t);
+        }
         if last_log.elapsed() >= config.pipeline.progress_interval {
             let mut owned: Vec<i32> = t.running.keys().copied().collect();
             owned.sort_unstable();
@@ -419,8 +460,12 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<(), ScaleError> 
         }
     }
     tracing::info!("shutdown requested: committing and stopping every task, then leaving the group");
-    let running: Vec<(i32, Task)> = tasks.lock().unwrap().running.drain().collect();
-    stop_all(running);
+    let mut t = std::mem::take(&mut *tasks.lock().unwrap());
+    stop_all(t.running.drain().collect());
+    let standbys: Vec<_> = t.standbys.drain().collect();
+    for (p, s) in standbys {
+        s.discard(p);
+    }
     consumer.unsubscribe();
     // Nothing here is needed again: a task restores from its changelog wherever it runs.
     let _ = std::fs::remove_dir_all(process_dir(&config));
