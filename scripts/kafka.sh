@@ -257,6 +257,11 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 share.coordinator.state.topic.num.partitions=1
 
+# One node on a machine shared with the processes under test: its controller fsyncs its
+# metadata log, and behind a burst of other fsyncs that can take tens of seconds; the
+# controller must not fence its own broker for that (default 9 s).
+broker.session.timeout.ms=60000
+
 # Keep test data: no retention by time or size, committed offsets kept for a year, and
 # records accepted whatever their timestamp (4.x rejects those over 1 h in the future).
 log.retention.ms=-1

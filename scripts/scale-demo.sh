@@ -11,6 +11,8 @@
 #                                         (fresh state each), with events/s and CPU seconds
 #
 # Everything lives in a new temp dir (TIDEMARK_SCALE_DIR to choose), kept at the end.
+# TIDEMARK_COMMIT_INTERVAL and TIDEMARK_SESSION_TIMEOUT set every run's commit_interval and
+# [scale] session_timeout (default: the file's 1s and 10s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -22,6 +24,10 @@ if [[ "${1:-}" == "bench" ]]; then
     shift
 fi
 EVENTS="${1:-1000000}"
+# Every run's epoch length (the shipped file says 1s). Each task commits each of its sinks
+# once per epoch, with fsyncs: many tasks in one process multiply them.
+COMMIT_INTERVAL="${TIDEMARK_COMMIT_INTERVAL:-1s}"
+SESSION_TIMEOUT="${TIDEMARK_SESSION_TIMEOUT:-10s}"
 PARTITIONS=6
 BIN="$CARGO_TARGET_DIR/release/tidemark"
 TOOLS="$CARGO_TARGET_DIR/release/tidemark-tools"
@@ -49,9 +55,10 @@ say "producing $EVENTS clicks and $((EVENTS / 20)) purchases (keyed by user) to 
 # The shipped pipeline under a name of its own (its group, changelog, state and tables);
 # a second argument "single" turns [scale] off (one process, the engine's own shards).
 pipeline() {
-    local name="$1" file="$DIR/$1.toml" scale="s|^session_timeout = |session_timeout = |"
+    local name="$1" file="$DIR/$1.toml" scale="s|^session_timeout = .*|session_timeout = \"$SESSION_TIMEOUT\"|"
     [[ "${2:-}" == single ]] && scale="s|^session_timeout = .*|enabled = false|"
     sed -e "s|^name = \"scale-out\"|name = \"$name\"|" \
+        -e "s|^commit_interval = .*|commit_interval = \"$COMMIT_INTERVAL\"|" \
         -e "s|\./data/state/scale-out|$DIR/$name/state|" \
         -e "s|\./data/scale-out|$DIR/$name|" \
         -e "$scale" \
@@ -103,7 +110,7 @@ if [[ "$MODE" == demo ]]; then
 fi
 
 total=$((EVENTS + EVENTS / 20))
-echo "scale-out catch-up: $EVENTS clicks + $((EVENTS / 20)) purchases, $PARTITIONS partitions (tasks), $(nproc) cores, Apache Kafka on the same machine"
+echo "scale-out catch-up: $EVENTS clicks + $((EVENTS / 20)) purchases, $PARTITIONS partitions (tasks), commit_interval $COMMIT_INTERVAL, session_timeout $SESSION_TIMEOUT, $(nproc) cores, Apache Kafka on the same machine"
 echo "processes  seconds  events/s  vs single  tidemark CPU s  broker CPU s"
 broker_pid="$(cat "$DIR/kafka/pid")"
 base=""

@@ -463,7 +463,8 @@ fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]
     // Fence the previous owner first: its open transaction is aborted before we read.
     let changelog = crate::changelog::Changelog::open(config, bootstrap, task).map_err(scale)?;
     // A standby copy this process kept of the task becomes the local store; otherwise it
-    // starts empty.
+    // starts empty. Either way it is a cache of the changelog, written without a write-ahead
+    // log: it is never reopened after a crash (each process has a directory of its own).
     let warm = crate::changelog::take_warm(&crate::changelog::transactional_id(config, task));
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| DaemonError::Runtime(format!("cannot clear the local state copy {}: {e}", dir.display())))?;
@@ -474,12 +475,12 @@ fn open_store(config: &Config, bootstrap: &str, shards: usize, tables: &[String]
         Some(warm) => {
             std::fs::rename(&warm.dir, dir)
                 .map_err(|e| DaemonError::Runtime(format!("cannot move the standby copy {} to {}: {e}", warm.dir.display(), dir.display())))?;
-            let store = StateStore::open(dir, shards, tables)?;
+            let store = StateStore::open(dir, shards, tables)?.cache_only();
             let records = changelog.restore_rest(warm.restorer, &store).map_err(scale)?;
             (store, records)
         }
         None => {
-            let store = StateStore::open(dir, shards, tables)?;
+            let store = StateStore::open(dir, shards, tables)?.cache_only();
             let records = changelog.restore_into(config, bootstrap, &store).map_err(scale)?;
             (store, records)
         }

@@ -171,6 +171,9 @@ pub struct StateStore {
     mirror: Option<Box<dyn Mirror>>,
     /// Writes made outside an epoch, for the mirror's next commit.
     deferred: std::sync::Mutex<Vec<MirrorOp>>,
+    /// A local cache of state kept durably elsewhere (a task's changelog): writes skip the
+    /// write-ahead log and its fsyncs. Such a store is never reopened after a crash.
+    cache_only: bool,
 }
 
 /// A write batch and, when the store is mirrored, the same writes as [`MirrorOp`]s.
@@ -296,6 +299,7 @@ impl StateStore {
             key_groups: KeyGroups::DEFAULT,
             mirror: None,
             deferred: std::sync::Mutex::new(Vec::new()),
+            cache_only: false,
         };
         match store.meta_get(K_KEY_GROUPS)? {
             Some(v) => {
@@ -352,9 +356,7 @@ impl StateStore {
                 let (k, v) = item?;
                 batch.put_cf(dst, k, v);
             }
-            let mut sync = WriteOptions::default();
-            sync.set_sync(true);
-            self.db.write_opt(batch, &sync)?;
+            self.db.write_opt(batch, &self.write_options(true))?;
             tracing::info!(from = %from, to = %to, "moved window state into its query's table (state is now split by key group, not by shard)");
         }
         for (from, _) in &old {
@@ -506,13 +508,40 @@ impl StateStore {
             }
             applied += 1;
             if batch.len() >= 10_000 {
-                self.db.write(std::mem::take(&mut batch))?;
+                self.db.write_opt(std::mem::take(&mut batch), &self.write_options(false))?;
             }
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
+        self.db.write_opt(batch, &self.write_options(true))?;
         Ok(applied)
+    }
+
+    /// Makes this store a cache of state kept durably elsewhere (see `cache_only`).
+    pub fn cache_only(mut self) -> Self {
+        self.cache_only = true;
+        self
+    }
+
+    /// Writes what the store holds in memory to its files, so it can be opened again (a
+    /// cache-only store has no write-ahead log to replay).
+    pub fn persist(&self) -> StateResult<()> {
+        for name in DB::list_cf(&Options::default(), &self.path)? {
+            if let Some(cf) = self.db.cf_handle(&name) {
+                self.db.flush_cf(cf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Durable writes are synced to the write-ahead log when `sync`; a cache-only store's
+    /// skip it.
+    fn write_options(&self, sync: bool) -> WriteOptions {
+        let mut o = WriteOptions::default();
+        if self.cache_only {
+            o.disable_wal(true);
+        } else {
+            o.set_sync(sync);
+        }
+        o
     }
 
     fn writes(&self) -> Writes<'_> {
@@ -528,9 +557,7 @@ impl StateStore {
         if let Some(ops) = w.ops {
             self.deferred.lock().unwrap().extend(ops);
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        self.db.write_opt(w.batch, &opts)?;
+        self.db.write_opt(w.batch, &self.write_options(sync))?;
         Ok(())
     }
 
@@ -611,9 +638,7 @@ impl StateStore {
             all.append(ops);
             mirror.commit(w.epoch, &all).map_err(|message| StateError::Mirror { epoch: w.epoch, message })?;
         }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(out.batch, &opts)?;
+        self.db.write_opt(out.batch, &self.write_options(true))?;
         Ok(())
     }
 

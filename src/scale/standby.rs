@@ -68,13 +68,15 @@ fn keep(config: &Config, bootstrap: &str, task: TaskId, dir: PathBuf, shutdown: 
         std::fs::remove_dir_all(&dir).map_err(|e| ChangelogError::Invalid(format!("cannot clear the standby copy {}: {e}", dir.display())))?;
     }
     let plan = crate::plan::Plan::new(config).map_err(|e| ChangelogError::Invalid(format!("standby copy of task {}: {e}", task.partition)))?;
-    let store = StateStore::open(&dir, config.pipeline.shards.max(1), &plan.layout.names)?;
+    let store = StateStore::open(&dir, config.pipeline.shards.max(1), &plan.layout.names)?.cache_only();
     let mut restorer = Restorer::start(config, bootstrap, &scale.changelog_topic, task.partition)?;
     tracing::info!(task = task.partition, "keeping a standby copy of the task");
     while !shutdown.load(Relaxed) {
         restorer.poll_into(&store, Duration::from_millis(200))?;
     }
     restorer.flush(&store)?;
+    // The task that takes it over opens the files: what is in memory goes to them first.
+    store.persist()?;
     drop(store);
     Ok(Warm { dir, restorer })
 }
