@@ -591,43 +591,23 @@ impl KafkaSource {
             part.next_offset = Some(msg.offset() + 1);
             let payload = msg.payload().unwrap_or(&[]);
             let Some((_, upstream_count)) = &part.upstream else {
-                on(Polled {
-                    input: part.first_slot,
-                    offset: msg.offset(),
-                    payload,
-                    file: "",
-                    is_record: true,
-                    bytes: payload.len() as u64,
-                    problem: None,
-                    carried: None,
-                });
+                on(Polled::record(part.first_slot, msg.offset(), payload));
                 continue;
             };
             let record = match super::carried::read_headers(msg.headers()) {
                 Some((u, offset, carried)) if (0..*upstream_count).contains(&u) => Polled {
-                    input: part.first_slot + u as usize,
-                    offset: offset.unwrap_or(-1),
-                    payload,
-                    file: "",
                     is_record: carried.mark.is_none(),
-                    bytes: payload.len() as u64,
-                    problem: None,
                     carried: Some(carried),
+                    ..Polled::record(part.first_slot + u as usize, offset.unwrap_or(-1), payload)
                 },
                 _ => Polled {
-                    input: part.first_slot,
-                    offset: msg.offset(),
-                    payload,
-                    file: "",
-                    is_record: true,
-                    bytes: payload.len() as u64,
                     problem: Some(format!(
                         "record at offset {} of repartition topic {}[{}] was not written by tidemark's repartitioner (its headers name no source partition)",
                         msg.offset(),
                         part.topic,
                         part.partition
                     )),
-                    carried: None,
+                    ..Polled::record(part.first_slot, msg.offset(), payload)
                 },
             };
             on(record);

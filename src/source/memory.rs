@@ -62,16 +62,7 @@ impl MemorySource {
             let before = n;
             for (p, records) in self.partitions.iter().enumerate() {
                 let Some(payload) = records.get(self.next[p]) else { continue };
-                on(Polled {
-                    input: p,
-                    offset: self.next[p] as i64,
-                    payload,
-                    file: "",
-                    is_record: true,
-                    bytes: payload.len() as u64,
-                    problem: None,
-                    carried: None,
-                });
+                on(Polled::record(p, self.next[p] as i64, payload));
                 self.next[p] += 1;
                 n += 1;
                 if n == max {

@@ -96,6 +96,22 @@ pub struct Polled<'a> {
     pub carried: Option<Carried>,
 }
 
+impl<'a> Polled<'a> {
+    /// A record read whole from a partition (not from a file), with nothing wrong with it.
+    pub fn record(input: usize, offset: i64, payload: &'a [u8]) -> Polled<'a> {
+        Polled {
+            input,
+            offset,
+            payload,
+            file: "",
+            is_record: true,
+            bytes: payload.len() as u64,
+            problem: None,
+            carried: None,
+        }
+    }
+}
+
 /// Where a shard's sources stand at the end of an epoch.
 #[derive(Debug, Default)]
 pub struct SourcePositions {
