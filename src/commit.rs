@@ -70,6 +70,51 @@ pub struct Committer {
     last_complete: Vec<Option<u64>>,
     /// The pipeline's queries, in plan order (their watermarks are stored by name).
     query_names: Vec<String>,
+    /// A scaled-out task's repartition topics: what it has committed past is deleted.
+    purge: Option<Purge>,
+}
+
+/// Deletes the records of repartition topics a task has committed past (nobody reads them
+/// again: a task that moves resumes from the positions in its changelog).
+pub struct Purge {
+    admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topics: Vec<String>,
+    next: Instant,
+}
+
+/// How often a task deletes what it has read of its repartition topics.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Purge {
+    pub fn new(admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, topics: Vec<String>) -> Purge {
+        Purge {
+            admin,
+            topics,
+            next: Instant::now() + PURGE_EVERY,
+        }
+    }
+
+    /// Best effort: a failure leaves the records to the topic's retention.
+    async fn run(&mut self, positions: &[&crate::state::PartitionPosition]) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next = Instant::now() + PURGE_EVERY;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in positions.iter().filter(|p| self.topics.contains(&p.topic)) {
+            if tpl.add_partition_offset(&p.topic, p.partition, rdkafka::Offset::Offset(p.next_offset)).is_err() {
+                return;
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let options = rdkafka::admin::AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)));
+        match self.admin.delete_records(&tpl, &options).await {
+            Ok(_) => tracing::debug!(partitions = tpl.count(), "deleted the repartition records this task has committed past"),
+            Err(e) => tracing::debug!(error = %e, "could not delete consumed repartition records (the topic's retention removes them)"),
+        }
+    }
 }
 
 impl Committer {
@@ -88,7 +133,14 @@ impl Committer {
             stats,
             group: None,
             query_names,
+            purge: None,
         })
+    }
+
+    /// Also delete what the epochs committed past in these repartition topics (best effort).
+    pub fn with_purge(mut self, purge: Purge) -> Self {
+        self.purge = Some(purge);
+        self
     }
 
     /// Also commit each epoch's source positions to this consumer's group (best effort).
@@ -262,7 +314,11 @@ impl Committer {
             sink.close_windows(&query_watermarks);
             counters.indexed_keys.store(sink.indexed_keys() as u64, Relaxed);
         }
-        self.commit_group_offsets(&reports.iter().flat_map(|r| r.positions.partitions.iter()).collect::<Vec<_>>());
+        let positions: Vec<_> = reports.iter().flat_map(|r| r.positions.partitions.iter()).collect();
+        self.commit_group_offsets(&positions);
+        if let Some(purge) = &mut self.purge {
+            purge.run(&positions).await;
+        }
         self.stats.watermark.store(watermark, Relaxed);
         for (w, stat) in query_watermarks.iter().zip(&self.stats.query_watermarks) {
             stat.store(*w, Relaxed);

@@ -218,6 +218,19 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
         let (store, stats, failure) = (store.clone(), stats.clone(), failure.clone());
         let flushed_epoch = recovered.epoch;
         let query_names: Vec<String> = config.queries.iter().map(|q| q.name.clone()).collect();
+        // A task deletes what it has committed past in the repartition topics it reads.
+        let repartition_topics: Vec<String> = config.sources.iter().filter(|s| s.repartitioned.is_some()).map(|s| s.topic.clone()).collect();
+        let purge = if repartition_topics.is_empty() {
+            None
+        } else {
+            match crate::source::client_config(&config, &bootstrap).create() {
+                Ok(admin) => Some(crate::commit::Purge::new(admin, repartition_topics)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete consumed repartition records (the topic's retention removes them)");
+                    None
+                }
+            }
+        };
         let group_client = if kafka_sources {
             crate::source::consumer_config(&config, &bootstrap)
                 .create::<rdkafka::consumer::BaseConsumer>()
@@ -242,6 +255,9 @@ pub fn start(config: Config, shutdown: Arc<AtomicBool>) -> Result<RunningPipelin
                             Ok(Some(consumer)) => c = c.with_group_offsets(consumer),
                             Ok(None) => {}
                             Err(e) => tracing::warn!(error = %e, "no consumer-group offset mirroring (lag monitoring only)"),
+                        }
+                        if let Some(purge) = purge {
+                            c = c.with_purge(purge);
                         }
                         c.recover(flushed_epoch).await?;
                         Ok::<_, CommitError>(c)

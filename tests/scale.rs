@@ -520,6 +520,18 @@ fn kill_stall_and_add(keying: Keying) {
         keying == Keying::RoundRobin,
         "topics not keyed by user, and only they, are repartitioned"
     );
+    if keying == Keying::RoundRobin {
+        // What the tasks committed past in a repartition topic is deleted.
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+        let repartition_topic = format!("{name}-repartition-clicks");
+        common::wait_for("consumed repartition records to be deleted", Duration::from_secs(60), || {
+            (0..PARTITIONS).any(|p| {
+                consumer
+                    .fetch_watermarks(&repartition_topic, p, Duration::from_secs(10))
+                    .is_ok_and(|(low, _)| low > 0)
+            })
+        });
+    }
     // c serves one endpoint for all its tasks: each family once, each task's series labelled.
     let text = scrape(&metrics_address);
     let running: f64 = text
