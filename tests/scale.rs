@@ -16,7 +16,6 @@ use common::{Sent, DELAY_MS, T0_MS, WINDOW_MS};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tidemark::source::generator::EventKind;
-use tidemark::source::producer::EventProducer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 const PARTITIONS: i32 = 4;
@@ -74,21 +73,8 @@ fn purchases(from: i64, count: i64) -> Vec<Purchase> {
         .collect()
 }
 
-/// A producer; a broker busy with three members may miss the first metadata request.
-fn producer(bootstrap: &str) -> EventProducer {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match EventProducer::connect(bootstrap) {
-            Ok(p) => return p,
-            Err(e) if attempt < 3 => eprintln!("producer: {e}; connecting again"),
-            Err(e) => panic!("producer: {e}"),
-        }
-    }
-}
-
 fn produce_purchases(bootstrap: &str, topic: &str, purchases: &[Purchase], keying: Keying) -> Vec<i32> {
-    let p = producer(bootstrap);
+    let p = common::connect_producer(bootstrap);
     let mut partitions = Vec::new();
     for (i, (ms, user, product)) in purchases.iter().enumerate() {
         let json = serde_json::json!({ "user_id": user, "product_id": product, "timestamp": common::rfc3339(*ms) });
@@ -112,7 +98,7 @@ const CLOCK_MS: i64 = T0_MS + 3_600_000;
 /// clock click matches its purchase: one join row per partition.)
 fn clocks(bootstrap: &str, clicks: &str, purchases_topic: &str) {
     let late = CLOCK_MS;
-    let p = producer(bootstrap);
+    let p = common::connect_producer(bootstrap);
     for partition in 0..PARTITIONS {
         let user = clock_user(partition);
         let click = serde_json::json!({ "user_id": user, "page_url": "/", "action": "view", "timestamp": common::rfc3339(late) });

@@ -68,8 +68,22 @@ pub fn produce(bootstrap: &str, events: &[Sent]) {
     produce_to(bootstrap, TOPIC, events);
 }
 
+/// A producer; a broker busy with other clients (a test's processes restoring, committing)
+/// may miss the first metadata requests, so connecting is tried three times.
+pub fn connect_producer(bootstrap: &str) -> EventProducer {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match EventProducer::connect(bootstrap) {
+            Ok(p) => return p,
+            Err(e) if attempt < 3 => eprintln!("producer: {e}; connecting again"),
+            Err(e) => panic!("producer: {e}"),
+        }
+    }
+}
+
 pub fn produce_to(bootstrap: &str, topic: &str, events: &[Sent]) {
-    let p = EventProducer::connect(bootstrap).expect("producer");
+    let p = connect_producer(bootstrap);
     for s in events {
         p.send(topic, Some(s.partition), &s.event.key, &s.event.payload).expect("send");
     }
