@@ -329,16 +329,7 @@ impl Changelog {
         if let Some(h) = headers {
             record = record.headers(h);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        send_waiting(&self.producer, record)
     }
 
     /// Sends the records of `ops` in one transaction; returns the chunk counts it leaves.
@@ -376,6 +367,20 @@ impl Changelog {
         }
         retry_call(|| self.producer.commit_transaction(COMMIT_TIMEOUT))?;
         Ok(changed)
+    }
+}
+
+/// Sends a record, waiting while the producer's queue is full.
+pub(crate) fn send_waiting(producer: &ThreadedProducer<DefaultProducerContext>, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
 }
 

@@ -327,12 +327,10 @@ fn stop(m: &mut Member) {
             let _ = m.child.kill();
             let kept = std::env::temp_dir().join(format!("tidemark-scale-unstopped-{}.log", m.child.id()));
             let _ = std::fs::copy(&m.log, &kept);
-            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
             panic!(
                 "member did not stop within 200 s; whole log kept in {}; its end:\n{}",
                 kept.display(),
-                lines[lines.len().saturating_sub(150)..].join("\n")
+                tail_lines(&m.log, 150)
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -352,9 +350,14 @@ fn scrape(address: &str) -> String {
 }
 
 fn tail(log: &Path) -> String {
+    tail_lines(log, 40)
+}
+
+/// The last `n` lines of a member's log.
+fn tail_lines(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[test]

@@ -201,10 +201,8 @@ impl Repartitioner {
                     Err(_) => up.partition % tasks,
                 };
                 let headers = write_headers(up.partition, Some(msg.offset()), before, None);
-                send(
-                    &producer,
-                    BaseRecord::to(&r.topic).partition(to).key(&key[..]).payload(payload).headers(headers),
-                )?;
+                let record = BaseRecord::to(&r.topic).partition(to).key(&key[..]).payload(payload).headers(headers);
+                crate::changelog::send_waiting(&producer, record).map_err(kafka("writing to a repartition topic"))?;
                 up.next_offset = Some(msg.offset() + 1);
             }
             let now = Instant::now();
@@ -223,7 +221,8 @@ impl Repartitioner {
                 }
                 for to in 0..tasks {
                     let headers = write_headers(up.partition, None, max, Some(idle));
-                    send(&producer, BaseRecord::<[u8], [u8]>::to(&plans[up.plan].topic).partition(to).headers(headers))?;
+                    let marker = BaseRecord::<[u8], [u8]>::to(&plans[up.plan].topic).partition(to).headers(headers);
+                    crate::changelog::send_waiting(&producer, marker).map_err(kafka("writing to a repartition topic"))?;
                 }
                 up.marked = Some((max, idle, now));
             }
@@ -246,20 +245,6 @@ impl Repartitioner {
                 tracing::info!(task = plan.task.partition, "repartitioner stopped");
                 return Ok(());
             }
-        }
-    }
-}
-
-/// Sends a record, waiting while the producer's queue is full.
-fn send(producer: &ThreadedProducer<DefaultProducerContext>, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), RepartitionError> {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(kafka("writing to a repartition topic")(e)),
         }
     }
 }
